@@ -1,0 +1,118 @@
+"""The `freezecache` command: what users run by hand, and the guard every stage runs under."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from freezecache.config import Config, load_config
+from freezecache.errors import FreezecacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+PROFILES = Path("configs")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def fail(message: str) -> None:
+    """One clear error line per problem on stderr, exit status 2, no traceback."""
+    for line in message.splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def stage(params: Path = Path("params.yaml"), check_pipeline: bool = True) -> Iterator[Config]:
+    """Loads and validates params, checks dvc.yaml matches them, turns user errors into one
+    line and exit status 2."""
+    _setup_logging()
+    try:
+        cfg = load_config(params)
+        if check_pipeline:
+            from freezecache import pipeline
+
+            pipeline.check(cfg)
+        yield cfg
+    except FreezecacheError as err:
+        fail(str(err))
+
+
+@app.command()
+def check(params: Path = typer.Option(Path("params.yaml"), help="params file to validate")) -> None:
+    """Validate a params file: every problem reported at once."""
+    with stage(params, check_pipeline=False):
+        print(f"{params}: ok")
+
+
+@app.command()
+def profile(
+    name: str = typer.Argument(..., help="profile in configs/ (smoke, default, paper_*)"),
+    params: Path = typer.Option(Path("params.yaml"), help="where to write it"),
+) -> None:
+    """Copy a named profile to params.yaml (validated first) and re-render dvc.yaml."""
+    src = PROFILES / f"{name}.yaml"
+    if not src.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        fail(f"no profile '{name}' in {PROFILES}/ — choose one of: {known}")
+    with stage(src, check_pipeline=False) as cfg:
+        shutil.copyfile(src, params)
+        from freezecache import pipeline
+
+        pipeline.write(cfg)
+        print(f"{src} -> {params}; dvc.yaml rendered")
+
+
+@app.command(name="pipeline")
+def render_pipeline(
+    params: Path = typer.Option(Path("params.yaml")),
+    check_only: bool = typer.Option(False, "--check", help="fail if dvc.yaml is out of date"),
+) -> None:
+    """Render dvc.yaml from params.yaml (seeds x methods x freeze points)."""
+    from freezecache import pipeline
+
+    with stage(params, check_pipeline=False) as cfg:
+        if check_only:
+            pipeline.check(cfg)
+            print("dvc.yaml: up to date")
+        else:
+            changed = pipeline.write(cfg)
+            print("dvc.yaml: " + ("rendered" if changed else "up to date"))
+
+
+@app.command(name="ensure-data")
+def ensure_data(params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """Make sure the embedded dataset is present (installs Debian's package when root)."""
+    from freezecache.debian import ensure_fashion_mnist
+
+    with stage(params, check_pipeline=False) as cfg:
+        if cfg.data.name == "fashion_mnist" and cfg.data.root is None:
+            print(ensure_fashion_mnist())
+
+
+@app.command()
+def readme(
+    report: Path = typer.Option(Path("results/report.md")),
+    target: Path = typer.Option(Path("README.md")),
+) -> None:
+    """Regenerate the README's results section from results/report.md."""
+    from freezecache.report import update_readme
+
+    with stage(check_pipeline=False):
+        update_readme(report, target)
+        print(f"{target}: results section updated from {report}")
+
+
+if __name__ == "__main__":
+    app()

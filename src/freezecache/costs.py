@@ -1,0 +1,136 @@
+"""What a method costs, per freezing state: accounted memory, CUDA peak, FLOPs (Appendix A.1).
+
+Every training stage writes `costs.json` for its method's whole schedule (the last stage of a
+method therefore holds the method's numbers). Memory is counted from tensors on one real
+training batch; FLOPs are 2 x ptflops MACs per sample, x samples x epochs, plus the one-off
+overheads of the discard methods (cache build and the flipped pass for stored channels).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from freezecache import runtime
+from freezecache.config import AUGMENT_MODE
+from freezecache.io import atomic_write_json
+from freezecache.layout import COSTS
+from freezecache.models import split
+from freezecache.profiling import (
+    accounted_memory,
+    average_and_min_memory,
+    part_flops,
+    training_flops,
+)
+from freezecache.train import set_frozen
+
+log = logging.getLogger(__name__)
+
+
+def _example(ctx, n: int) -> torch.Tensor:
+    x, _ = next(iter(ctx.train.batches(n)))
+    return x
+
+
+def state_memory(ctx, model: nn.Module, state: str, position: int) -> dict:
+    """Accounted training memory of one step in a freezing state, on a real batch."""
+    t = ctx.cfg.train
+    batch = t.micro_batch or t.batch_size
+    example = _example(ctx, batch)
+    set_frozen(model, position if state != "full" else 0)
+    model.train()
+    with runtime.autocast(t.precision, ctx.device):
+        if state == "full":
+            mem = accounted_memory(model, example)
+        else:
+            prefix, suffix = split(model, position)
+            prefix.eval()
+            if state == "freeze":
+                mem = accounted_memory(suffix, example, frozen=prefix)
+            else:
+                with torch.no_grad():
+                    feats = prefix(example).float()
+                mem = accounted_memory(suffix, feats)
+    set_frozen(model, 0)
+    return mem
+
+
+def overhead_flops(cfg, parts: dict, num_samples: int, variant: str | None) -> dict:
+    """One-off FLOPs of a discard method: the prefix forward that builds each cache (only the
+    newly frozen blocks for later points), doubled for the flipped pass when channels or
+    tokens are stored, plus the ranking passes over the rank sample."""
+    if variant is None:
+        return {}
+    twice = AUGMENT_MODE[variant] == "similarity"
+    extras, before = {}, 0
+    for k, p in enumerate(cfg.points, start=1):
+        new = parts[p.block]["prefix_fwd"] - before
+        extras[f"cache_build_p{k}"] = new * num_samples
+        if twice:
+            extras[f"flipped_pass_p{k}"] = new * num_samples
+            extras[f"rank_p{k}"] = 2 * new * min(cfg.rank.samples, num_samples)
+        before = parts[p.block]["prefix_fwd"]
+    return extras
+
+
+def record_costs(
+    ctx,
+    model: nn.Module,
+    schedule: list[tuple[str, int, int]],
+    out: Path,
+    *,
+    wall_s: float,
+    history: list[dict] | None = None,
+    variant: str | None = None,
+) -> dict:
+    """Writes out/costs.json for a method's schedule; returns the headline numbers."""
+    cfg = ctx.cfg
+    meta = ctx.meta
+    input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
+    positions = sorted({p.block for p in cfg.points} | {pos for _, pos, _ in schedule})
+    parts = {p: part_flops(model, p, input_shape) for p in positions}
+    n = len(ctx.train)
+    flops = training_flops(
+        parts, schedule=schedule, num_samples=n, extras=overhead_flops(cfg, parts, n, variant)
+    )
+    states = []
+    for state, position, epochs in schedule:
+        mem = state_memory(ctx, model, state, position)
+        rows = [
+            r for r in history or [] if r.get("state") == state and r.get("position") == position
+        ]
+        peaks = [r["cuda_peak_mb"] for r in rows if r.get("cuda_peak_mb") is not None]
+        states.append(
+            {
+                "state": state,
+                "position": position,
+                "epochs": epochs,
+                "accounted_memory_mb": mem["total_mb"],
+                "memory_breakdown_mb": {k[:-3]: v for k, v in mem.items() if k.endswith("_mb")},
+                "cuda_peak_mb": max(peaks) if peaks else None,
+            }
+        )
+    avg, low = average_and_min_memory([(s["accounted_memory_mb"], s["epochs"]) for s in states])
+    summary = {
+        "avg_memory_mb": avg,
+        "min_memory_mb": low,
+        "train_flops": flops["train_flops"],
+        "flops_unit": "FLOPs = 2 x ptflops MACs; a trained part costs 3 x its forward",
+        "stage_wall_s": wall_s,
+    }
+    if all(s["cuda_peak_mb"] is not None for s in states):
+        cavg, clow = average_and_min_memory([(s["cuda_peak_mb"], s["epochs"]) for s in states])
+        summary.update(cuda_avg_memory_mb=cavg, cuda_min_memory_mb=clow)
+    atomic_write_json(
+        out / COSTS,
+        {
+            **summary,
+            "states": states,
+            "flops": flops,
+            "parts": {str(k): v for k, v in parts.items()},
+        },
+    )
+    return summary

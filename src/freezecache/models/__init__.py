@@ -1,0 +1,362 @@
+"""Model registry with one block-sequential view: ``model(x) == head(blocks(stem(x)))``.
+
+Positions count blocks as the paper does: position ``p`` means "the first ``p`` blocks"
+(residual or attention blocks), ``0 <= p <= num_blocks``. ``split(model, p)`` cuts the model
+there into a prefix (to freeze and cache) and a suffix (to keep training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from freezecache.errors import FreezecacheError
+
+log = logging.getLogger(__name__)
+
+# name -> "module:builder"; imported on first use so that importing freezecache stays cheap
+# (timm and torchvision are only loaded when a model that needs them is built).
+_REGISTRY: dict[str, str] = {
+    "resnet20": "freezecache.models.resnet_cifar:resnet20",
+    "resnet32": "freezecache.models.resnet_cifar:resnet32",
+    "resnet44": "freezecache.models.resnet_cifar:resnet44",
+    "resnet56": "freezecache.models.resnet_cifar:resnet56",
+    "resnet50": "freezecache.models.resnet:resnet50",
+    "deit_tiny": "freezecache.models.vit:deit_tiny",
+    "deit_small": "freezecache.models.vit:deit_small",
+}
+
+# Wrapper keys that training scripts put around a state dict, and key prefixes added by
+# DataParallel/DDP and torch.compile.
+_WRAPPER_KEYS = ("state_dict", "model")
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+_SHOW_KEYS = 5  # how many offending keys an error message names
+
+
+@dataclasses.dataclass
+class _CheckpointSetting:
+    """Grad-checkpointing setting shared by a model and the prefix/suffix split from it."""
+
+    every: int = 0  # blocks per checkpointed segment; 0 = off
+
+
+class BlockModel(nn.Module):
+    """A classifier seen as ``stem -> blocks[0..n-1] -> head``.
+
+    ``kind`` is ``"cnn"`` (features ``(B, C, H, W)``) or ``"vit"`` (tokens ``(B, N, D)``).
+    Subclasses only override :meth:`adapt_state_dict` to read foreign checkpoints.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: Sequence[nn.Module],
+        head: nn.Module,
+        *,
+        kind: str,
+        in_chans: int,
+        img_size: int,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.kind = kind
+        self.name = type(self).__name__  # create_model sets the registry name
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self._ckpt = _CheckpointSetting()
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks (valid positions are ``0..num_blocks``)."""
+        return len(self.blocks)
+
+    def forward_features(self, x: Tensor, end: int | None = None) -> Tensor:
+        """Run ``stem`` and ``blocks[:end]`` (all blocks when ``end`` is None)."""
+        # A list slice, not ModuleList slicing, which would build a new Module every call.
+        return run_blocks(list(self.blocks)[:end], self.stem(x), self._ckpt.every)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``head(blocks(stem(x)))``."""
+        return self.head(self.forward_features(x))
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Recompute trainable blocks' activations in backward, ``every`` blocks per segment.
+
+        Frozen blocks (no parameter requires grad) are never checkpointed: they keep no
+        activations for backward anyway. Prefixes and suffixes from :func:`split` follow
+        this setting, also when it changes after the split.
+        """
+        if enable and every < 1:
+            raise FreezecacheError(
+                f"grad checkpointing every={every} blocks is not positive — use every >= 1"
+            )
+        self._ckpt.every = every if enable else 0
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map a foreign checkpoint's keys/shapes onto this model's; identity by default."""
+        return state_dict
+
+
+class BlockPrefix(nn.Module):
+    """``stem + blocks[:position]`` of a :class:`BlockModel`, sharing its modules."""
+
+    def __init__(self, model: BlockModel, position: int) -> None:
+        super().__init__()
+        self.stem = model.stem
+        self.blocks = model.blocks[:position]
+        self._ckpt = model._ckpt
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_blocks(self.blocks, self.stem(x), self._ckpt.every)
+
+
+class BlockSuffix(nn.Module):
+    """``blocks[position:] + head`` of a :class:`BlockModel`, sharing its modules."""
+
+    def __init__(self, model: BlockModel, position: int) -> None:
+        super().__init__()
+        self.blocks = model.blocks[position:]
+        self.head = model.head
+        self._ckpt = model._ckpt
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(run_blocks(self.blocks, x, self._ckpt.every))
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: Tensor, every: int = 0) -> Tensor:
+    """Apply ``blocks`` in order; checkpoint runs of trainable blocks when ``every > 0``."""
+    if every <= 0 or not torch.is_grad_enabled():
+        for block in blocks:
+            x = block(x)
+        return x
+    segment: list[nn.Module] = []
+    for block in blocks:
+        if not _is_trainable(block):
+            x = _checkpointed(segment, x)
+            segment = []
+            x = block(x)
+            continue
+        segment.append(block)
+        if len(segment) == every:
+            x = _checkpointed(segment, x)
+            segment = []
+    return _checkpointed(segment, x)
+
+
+def _is_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _run_sequence(blocks: tuple[nn.Module, ...], x: Tensor) -> Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+# Observers called with (segment, input) before each checkpointed segment runs: profiling uses
+# one to count what backward will recompute, which checkpoint's own hooks hide from outside.
+SegmentProbe = Callable[[tuple[nn.Module, ...], Tensor], None]
+_SEGMENT_PROBES: contextvars.ContextVar[tuple[SegmentProbe, ...]] = contextvars.ContextVar(
+    "freezecache_segment_probes", default=()
+)
+
+
+@contextlib.contextmanager
+def segment_probe(probe: SegmentProbe) -> Iterator[None]:
+    """Within the block, call ``probe(blocks, x)`` before every checkpointed segment runs."""
+    token = _SEGMENT_PROBES.set((*_SEGMENT_PROBES.get(), probe))
+    try:
+        yield
+    finally:
+        _SEGMENT_PROBES.reset(token)
+
+
+def _checkpointed(segment: list[nn.Module], x: Tensor) -> Tensor:
+    """Run ``segment`` under one activation checkpoint (a no-op for an empty segment)."""
+    if not segment:
+        return x
+    for probe in _SEGMENT_PROBES.get():
+        probe(tuple(segment), x)
+    return checkpoint(functools.partial(_run_sequence, tuple(segment)), x, use_reentrant=False)
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 32, **kwargs: object
+) -> BlockModel:
+    """Build a registered model (random init); extra ``kwargs`` go to its builder."""
+    if name not in _REGISTRY:
+        raise FreezecacheError(f"unknown model {name!r} — use one of: {', '.join(list_models())}")
+    sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+    for arg, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise FreezecacheError(f"model {name}: {arg}={value!r} — use a positive integer")
+    module_name, builder_name = _REGISTRY[name].split(":")
+    builder = getattr(importlib.import_module(module_name), builder_name)
+    try:  # check the options before building, so typos are user errors, not tracebacks
+        inspect.signature(builder).bind(
+            num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
+        )
+    except TypeError as err:
+        raise FreezecacheError(
+            f"model {name}: unsupported options {sorted(kwargs)} ({err}) — remove them"
+        ) from err
+    model = builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    model.name = name
+    return model
+
+
+def _check_position(model: BlockModel, position: int) -> None:
+    if not isinstance(position, int) or not 0 <= position <= model.num_blocks:
+        raise FreezecacheError(
+            f"freeze position {position!r} is outside model {model.name} — "
+            f"use 0..{model.num_blocks} (number of blocks in the prefix)"
+        )
+
+
+def split(model: BlockModel, position: int) -> tuple[nn.Module, nn.Module]:
+    """(prefix, suffix): prefix = stem + blocks[:position]; suffix = blocks[position:] + head.
+
+    Both share the model's parameters (no copies: training the suffix trains the model),
+    and ``suffix(prefix(x)) == model(x)`` in eval mode. Both follow the model's
+    grad-checkpointing setting.
+    """
+    _check_position(model, position)
+    return BlockPrefix(model, position), BlockSuffix(model, position)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode, then restore each one's own flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def feature_shape(model: BlockModel, position: int) -> tuple[int, ...]:
+    """Per-sample shape after the prefix at ``position`` for the model's ``img_size`` inputs."""
+    _check_position(model, position)
+    param = next(model.parameters())
+    x = torch.zeros(
+        1, model.in_chans, model.img_size, model.img_size, device=param.device, dtype=param.dtype
+    )
+    # A dry run of one sample; eval + no_grad so BN running stats are not touched.
+    with torch.no_grad(), _eval_mode(model):
+        out = model.forward_features(x, end=position)
+    return tuple(out.shape[1:])
+
+
+def load_checkpoint(model: BlockModel, path: str) -> None:
+    """Load a local checkpoint into ``model`` in place (no hub downloads).
+
+    Accepts a plain state dict, ``{'state_dict': ...}``/``{'model': ...}`` wrappers,
+    torchvision/timm key names (resnet50/deit) and ``.safetensors`` files. When the
+    classifier's class count differs, the fresh head is kept and a message is logged.
+    """
+    state_dict = model.adapt_state_dict(_unwrap(_read(path), path))
+    state_dict, dropped = _drop_mismatched_head(model, state_dict, path)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    body_missing = [k for k in missing if not k.startswith("head.")]
+    if body_missing or unexpected:
+        raise FreezecacheError(
+            f"checkpoint {path} does not fit model {model.name}: "
+            f"missing {body_missing[:_SHOW_KEYS]}, unexpected {unexpected[:_SHOW_KEYS]} — "
+            "load a checkpoint of the same architecture and options"
+        )
+    if set(missing) - set(dropped):
+        log.info("checkpoint %s has no classifier weights; keeping the fresh head", path)
+
+
+def _read(path: str) -> object:
+    """Read a checkpoint file: safetensors by suffix, else ``torch.load`` (tensors only)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FreezecacheError(f"checkpoint {path} does not exist — check the path")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file), device="cpu")
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # the readers raise many types; all mean "not a checkpoint"
+        raise FreezecacheError(
+            f"checkpoint {path} could not be read ({type(err).__name__}: {err}) — "
+            "pass a torch state dict or a .safetensors file"
+        ) from err
+
+
+def _unwrap(obj: object, path: str) -> dict[str, Tensor]:
+    """Peel ``{'state_dict': ...}``/``{'model': ...}`` wrappers and DDP/compile key prefixes."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise FreezecacheError(
+            f"checkpoint {path} holds no state dict of tensors — save model.state_dict()"
+        )
+    state_dict = dict(obj)
+    for prefix in _KEY_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _drop_mismatched_head(
+    model: BlockModel, state_dict: dict[str, Tensor], path: str
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Drop head tensors whose shape differs (other class count); reject other mismatches.
+
+    Returns the remaining state dict and the dropped keys.
+    """
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    body = [k for k in mismatched if not k.startswith("head.")]
+    if body:
+        shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in body]
+        raise FreezecacheError(
+            f"checkpoint {path} does not fit model {model.name}: shape mismatch "
+            f"{shapes[:_SHOW_KEYS]} — load a checkpoint of the same architecture and options"
+        )
+    if mismatched:
+        log.info(
+            "checkpoint %s has a classifier for another class count (%s); keeping the fresh head",
+            path,
+            ", ".join(mismatched),
+        )
+    return {k: v for k, v in state_dict.items() if k not in mismatched}, mismatched
+
+
+__all__ = [
+    "BlockModel",
+    "create_model",
+    "feature_shape",
+    "list_models",
+    "load_checkpoint",
+    "segment_probe",
+    "split",
+]

@@ -1,0 +1,504 @@
+"""FLOPs and memory accounting for freezing states (the paper's Appendix A.1, Tables 1-2, A.1, A.2).
+
+FLOPs: the paper counts per-sample forward cost with ptflops, which reports MACs; we report
+FLOPs = 2 x ptflops MACs and cross-check against ``torch.utils.flop_counter.FlopCounterMode``.
+Both counters miss attention out of the box on this stack (ptflops drops the qkv/proj linears of
+timm's ``Attention`` and never sees ``F.scaled_dot_product_attention``; FlopCounterMode has no
+formula for the CPU flash-attention kernel), so this module adds the missing terms.
+
+Memory: counted from tensors (parameters, gradients, optimizer state, tensors saved for
+backward, the input batch, the frozen prefix's largest intermediate), not from the allocator,
+so it is the same on CPU and CUDA; ``CudaPeak`` gives the allocator's view where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ptflops import get_model_complexity_info
+from timm.layers import Attention as TimmAttention
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from freezecache.errors import FreezecacheError
+from freezecache.models import segment_probe, split
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+# Backward costs about twice the forward (grad w.r.t. inputs + grad w.r.t. weights), so one
+# training step of a layer that is trained costs ~3x its forward.
+TRAIN_STEP_FACTOR = 3
+STATES = ("full", "freeze", "discard")
+# Extra per-parameter state kept by each optimizer, in multiples of the trainable parameters.
+OPTIMIZER_STATE_FACTOR = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}
+# Attributes ptflops attaches to the model it counts and never removes.
+_PTFLOPS_LEFTOVERS = (
+    "start_flops_count",
+    "stop_flops_count",
+    "reset_flops_count",
+    "compute_average_flops_cost",
+    "__batch_counter__",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def _sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
+    """MACs of the attention core: Q K^T plus A V, for (..., heads, N, head_dim) inputs."""
+    *lead, n_q, d_qk = q_shape
+    n_k, d_v = k_shape[-2], v_shape[-1]
+    batch_heads = 1
+    for size in lead:
+        batch_heads *= size
+    return batch_heads * n_q * n_k * (d_qk + d_v)
+
+
+class _SdpaMacCounter(TorchFunctionMode):
+    """Adds up the MACs of every ``F.scaled_dot_product_attention`` call (ptflops misses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+            self.macs += _sdpa_macs(q.shape, k.shape, v.shape)
+        return func(*args, **kwargs)
+
+
+def _linear_macs(linear: nn.Linear, tokens: int) -> int:
+    """MACs of a Linear over ``tokens`` rows, with ptflops' convention (bias adds count)."""
+    bias = linear.out_features if linear.bias is not None else 0
+    return tokens * (linear.in_features * linear.out_features + bias)
+
+
+def _timm_attention_hook(module: TimmAttention, inputs: tuple, output: torch.Tensor) -> None:
+    """ptflops hook for timm ``Attention``: the MACs of all its linears (qkv, proj, ...).
+
+    ptflops treats a mapped module as a leaf, so its built-in timm hook loses qkv/proj. The
+    attention core is not added here: the fused path calls SDPA (``_SdpaMacCounter`` counts it)
+    and the unfused path's ``q @ k`` / ``attn @ v`` go through ptflops' patched matmul.
+    """
+    batch, tokens, _ = inputs[0].shape  # (B, N, C)
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    module.__flops__ += sum(_linear_macs(m, batch * tokens) for m in linears)
+
+
+@contextlib.contextmanager
+def _modes_restored(module: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag on exit (a frozen BN may be in eval)."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def forward_macs_ptflops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Per-sample forward MACs of ``module`` by ptflops, with attention counted in full.
+
+    ``input_shape`` has no batch dim: ``(3, 32, 32)`` for images, ``(N, D)`` for tokens.
+    ptflops switches the model to eval(); every submodule's mode is restored afterwards.
+    Not thread-safe: ptflops patches torch functions globally while it counts.
+    """
+    sdpa = _SdpaMacCounter()
+    printed = io.StringIO()  # ptflops reports failures with print(); keep them for the log
+    try:
+        with _modes_restored(module), contextlib.redirect_stdout(printed), sdpa:
+            macs, _ = get_model_complexity_info(
+                module,
+                tuple(input_shape),
+                as_strings=False,
+                print_per_layer_stat=False,
+                backend="pytorch",
+                custom_modules_hooks={TimmAttention: _timm_attention_hook},
+            )
+    finally:
+        for name in _PTFLOPS_LEFTOVERS:
+            module.__dict__.pop(name, None)
+    if macs is None:
+        log.debug("ptflops output:\n%s", printed.getvalue())
+        raise FreezecacheError(
+            f"ptflops could not run {type(module).__name__} on input shape {tuple(input_shape)}"
+            " — pass the per-sample shape without the batch dim"
+        )
+    return int(macs) + sdpa.macs
+
+
+def _cpu_flash_sdpa_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """FlopCounterMode formula for the CPU flash-attention kernel, which torch leaves uncounted."""
+    return 2 * _sdpa_macs(q_shape, k_shape, v_shape)
+
+
+def _cpu_flash_sdpa_backward_flops(
+    grad_out_shape, q_shape, k_shape, v_shape, *args, **kwargs
+) -> int:
+    """Backward of the CPU flash kernel: four matmuls (dQ, dK, dV, dP), twice the forward."""
+    return 2 * _cpu_flash_sdpa_flops(q_shape, k_shape, v_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that also counts the CPU flash-attention kernels."""
+    aten = torch.ops.aten
+    custom = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_sdpa_backward_flops,
+    }
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def forward_flops_counter(module: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward of ``module`` over ``example`` (give batch 1 for per-sample FLOPs).
+
+    Counts matmuls, convolutions and attention only (FlopCounterMode ignores elementwise ops).
+    Runs in eval mode like ptflops (train-mode BatchNorm rejects batch 1 at 1x1 spatial size);
+    every submodule's mode is restored afterwards.
+    """
+    counter = flop_counter()
+    with _modes_restored(module), torch.no_grad(), counter:
+        module.eval()
+        module(example)
+    return int(counter.get_total_flops())
+
+
+def _output_shape(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-sample output shape of ``module`` for a per-sample input shape (eval, no grad)."""
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    with _modes_restored(module), torch.no_grad():
+        module.eval()
+        out = module(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+    return tuple(out.shape[1:])
+
+
+def part_flops(model: nn.Module, position: int, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Per-sample forward FLOPs of the prefix, the suffix and the whole model at ``position``.
+
+    FLOPs = 2 x ptflops MACs (the ``unit`` key says so). ``input_shape`` has no batch dim.
+    """
+    prefix, suffix = split(model, position)
+    prefix_fwd = 2 * forward_macs_ptflops(prefix, input_shape)
+    suffix_shape = _output_shape(prefix, input_shape)
+    return {
+        "unit": "FLOPs per sample, forward only, = 2 x ptflops MACs",
+        "position": position,
+        "suffix_input_shape": suffix_shape,
+        "prefix_fwd": prefix_fwd,
+        "suffix_fwd": 2 * forward_macs_ptflops(suffix, suffix_shape),
+        "full_fwd": 2 * forward_macs_ptflops(model, input_shape),
+    }
+
+
+def _state_flops_per_sample(state: str, part: Mapping[str, Any]) -> int:
+    """Training FLOPs per sample per epoch in one freezing state (see ``training_flops``)."""
+    if state == "full":
+        return TRAIN_STEP_FACTOR * part["full_fwd"]
+    if state == "freeze":
+        return part["prefix_fwd"] + TRAIN_STEP_FACTOR * part["suffix_fwd"]
+    return TRAIN_STEP_FACTOR * part["suffix_fwd"]
+
+
+def _part_for(parts: Mapping[int, Mapping[str, Any]], state: str, position: int) -> Mapping:
+    """The ``part_flops`` entry a schedule row needs ("full" may use any: full_fwd is shared)."""
+    if state not in STATES:
+        raise FreezecacheError(
+            f"unknown freezing state {state!r} in schedule — use one of {STATES}"
+        )
+    if position in parts:
+        return parts[position]
+    if state == "full" and parts:
+        return next(iter(parts.values()))
+    raise FreezecacheError(
+        f"no part_flops for position {position} (state {state!r}) — add parts[{position}]"
+    )
+
+
+def training_flops(
+    parts: Mapping[int, Mapping[str, Any]],
+    *,
+    schedule: list[tuple[str, int, int]],
+    num_samples: int,
+    extras: Mapping[str, float],
+) -> dict[str, Any]:
+    """Total training FLOPs of a freezing schedule (the paper's Appendix A.1 method).
+
+    ``parts`` maps position -> ``part_flops(...)``. Per sample per epoch, with backward taken
+    as 2x forward (so a trained part costs ``TRAIN_STEP_FACTOR`` = 3x its forward):
+    full = 3 * full_fwd; freeze at p = prefix_fwd + 3 * suffix_fwd (the frozen prefix still
+    runs forward, no backward); discard at p = 3 * suffix_fwd. ``extras`` are one-off FLOPs
+    (cache build, flip-sensitivity ranking, ...) added as they are.
+    """
+    if num_samples < 0:
+        raise FreezecacheError(f"num_samples is {num_samples} — use a count >= 0")
+    per_state = []
+    for state, position, epochs in schedule:
+        if epochs < 0:
+            raise FreezecacheError(
+                f"schedule row {state!r}@{position} has {epochs} epochs — use >= 0"
+            )
+        per_sample = _state_flops_per_sample(state, _part_for(parts, state, position))
+        per_state.append(
+            {
+                "state": state,
+                "position": position,
+                "epochs": epochs,
+                "flops_per_sample": per_sample,
+                "flops": per_sample * num_samples * epochs,
+            }
+        )
+    overheads = dict(extras)
+    total = sum(row["flops"] for row in per_state) + sum(overheads.values())
+    return {"train_flops": total, "per_state": per_state, "overheads": overheads}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _unique_params(modules: Iterable[nn.Module | None]) -> list[nn.Parameter]:
+    """Parameters of all given modules, each once (shared weights are one tensor)."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        if module is not None:
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the given tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _storage_ptrs(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Data pointers of the storages behind the given tensors."""
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """Tensors in a module output (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
+@contextlib.contextmanager
+def _buffers_restored(modules: Iterable[nn.Module | None]) -> Iterator[None]:
+    """Undo buffer updates on exit: a measuring forward must not move BN running stats."""
+    saved = [(b, b.detach().clone()) for m in modules if m is not None for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _frozen_forward(frozen: nn.Module, example: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Run the frozen prefix without grad; return its output and its largest module output."""
+    peak = 0
+
+    def record(_module: nn.Module, _inputs: tuple, output: Any) -> None:
+        nonlocal peak
+        peak = max([peak, *(_nbytes([t]) for t in _tensors_in(output))])
+
+    handles = [m.register_forward_hook(record) for m in frozen.modules()]
+    try:
+        with torch.no_grad():
+            out = frozen(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, peak
+
+
+def _count_saved(run: Callable[[], object], excluded_ptrs: set[int]) -> int:
+    """Bytes autograd saves for backward while ``run()`` runs, each storage once at full size.
+
+    Storages in ``excluded_ptrs`` (parameters, buffers, inputs: counted elsewhere) are skipped.
+    """
+    # Holding the storages keeps their addresses from being reused by a later allocation.
+    saved: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded_ptrs:
+            saved[storage.data_ptr()] = storage
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storage.nbytes() for storage in saved.values())
+
+
+def _segment_saved_bytes(
+    blocks: tuple[nn.Module, ...], x: torch.Tensor, excluded_ptrs: set[int]
+) -> int:
+    """What one checkpointed segment saves again when backward recomputes it.
+
+    Checkpoint's own saved-tensor hooks hide these from an outer hook, so the segment is run a
+    second time here under a hook of its own. Its input is left out: the checkpoint keeps it
+    through the forward and the outer count already has it.
+    """
+
+    def run() -> None:
+        h = x.detach().requires_grad_(x.requires_grad)
+        for block in blocks:
+            h = block(h)
+
+    return _count_saved(run, excluded_ptrs | _storage_ptrs([x]))
+
+
+def _saved_activation_bytes(
+    trainable: nn.Module,
+    inputs: torch.Tensor,
+    excluded_ptrs: set[int],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[int, int]:
+    """(kept, recompute_peak): bytes autograd keeps after one forward (and loss) of
+    ``trainable``, and the largest checkpointed segment that backward rebuilds on top of them.
+
+    Kept bytes include each checkpointed segment's input (non-reentrant checkpoint saves it
+    through the ambient hooks); ``recompute_peak`` is 0 without checkpointing.
+    """
+    recompute_peak = 0
+
+    def probe(blocks: tuple[nn.Module, ...], x: torch.Tensor) -> None:
+        nonlocal recompute_peak
+        recompute_peak = max(recompute_peak, _segment_saved_bytes(blocks, x, excluded_ptrs))
+
+    def run() -> None:
+        out = trainable(inputs)
+        if loss_fn is not None:
+            loss_fn(out)
+
+    with segment_probe(probe):
+        kept = _count_saved(run, excluded_ptrs)
+    return kept, recompute_peak
+
+
+def accounted_memory(
+    trainable: nn.Module,
+    example: torch.Tensor,
+    *,
+    frozen: nn.Module | None = None,
+    optimizer: str = "sgd_momentum",
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Training memory, in bytes (and ``*_mb`` MiB), of one step on the batch ``example``.
+
+    ``frozen`` is a prefix that still runs (no grad) before ``trainable``; leave it None when it
+    was discarded and ``example`` is the cached activation. ``loss_fn(output)`` runs inside the
+    count so what the loss saves counts too. Modules run in their current train/eval modes;
+    buffers (BN running stats) are restored afterwards. ``total`` is the sum of the parts, an
+    upper bound: the frozen prefix's intermediates are freed before the trainable part builds
+    its graph. With grad checkpointing (segments run by ``freezecache.models``),
+    ``saved_activations`` holds what the checkpoints keep (their inputs) and ``recompute_peak``
+    the largest segment's activations, rebuilt in backward on top of them.
+    """
+    if optimizer not in OPTIMIZER_STATE_FACTOR:
+        raise FreezecacheError(
+            f"unknown optimizer {optimizer!r} — use one of {sorted(OPTIMIZER_STATE_FACTOR)}"
+        )
+    running = _unique_params([trainable, frozen])
+    frozen_ids = {id(p) for p in _unique_params([frozen])}
+    trained = [
+        p for p in _unique_params([trainable]) if p.requires_grad and id(p) not in frozen_ids
+    ]
+    buffers = [b for m in (trainable, frozen) if m is not None for b in m.buffers()]
+    excluded = _storage_ptrs([*running, *buffers, example])
+
+    with _buffers_restored([trainable, frozen]):
+        inputs, peak = (example, 0) if frozen is None else _frozen_forward(frozen, example)
+        saved, recompute_peak = _saved_activation_bytes(trainable, inputs, excluded, loss_fn)
+    grad_bytes = _nbytes(trained)
+    counted = {
+        "params": _nbytes(running),
+        "grads": grad_bytes,
+        "optimizer_state": OPTIMIZER_STATE_FACTOR[optimizer] * grad_bytes,
+        "saved_activations": saved,
+        "recompute_peak": recompute_peak,
+        "input_batch": _nbytes([example]),
+        "frozen_forward_peak": peak,
+    }
+    counted["total"] = sum(counted.values())
+    return {**counted, **{f"{k}_mb": v / MIB for k, v in counted.items()}}
+
+
+class CudaPeak:
+    """Peak CUDA memory allocated inside a ``with`` block; ``peak_bytes`` is None off CUDA.
+
+    Resets the allocator's peak statistic on entry, so an earlier peak does not leak in.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else _default_cuda_device()
+        self.peak_bytes: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this block measures anything (a CUDA device that exists)."""
+        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+
+    @property
+    def peak_mb(self) -> float | None:
+        """``peak_bytes`` in MiB (None off CUDA)."""
+        return None if self.peak_bytes is None else self.peak_bytes / MIB
+
+    def __enter__(self) -> CudaPeak:
+        if self.enabled:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.enabled:
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+
+
+def _default_cuda_device() -> torch.device | None:
+    """The current CUDA device, or None without CUDA."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def average_and_min_memory(states: list[tuple[float, int]]) -> tuple[float, float]:
+    """Average and minimum memory over a run, as the paper defines them.
+
+    ``states`` are (memory, epochs) per freezing state in time order. Average weights each
+    state by its epochs; minimum is the last state's memory (after the last freeze).
+    """
+    epochs = sum(e for _, e in states)
+    if not states or epochs <= 0:
+        raise FreezecacheError(
+            f"memory states {states!r} span no epochs — give (memory, epochs) with epochs > 0"
+        )
+    average = sum(m * e for m, e in states) / epochs
+    return average, states[-1][0]

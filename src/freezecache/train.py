@@ -1,0 +1,292 @@
+"""The one training loop every stage uses: full model, FreezeOut-style frozen prefix, or a
+suffix trained from cached features.
+
+A run is a sequence of epochs; each epoch has a freezing state (`full`, `freeze` at a block
+position, or `discard` at a position). Optimizer momentum is kept by parameter name, so a
+later stage can continue the exact optimizer state of the blocks it still trains, and the
+cosine learning rate is a pure function of the global epoch, so the schedule carries on where
+the previous stage left it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from freezecache import augment, runtime
+from freezecache.config import Train
+from freezecache.io import atomic_torch_save
+from freezecache.profiling import CudaPeak
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Images:
+    """A split held as uint8 tensors on the training device, with its normalization."""
+
+    images: Tensor  # uint8 (N, C, H, W)
+    labels: Tensor  # int64 (N,)
+    mean: Tensor  # (C,) in [0, 1] units
+    std: Tensor
+
+    @classmethod
+    def from_split(cls, split, meta: dict, device: torch.device) -> Images:
+        return cls(
+            torch.from_numpy(split.images).to(device),
+            torch.from_numpy(split.labels).long().to(device),
+            torch.tensor(meta["mean"], dtype=torch.float32, device=device),
+            torch.tensor(meta["std"], dtype=torch.float32, device=device),
+        )
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def batches(
+        self, batch_size: int, *, g: torch.Generator | None = None, train_aug: Train | None = None
+    ) -> Iterator[Batch]:
+        """Normalized batches; shuffled and augmented when a generator is given."""
+        n = len(self)
+        order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
+        order = order.to(self.images.device)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            x = augment.normalize(self.images[idx], self.mean, self.std)
+            if train_aug is not None:
+                x = augment.augment_images(
+                    x, crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=g
+                )
+            yield x, self.labels[idx]
+
+
+def cosine_lr(base_lr: float, progress: float, total_epochs: int) -> float:
+    """Cosine decay over the whole run; `progress` in epochs (fractional)."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress / total_epochs, 1.0)))
+
+
+def set_frozen(model: nn.Module, position: int) -> None:
+    """Freezes stem + the first `position` blocks (no grads, BatchNorm statistics fixed)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if position <= 0:
+        return
+    for part in [model.stem, *model.blocks[:position]]:
+        for p in part.parameters():
+            p.requires_grad_(False)
+
+
+def frozen_parts(model: nn.Module, position: int) -> list[nn.Module]:
+    return [] if position <= 0 else [model.stem, *model.blocks[:position]]
+
+
+@dataclass
+class RunState:
+    """What a stage hands to the next: weights, optimizer momentum by name, history."""
+
+    model: dict
+    momentum: dict[str, Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        atomic_torch_save(self.__dict__, path)
+
+    @classmethod
+    def load(cls, path: Path) -> RunState:
+        from freezecache.io import load_torch
+
+        return cls(**load_torch(path))
+
+
+class Trainer:
+    """Runs epochs of one freezing state at a time, with checkpoints at every epoch end."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Train,
+        *,
+        seed: int,
+        device: torch.device,
+        state: RunState | None = None,
+        checkpoint: Path | None = None,
+    ) -> None:
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.seed = seed
+        self.device = device
+        self.checkpoint = checkpoint
+        self.scaler = runtime.grad_scaler(cfg.precision, device)
+        self.state = state or RunState(model={})
+        if state is not None and state.model:
+            self.model.load_state_dict(state.model)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True, every=cfg.grad_checkpointing)
+
+    # -- optimizer -------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.SGD:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        opt = torch.optim.SGD(
+            [p for _, p in named],
+            lr=self.cfg.lr,
+            momentum=self.cfg.momentum,
+            weight_decay=self.cfg.weight_decay,
+        )
+        for name, p in named:
+            buf = self.state.momentum.get(name)
+            if buf is not None:
+                opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+        self._named = named
+        return opt
+
+    def _keep_momentum(self, opt: torch.optim.SGD) -> None:
+        for name, p in self._named:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                self.state.momentum[name] = buf.detach().cpu().clone()
+
+    # -- one step --------------------------------------------------------------------------
+    def _step(self, opt, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, lr: float):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        micro = self.cfg.micro_batch or x.shape[0]
+        loss_sum, correct = 0.0, 0
+        for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
+            with runtime.autocast(self.cfg.precision, self.device):
+                logits = forward(xs)
+                loss = F.cross_entropy(logits.float(), ys)
+            # Scale each micro-batch's mean loss by its share, so the summed gradient equals
+            # the full batch's mean-loss gradient.
+            self.scaler.scale(loss * (ys.numel() / y.numel())).backward()
+            loss_sum += loss.item() * ys.numel()
+            correct += (logits.argmax(1) == ys).sum().item()
+        if self.cfg.clip_grad_norm:
+            self.scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_([p for _, p in self._named], self.cfg.clip_grad_norm)
+        self.scaler.step(opt)
+        self.scaler.update()
+        return loss_sum, correct
+
+    # -- epochs ----------------------------------------------------------------------------
+    def _epoch(
+        self,
+        opt,
+        forward,
+        batches: Iterable[Batch],
+        epoch: int,
+        steps_per_epoch: int,
+        total_epochs: int,
+    ) -> dict:
+        """One pass over the batches; times the wait for data separately from compute."""
+        t0 = time.perf_counter()
+        wait = loss_total = 0.0
+        seen = correct = steps = 0
+        lr = self.cfg.lr
+        it = iter(batches)
+        while True:
+            tw = time.perf_counter()
+            try:
+                x, y = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - tw
+            lr = cosine_lr(self.cfg.lr, epoch + steps / steps_per_epoch, total_epochs)
+            loss_sum, hits = self._step(opt, forward, x, y, lr)
+            loss_total += loss_sum
+            correct += hits
+            seen += y.numel()
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        took = time.perf_counter() - t0
+        return {
+            "lr": lr,
+            "train_loss": loss_total / max(1, seen),
+            "train_acc": correct / max(1, seen),
+            "epoch_time_s": took,
+            "samples_per_s": seen / took if took else 0.0,
+            "data_wait_frac": wait / took if took else 0.0,
+        }
+
+    def fit(
+        self,
+        *,
+        state: str,
+        position: int,
+        start: int,
+        end: int,
+        total_epochs: int,
+        batches: Callable[[int], Iterable[Batch]],
+        forward: Callable[[Tensor], Tensor],
+        steps_per_epoch: int,
+        evaluate: Callable[[], dict],
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> None:
+        """Trains epochs [start, end) in one freezing state, resuming from self.state.epoch."""
+        set_frozen(self.model, position if state != "full" else 0)
+        opt = self._optimizer()
+        frozen = frozen_parts(self.model, position if state != "full" else 0)
+        for epoch in range(max(start, self.state.epoch), end):
+            torch.manual_seed(runtime.derive_seed(self.seed, epoch, "global"))
+            self.model.train()
+            for part in frozen:
+                part.eval()  # frozen BatchNorm keeps its running statistics
+            with CudaPeak(self.device) as peak:
+                stats = self._epoch(
+                    opt, forward, batches(epoch), epoch, steps_per_epoch, total_epochs
+                )
+            self._keep_momentum(opt)
+            metrics = evaluate()
+            row = {
+                "epoch": epoch + 1,
+                "state": state,
+                "position": position,
+                **stats,
+                **metrics,
+                "cuda_peak_mb": peak.peak_mb,
+            }
+            self.state.history.append(row)
+            self.state.epoch = epoch + 1
+            self.state.model = {
+                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+            }
+            log.info(
+                "epoch %d/%d %s@%d loss %.4f acc %.4f test_acc %.4f (%.1fs)",
+                epoch + 1,
+                total_epochs,
+                state,
+                position,
+                row["train_loss"],
+                row["train_acc"],
+                row.get("test_acc", float("nan")),
+                row["epoch_time_s"],
+            )
+            if self.checkpoint is not None:
+                self.state.save(self.checkpoint)
+            if on_epoch is not None:
+                on_epoch(row)
+
+
+def evaluate(model: nn.Module, test: Images, *, batch_size: int, precision: str, device) -> dict:
+    """Test loss and accuracy on raw test images through the whole model (prefix + suffix)."""
+    loss, correct = 0.0, 0
+    with runtime.eval_mode(model), torch.no_grad():
+        for x, y in test.batches(batch_size):
+            with runtime.autocast(precision, device):
+                logits = model(x)
+            loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    n = len(test)
+    return {"test_loss": loss / n, "test_acc": correct / n}

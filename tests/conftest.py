@@ -1,0 +1,73 @@
+"""Shared fixtures: the repository root and tiny prepared datasets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def env_with_venv() -> dict:
+    """Environment where `python` and `dvc` are this interpreter's (the stages call `python`)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run(cmd: list[str] | str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env_with_venv(),
+        capture_output=True,
+        text=True,
+        shell=isinstance(cmd, str),
+        **kw,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    return done
+
+
+def load_profile(name: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+
+
+def project_copy(dest: Path) -> Path:
+    """Copies the project's tracked and untracked-but-not-ignored files (what a clone has)."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (make setup installs it)",
+)

@@ -1,0 +1,361 @@
+"""The HDF5 activation cache: round trips, loaders, atomic writes and clear errors."""
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from freezecache import store
+from freezecache.codec import make_codec
+from freezecache.errors import FreezecacheError
+
+SHAPE = (4, 6, 6)
+HASH = "a1b2c3d4e5f60718293a"
+
+
+def activations(n: int, shape=SHAPE, seed: int = 0) -> np.ndarray:
+    """Non-negative, partly zero maps like ReLU outputs."""
+    x = np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+    return np.maximum(x, 0)
+
+
+def write(
+    path: Path,
+    x: np.ndarray,
+    *,
+    chunk_size=3,
+    codec="quant",
+    tol=1e-2,
+    batch=4,
+    extra=None,
+    extra_pos=None,
+    extra_index=None,
+    workers=2,
+) -> dict:
+    """Write ``x`` with labels 0..n-1 (mod 10) in uneven batches; returns the stats."""
+    n = len(x)
+    y = np.arange(n) % 10
+    with store.CacheWriter(
+        path,
+        codec=make_codec(codec, tol),
+        sample_shape=x.shape[1:],
+        chunk_size=chunk_size,
+        num_samples=n,
+        prefix_hash=HASH,
+        extra_shape=None if extra is None else extra.shape[1:],
+        extra_index=extra_index,
+        meta={"point": 1},
+        workers=workers,
+    ) as writer:
+        for lo in range(0, n, batch):
+            writer.add(
+                x[lo : lo + batch],
+                y[lo : lo + batch],
+                extra=None if extra is None else extra[lo : lo + batch],
+                extra_pos=None if extra_pos is None else extra_pos[lo : lo + batch],
+            )
+    return writer.stats
+
+
+@pytest.fixture
+def cache(tmp_path) -> tuple[Path, np.ndarray]:
+    x = activations(10)
+    path = tmp_path / "cache.h5"
+    write(path, x)
+    return path, x
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+@pytest.mark.parametrize("codec", ["zfp", "quant"])
+def test_writer_reader_roundtrip(tmp_path, chunk_size, codec):
+    x = activations(10)
+    path = tmp_path / "c.h5"
+    stats = write(path, x, chunk_size=chunk_size, codec=codec, workers=2 if chunk_size == 3 else 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]  # no .tmp left
+    info = store.open_cache(path, expect_prefix_hash=HASH)
+    assert (info.num_samples, info.chunk_size, info.sample_shape) == (10, chunk_size, SHAPE)
+    assert info.num_chunks == math.ceil(10 / chunk_size)
+    assert (info.codec_name, info.tolerance, info.meta) == (codec, 1e-2, {"point": 1})
+    assert info.stats == json.loads(json.dumps(stats))
+    assert 0 < stats["max_abs_error"] <= 1e-2
+    assert stats["compression_ratio"] == pytest.approx(stats["stored_bytes"] / x.nbytes)
+    assert stats["raw_bytes"] == x.nbytes and stats["encode_mb_s"] > 0
+    dataset = store.CacheDataset(path, info)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [len(item["y"]) for item in items][-1] == 10 - chunk_size * (info.num_chunks - 1)
+    got = store.collate_chunks(items)
+    assert torch.equal(got["index"], torch.arange(10))
+    assert torch.equal(got["y"], torch.arange(10) % 10)
+    assert got["x"].dtype == torch.float32 and got["x"].shape == (10, *SHAPE)
+    assert (got["x"] - torch.from_numpy(x)).abs().max() <= 1e-2
+    assert "extra" not in got and "extra_pos" not in got
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_raw_codec_roundtrip(tmp_path, dtype):
+    # Raw blobs all have the same length, which h5py's vlen slice writes mishandle.
+    x = activations(8)
+    path = tmp_path / "c.h5"
+    with store.CacheWriter(
+        path,
+        codec=make_codec("none", 1e-2, dtype=dtype),
+        sample_shape=SHAPE,
+        chunk_size=2,
+        num_samples=8,
+        prefix_hash=HASH,
+    ) as writer:
+        writer.add(x, np.zeros(8))
+    info = store.open_cache(path)
+    assert info.codec_options == {"dtype": dtype}
+    got = next(store.iter_cache(path, info))["x"].numpy()
+    assert np.array_equal(got, x) if dtype == "float32" else np.allclose(got, x, rtol=2**-11)
+    assert writer.stats["max_abs_error"] == float(np.abs(got - x).max())
+
+
+def test_batched_reads_match_single_reads(cache):
+    path, _ = cache
+    dataset = store.CacheDataset(path, store.open_cache(path))
+    batch = dataset.__getitems__([3, 0, 3, 1])  # unsorted, with a repeat
+    for item, i in zip(batch, [3, 0, 3, 1], strict=True):
+        single = dataset[i]
+        assert all(torch.equal(item[k], single[k]) for k in single)
+
+
+def test_extra_channels_roundtrip(tmp_path):
+    x = activations(7)
+    extra = activations(7, shape=(2, 6, 6), seed=1)  # e.g. two stored flipped channels
+    path = tmp_path / "c.h5"
+    stats = write(path, x, extra=extra, extra_index=[3, 1])
+    info = store.open_cache(path)
+    assert info.extra_shape == (2, 6, 6) and info.extra_index == (3, 1)
+    assert not info.has_extra_pos
+    assert 0 < stats["extra_max_abs_error"] <= 1e-2
+    assert stats["raw_bytes"] == x.nbytes + extra.nbytes
+    got = store.collate_chunks([store.CacheDataset(path, info)[i] for i in range(info.num_chunks)])
+    assert (got["extra"] - torch.from_numpy(extra)).abs().max() <= 1e-2
+
+
+def test_extra_tokens_and_positions_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((5, 9, 8)).astype(np.float32)  # (n, N, D)
+    extra = rng.standard_normal((5, 3, 8)).astype(np.float32)  # (n, m, D)
+    pos = np.stack([rng.permutation(9)[:3] for _ in range(5)]).astype(np.int32)
+    path = tmp_path / "c.h5"
+    write(path, tokens, chunk_size=2, codec="zfp", extra=extra, extra_pos=pos)
+    info = store.open_cache(path)
+    assert info.has_extra_pos and info.extra_index == ()
+    got = store.collate_chunks([store.CacheDataset(path, info)[i] for i in range(info.num_chunks)])
+    assert torch.equal(got["extra_pos"], torch.from_numpy(pos).long())
+    assert (got["extra"] - torch.from_numpy(extra)).abs().max() <= 1e-2
+    assert (got["x"] - torch.from_numpy(tokens)).abs().max() <= 1e-2
+
+
+def test_sampler_orders():
+    sampler = store.ChunkShuffleSampler(50, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(50)) and len(sampler) == 50
+    assert list(sampler) == first  # same (seed, epoch): same order
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(50)) and second != first
+    assert list(store.ChunkShuffleSampler(50, seed=4)) != first
+    assert list(store.ChunkShuffleSampler(5, seed=3, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_loader_visits_every_sample_once_per_epoch(cache):
+    path, _ = cache
+    info = store.open_cache(path)
+    loader = store.make_loader(path, info, batch_size=7, seed=0, workers=0)
+    assert loader.batch_size == 2  # 7 samples // chunk_size 3
+    seen = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        seen.append(torch.cat([b["index"] for b in loader]).tolist())
+    assert sorted(seen[0]) == sorted(seen[1]) == list(range(10))
+    assert seen[0] != seen[1]
+
+
+def test_loader_workers_give_the_same_batches(cache):
+    path, _ = cache
+    info = store.open_cache(path)
+    runs = []
+    for workers in (0, 2):
+        loader = store.make_loader(path, info, batch_size=6, seed=5, workers=workers)
+        loader.sampler.set_epoch(2)
+        runs.append(list(loader))
+    assert len(runs[0]) == len(runs[1]) == 2
+    for a, b in zip(*runs, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_decode_matches_cpu_decode(cache):
+    path, _ = cache
+    info = store.open_cache(path)
+    plain = next(iter(store.make_loader(path, info, batch_size=6, seed=1, workers=0)))
+    packed = next(
+        iter(store.make_loader(path, info, batch_size=6, seed=1, workers=0, device_decode=True))
+    )
+    assert packed["x"].dtype == torch.uint8  # tolerance 1e-2 on these maps needs < 256 codes
+    assert packed["x_lo"].shape == (6, 4, 1, 1)
+    done = store.finish_batch(packed, info, "cpu")
+    assert "x_lo" not in done
+    assert torch.equal(done["x"], plain["x"])
+    assert torch.equal(store.finish_batch(plain, info, "cpu")["x"], plain["x"])
+
+
+def test_device_decode_promotes_wide_codes(tmp_path):
+    x = activations(4) * 100  # tolerance 1e-3 over a range of ~300: uint32 codes
+    path = tmp_path / "c.h5"
+    write(path, x, chunk_size=2, tol=1e-3)
+    info = store.open_cache(path)
+    assert info.stats["max_code_bytes"] > 1
+    batch = store.collate_chunks(
+        [store.CacheDataset(path, info, device_decode=True)[i] for i in range(2)]
+    )
+    assert batch["x"].dtype == torch.int32
+    x_dec = store.finish_batch(batch, info, "cpu")["x"]
+    assert (x_dec - torch.from_numpy(x)).abs().max() <= 1e-3
+
+
+def test_device_decode_needs_quant(tmp_path):
+    path = tmp_path / "c.h5"
+    write(path, activations(3), codec="zfp")
+    with pytest.raises(FreezecacheError, match="device_decode needs the quant codec"):
+        store.CacheDataset(path, store.open_cache(path), device_decode=True)
+
+
+def test_iter_cache_reads_everything_in_order(cache):
+    path, x = cache
+    info = store.open_cache(path)
+    batches = list(store.iter_cache(path, info, batch_chunks=2))
+    assert [len(b["y"]) for b in batches] == [6, 4]
+    got = torch.cat([b["x"] for b in batches])
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(10))
+    assert (got - torch.from_numpy(x)).abs().max() <= 1e-2
+
+
+def test_exception_inside_writer_leaves_no_file(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.CacheWriter(
+            path,
+            codec=make_codec("zfp", 1e-2),
+            sample_shape=SHAPE,
+            chunk_size=2,
+            num_samples=4,
+            prefix_hash=HASH,
+        ) as writer:
+            writer.add(activations(3), np.zeros(3))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_activations_fail_cleanly(tmp_path):
+    x = activations(6)
+    x[4, 0, 0, 0] = np.nan
+    with pytest.raises(FreezecacheError, match="NaN/Inf"):
+        write(tmp_path / "c.h5", x, chunk_size=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_short_sample_count_fails_cleanly(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(FreezecacheError, match="got 3 samples, declared 5"):
+        with store.CacheWriter(
+            path,
+            codec=make_codec("quant", 1e-2),
+            sample_shape=SHAPE,
+            chunk_size=2,
+            num_samples=5,
+            prefix_hash=HASH,
+        ) as writer:
+            writer.add(activations(3), np.zeros(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+class _LeakyCodec:
+    """Claims a bound, then decodes 2 * tolerance off."""
+
+    name, tolerance, bounded, options = "none", 1e-2, True, {}
+
+    def encode(self, x):
+        return x.tobytes()
+
+    def decode(self, buf, shape):
+        return np.frombuffer(buf, np.float32).reshape(shape) + 2e-2
+
+
+def test_broken_bound_is_refused(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(FreezecacheError, match="broke its bound"):
+        with store.CacheWriter(
+            path,
+            codec=_LeakyCodec(),
+            sample_shape=SHAPE,
+            chunk_size=2,
+            num_samples=2,
+            prefix_hash=HASH,
+        ) as writer:
+            writer.add(activations(2), np.zeros(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_blob_is_caught_by_crc(cache):
+    path, _ = cache
+    with h5py.File(path, "r") as f:
+        blob = f["x"][1].tobytes()
+    raw = bytearray(path.read_bytes())
+    at = raw.find(blob)
+    assert at > 0 and raw.find(blob, at + 1) == -1
+    raw[at + len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    dataset = store.CacheDataset(path, store.open_cache(path))
+    dataset[0]  # other chunks still read
+    with pytest.raises(FreezecacheError, match=r"chunk 1 of 'x' is corrupt \(crc mismatch\)"):
+        dataset[1]
+
+
+def test_truncated_file_is_refused(cache):
+    path, _ = cache
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(FreezecacheError, match=r"not a readable HDF5 file .*dvc repro cache_p1"):
+        store.open_cache(path, stage="cache_p1")
+
+
+def test_not_hdf5_and_missing_files_are_refused(tmp_path):
+    with pytest.raises(FreezecacheError, match=r"c\.h5 does not exist — rerun `dvc repro"):
+        store.open_cache(tmp_path / "c.h5")
+    (tmp_path / "c.h5").write_text("hello")
+    with pytest.raises(FreezecacheError, match="not a readable HDF5 file"):
+        store.open_cache(tmp_path / "c.h5")
+
+
+def test_wrong_prefix_hash_names_both(cache):
+    path, _ = cache
+    with pytest.raises(FreezecacheError, match="prefix a1b2c3d4e5f6 but this run's prefix is ffff"):
+        store.open_cache(path, expect_prefix_hash="ffff00001111")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda a: a.__delitem__("complete"), "incomplete"),
+        (lambda a: a.__setitem__("format_version", 99), "format_version 99"),
+        (lambda a: a.__setitem__("num_samples", 11), "inconsistent counts"),
+        (lambda a: a.__setitem__("num_chunks", 3), "inconsistent counts"),
+        (lambda a: a.__delitem__("sample_shape"), "missing or malformed attribute"),
+    ],
+)
+def test_damaged_attributes_are_refused(cache, edit, message):
+    path, _ = cache
+    with h5py.File(path, "r+") as f:
+        edit(f.attrs)
+    with pytest.raises(FreezecacheError, match=message) as err:
+        store.open_cache(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
