@@ -79,6 +79,14 @@ class FreezePoint(Section):
     epoch: PosInt
 
 
+class Pretrain(Section):
+    """Optional pre-training stage on another dataset (the paper's CIFAR-100 -> CIFAR-10)."""
+
+    data: Data
+    epochs: PosInt
+    lr: PosFloat = 0.1
+
+
 class Freeze(Section):
     points: list[FreezePoint] = Field(default_factory=lambda: [FreezePoint(block=3, epoch=2)])
 
@@ -125,6 +133,7 @@ class Config(Section):
     rank: Rank = Field(default_factory=Rank)
     cache: Cache = Field(default_factory=Cache)
     augment: Augment = Field(default_factory=Augment)
+    pretrain: Pretrain | None = None
 
     @property
     def points(self) -> list[FreezePoint]:
@@ -173,6 +182,10 @@ def _semantic_problems(cfg: Config, source: str, num_blocks: int | None) -> list
             problems.append(
                 f"{source}: {key} must freeze more blocks at a later epoch than the point before it"
             )
+    if cfg.pretrain is not None and cfg.model.checkpoint:
+        problems.append(
+            f"{source}: model.checkpoint and pretrain are both set — give one source of weights"
+        )
     tol = cfg.cache.tolerance
     if isinstance(tol, list) and len(tol) != len(points):
         problems.append(

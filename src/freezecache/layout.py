@@ -21,6 +21,15 @@ class Layout:
     def prepared(self) -> str:
         return self.paths.data
 
+    @property
+    def pretrain_data(self) -> str:
+        return f"{self.paths.data}-pretrain"
+
+    @property
+    def pretrain(self) -> str:
+        """Pre-training on another dataset, when params ask for it."""
+        return f"{self.paths.runs}/pretrain"
+
     # runs ---------------------------------------------------------------------------------
     def seed_dir(self, seed: int) -> str:
         return f"{self.paths.runs}/s{seed}"

@@ -9,6 +9,7 @@ what depends on it; paths stay `${paths.*}` templates resolved by DVC from param
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -38,9 +39,9 @@ AUG_KEYS = {
 AUG_KEYS["similarity"] = AUG_KEYS["standard"]
 
 
-def _run_outs(folder: str) -> dict:
+def _run_outs(folder: str, extra: list[str] | None = None) -> dict:
     return {
-        "outs": [f"{folder}/{STATE}", f"{folder}/{COSTS}"],
+        "outs": [*(extra or []), f"{folder}/{STATE}", f"{folder}/{COSTS}"],
         "metrics": [{f"{folder}/{METRICS}": {"cache": False}}],
         "plots": [{f"{folder}/{HISTORY}": {"cache": False, "x": "epoch", "y": "test_acc"}}],
     }
@@ -63,12 +64,23 @@ def render(cfg: Config) -> dict:
         outs=[L.prepared],
     )
     train_keys = ["model", "train"]
+    weights = []
+    if cfg.pretrain is not None:
+        stages["pretrain"] = _stage(
+            "python stages/pretrain.py", "pretrain.py", [f"{LIB}/data.py", *CORE],
+            ["pretrain", "model", "train"],
+            **_run_outs(L.pretrain, extra=[L.pretrain_data]),
+        )
+        weights = [f"{L.pretrain}/{STATE}"]
+        train_keys.append("pretrain")
+    elif cfg.model.checkpoint:  # a local weights file is content too: a new file reruns
+        weights = [os.path.expanduser(cfg.model.checkpoint)]
     for s in cfg.seeds:
         prefix = L.prefix(s)
         stages[f"train_prefix_s{s}"] = _stage(
             f"python stages/train_prefix.py --seed {s}",
             "train_prefix.py",
-            [L.prepared, *CORE],
+            [L.prepared, *weights, *CORE],
             [*train_keys, "freeze.points"],
             **_run_outs(prefix),
         )

@@ -39,14 +39,14 @@ log = logging.getLogger(__name__)
 class Context:
     """Device, data and model for one seed, built once per stage."""
 
-    def __init__(self, cfg: Config, seed: int):
+    def __init__(self, cfg: Config, seed: int, prepared: str | None = None):
         self.cfg = cfg
         self.seed = seed
         self.layout = Layout(cfg.paths)
         runtime.set_threads(cfg.train.threads)
         runtime.seed_everything(seed)
         self.device = runtime.pick_device(cfg.train.device)
-        train, test, self.meta = data.load_prepared(Path(self.layout.prepared))
+        train, test, self.meta = data.load_prepared(Path(prepared or self.layout.prepared))
         self.train = Images.from_split(train, self.meta, self.device)
         self.test = Images.from_split(test, self.meta, self.device)
 
@@ -60,10 +60,13 @@ class Context:
             img_size=self.meta["img_size"],
             **cfg.model.kwargs,
         )
-        if cfg.model.checkpoint:
+        weights = cfg.model.checkpoint
+        if cfg.pretrain is not None:
+            weights = f"{self.layout.pretrain}/{STATE}"
+        if weights:
             from freezecache.models import load_checkpoint
 
-            load_checkpoint(model, cfg.model.checkpoint)
+            load_checkpoint(model, os.path.expanduser(weights))  # head replaced if classes differ
         return model.to(self.device)
 
     def evaluate(self, model: nn.Module) -> dict:
@@ -148,6 +151,41 @@ def prepare(cfg: Config) -> dict:
         seed=d.seed,
         download=d.download,
     )
+
+
+# -- optional pre-training on another dataset -----------------------------------------------------
+def pretrain(cfg: Config) -> None:
+    """Trains the model from scratch on `pretrain.data`; later stages start from its weights."""
+    p = cfg.pretrain
+    if p is None:
+        raise FreezecacheError("params.yaml has no pretrain section — nothing to pre-train")
+    layout = Layout(cfg.paths)
+    d = p.data
+    data.prepare(
+        d.name, os.path.expanduser(d.root) if d.root else None, Path(layout.pretrain_data),
+        img_size=d.img_size, channels=d.channels, train_size=d.train_size,
+        test_size=d.test_size, seed=d.seed, download=d.download,
+    )
+    pcfg = cfg.model_copy(update={
+        "pretrain": None,
+        "model": cfg.model.model_copy(update={"checkpoint": None}),
+        "train": cfg.train.model_copy(update={"epochs": p.epochs, "lr": p.lr}),
+    })
+    seed = cfg.seeds[0]
+    ctx = Context(pcfg, seed, prepared=layout.pretrain_data)
+    model = ctx.new_model()
+    trainer = ctx.trainer(model, "pretrain", None, Path(layout.pretrain_data) / "train.npz")
+    t0 = time.perf_counter()
+    trainer.fit(
+        state="full", position=0, start=0, end=p.epochs, total_epochs=p.epochs,
+        batches=ctx.image_batches, forward=model, steps_per_epoch=ctx.image_steps,
+        evaluate=lambda: ctx.evaluate(model),
+    )
+    out = Path(layout.pretrain)
+    costs = record_costs(ctx, model, [("full", 0, p.epochs)], out,
+                         wall_s=time.perf_counter() - t0, history=trainer.state.history)
+    write_run(out, trainer.state, costs)
+    clear_checkpoint(ctx, "pretrain")
 
 
 # -- full-model training up to the first freeze point --------------------------------------

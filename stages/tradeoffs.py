@@ -1,0 +1,27 @@
+"""Stage tradeoffs: {fp32, bf16} x {grad checkpointing off, on} x {full model, suffix after the
+last freeze point}, measured side by side in one run; writes results/tradeoffs.{json,md}."""
+
+from pathlib import Path
+
+import typer
+
+from freezecache.cli import stage
+from freezecache.layout import STATE, Layout
+from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
+
+
+def main(
+    params: Path = Path("params.yaml"),
+    steps: int = typer.Option(5, help="timed steps per configuration (the median is reported)"),
+    warmup: int = typer.Option(2, help="untimed rounds before timing"),
+) -> None:
+    with stage(params) as cfg:
+        layout = Layout(cfg.paths)
+        weights = Path(layout.prefix(cfg.seeds[0])) / STATE
+        rows = measure_tradeoffs(cfg, steps=steps, warmup=warmup, weights=weights)
+        write(rows, Path(layout.results))
+        print(render_markdown(rows))
+
+
+if __name__ == "__main__":
+    typer.run(main)
