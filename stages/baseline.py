@@ -5,17 +5,17 @@ from pathlib import Path
 import typer
 
 from freezecache import steps
-from freezecache.cli import fail, stage
+from freezecache.cli import Params, Seed, fail, stage
 
 
 def main(
-    seed: int = typer.Option(...),
+    seed: Seed,
     method: str = typer.Option(..., help="normal or freezeout"),
-    params: Path = Path("params.yaml"),
+    params: Params = Path("params.yaml"),
 ) -> None:
     if method not in ("normal", "freezeout"):
         fail(f"--method {method!r}: choose normal or freezeout")
-    with stage(params) as cfg:
+    with stage(params, seed=seed) as cfg:
         steps.baseline(cfg, seed, method)
 
 

@@ -5,17 +5,11 @@ from pathlib import Path
 import typer
 
 from freezecache import steps
-from freezecache.cli import stage
+from freezecache.cli import Params, Point, Seed, Variant, stage
 
 
-def main(
-    seed: int = typer.Option(...),
-    variant: str = typer.Option(..., help="discard, discard_aug or discard_noaug"),
-    point: int = typer.Option(..., help="freeze point, 1-based"),
-    params: Path = Path("params.yaml"),
-) -> None:
-    with stage(params) as cfg:
-        steps.check_point(cfg, variant, point)
+def main(seed: Seed, variant: Variant, point: Point, params: Params = Path("params.yaml")) -> None:
+    with stage(params, seed=seed, variant=variant, point=point) as cfg:
         steps.rank_point(cfg, seed, variant, point)
 
 

@@ -5,11 +5,11 @@ from pathlib import Path
 import typer
 
 from freezecache import steps
-from freezecache.cli import stage
+from freezecache.cli import Params, Seed, stage
 
 
-def main(seed: int = typer.Option(...), params: Path = Path("params.yaml")) -> None:
-    with stage(params) as cfg:
+def main(seed: Seed, params: Params = Path("params.yaml")) -> None:
+    with stage(params, seed=seed) as cfg:
         steps.train_prefix(cfg, seed)
 
 

@@ -15,22 +15,29 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def env_with_venv() -> dict:
-    """Environment where `python` and `dvc` are this interpreter's (the stages call `python`)."""
+def env_with_venv(src: Path | None = None) -> dict:
+    """Environment where `python` and `dvc` are this interpreter's (the stages call `python`).
+
+    `src`: run that copy's library instead of the installed one (a project copy must run its
+    own code, not the checkout's that the editable install points to)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {
+    env = {
         **os.environ,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "DVC_NO_ANALYTICS": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    return env
 
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    own_src = Path(cwd) / "src" / "freezecache"
     done = subprocess.run(
         cmd,
         cwd=cwd,
-        env=env_with_venv(),
+        env=env_with_venv(own_src.parent if own_src.is_dir() else None),
         capture_output=True,
         text=True,
         shell=isinstance(cmd, str),

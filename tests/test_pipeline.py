@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest
 import yaml
@@ -69,6 +70,28 @@ def _set(repo, key: str, value) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def _experiment_ratios(shown) -> dict[float, float]:
+    """cache.tolerance -> first point's compression ratio, for every experiment `dvc exp show` lists."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            params = node.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = node.get("metrics", {})
+            tol = params.get("cache", {}).get("tolerance") if isinstance(params, dict) else None
+            stats = metrics.get("runs/s0/discard/p1/cache.json", {}).get("data", {})
+            if tol is not None and "compression_ratio" in stats:
+                found[tol] = stats["compression_ratio"]
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(shown)
+    return found
+
+
 @pytest.mark.slow
 @needs_fashion
 def test_smoke_pipeline_in_a_fresh_git_repo(tmp_path):
@@ -114,5 +137,16 @@ def test_smoke_pipeline_in_a_fresh_git_repo(tmp_path):
     run("git checkout -q params.yaml", repo)
 
     run(["dvc", "exp", "run", "-S", "cache.tolerance=0.05"], repo)
-    shown = run(["dvc", "exp", "show", "--json"], repo).stdout
-    assert "compression_ratio" in shown and "test_acc" in shown
+    run(["dvc", "exp", "run", "--queue", "-S", "cache.tolerance=0.02,0.1"], repo)
+    run(["dvc", "queue", "start"], repo)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    ratios = _experiment_ratios(shown)
+    assert {0.05, 0.02, 0.1} <= set(ratios), ratios
+    assert ratios[0.02] < ratios[0.1]  # a looser tolerance compresses better (lower ratio)

@@ -8,6 +8,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -16,6 +17,12 @@ from freezecache.errors import FreezecacheError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 PROFILES = Path("configs")
+
+# Options shared by the stage commands in stages/.
+Seed = Annotated[int, typer.Option(help="one of params.yaml's seeds")]
+Variant = Annotated[str, typer.Option(help="discard method: discard, discard_aug, discard_noaug")]
+Point = Annotated[int, typer.Option(help="freeze point, 1-based")]
+Params = Annotated[Path, typer.Option(help="params file")]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -34,9 +41,16 @@ def fail(message: str) -> None:
 
 
 @contextlib.contextmanager
-def stage(params: Path = Path("params.yaml"), check_pipeline: bool = True) -> Iterator[Config]:
-    """Loads and validates params, checks dvc.yaml matches them, turns user errors into one
-    line and exit status 2."""
+def stage(
+    params: Path = Path("params.yaml"),
+    check_pipeline: bool = True,
+    *,
+    seed: int | None = None,
+    variant: str | None = None,
+    point: int | None = None,
+) -> Iterator[Config]:
+    """Loads and validates params, checks dvc.yaml and the stage's arguments against them, and
+    turns user errors into one line and exit status 2."""
     _setup_logging()
     try:
         cfg = load_config(params)
@@ -44,6 +58,12 @@ def stage(params: Path = Path("params.yaml"), check_pipeline: bool = True) -> It
             from freezecache import pipeline
 
             pipeline.check(cfg)
+        if seed is not None and seed not in cfg.seeds:
+            raise FreezecacheError(f"--seed {seed} is not among params.yaml's seeds {cfg.seeds}")
+        if variant is not None:
+            from freezecache.steps import check_point
+
+            check_point(cfg, variant, point)
         yield cfg
     except FreezecacheError as err:
         fail(str(err))
