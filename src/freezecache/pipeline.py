@@ -158,6 +158,26 @@ def render(cfg: Config) -> dict:
         for v in cfg.discard_methods
         for k in range(1, n + 1)
     ]
+    stages["tradeoffs"] = _stage(
+        "python stages/tradeoffs.py",
+        "tradeoffs.py",
+        [
+            L.prepared,
+            f"{L.prefix(cfg.seeds[0])}/{STATE}",
+            f"{LIB}/tradeoffs.py",
+            f"{LIB}/profiling.py",
+            f"{LIB}/runtime.py",
+            f"{LIB}/models",
+            f"{LIB}/train.py",
+            f"{LIB}/augment.py",
+        ],
+        ["model", "train.batch_size", "freeze.points"],
+        outs=[
+            {f"{L.results}/tradeoffs.json": {"cache": False}},
+            {f"{L.results}/tradeoffs.md": {"cache": False}},
+        ],
+    )
+    report_deps.append(f"{L.results}/tradeoffs.md")
     stages["report"] = _stage(
         "python stages/report.py",
         "report.py",

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from freezecache import data, profiling, runtime
 from freezecache.config import Config
+from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_json, atomic_write_text
 from freezecache.models import BlockModel, create_model, split
 from freezecache.train import Images, RunState, Trainer, set_frozen
@@ -29,12 +30,11 @@ from freezecache.train import Images, RunState, Trainer, set_frozen
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
-PARTS = ("full", "suffix")
 CHECKPOINT_EVERY = 1  # "on" recomputes every block: the most memory saved, the most recompute
 
 
 @dataclass
-class _Config:
+class _Variant:
     """One configuration being measured: its own model copy, trainer, optimizer and batch."""
 
     precision: str
@@ -46,6 +46,8 @@ class _Config:
     x: Tensor
     y: Tensor
     times: list[float] = field(default_factory=list)
+    step_flops: int = 0
+    cuda_peak_mb: float | None = None  # None off CUDA
 
     def step(self) -> None:
         """One training step: forward, loss, backward, SGD update."""
@@ -82,10 +84,10 @@ def _cached_features(model: BlockModel, position: int, x: Tensor) -> Tensor:
         return prefix(x)
 
 
-def _make_config(
+def _make_variant(
     base: BlockModel, cfg: Config, key: tuple[str, bool, str], batch: tuple[Tensor, Tensor],
     position: int, device: torch.device,
-) -> _Config:
+) -> _Variant:
     """A configuration on its own copy of ``base``; ``batch`` is images or cached features."""
     precision, checkpointing, part = key
     model = copy.deepcopy(base)
@@ -99,7 +101,7 @@ def _make_config(
     model.train()
     x, y = batch
     # Own copies, so each configuration's CUDA peak counts its own input batch.
-    return _Config(precision, checkpointing, part, trainer, trainer._optimizer(), forward,
+    return _Variant(precision, checkpointing, part, trainer, trainer._optimizer(), forward,
                    x.clone(), y.clone())
 
 
@@ -108,7 +110,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_step(conf: _Config, device: torch.device) -> float:
+def _timed_step(conf: _Variant, device: torch.device) -> float:
     """Seconds of one training step, the device drained before and after."""
     _sync(device)
     t0 = time.perf_counter()
@@ -117,7 +119,7 @@ def _timed_step(conf: _Config, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _step_flops(conf: _Config) -> int:
+def _step_flops(conf: _Variant) -> int:
     """FLOPs of one whole training step; backward's checkpoint recomputation counts too."""
     counter = profiling.flop_counter()
     with counter:
@@ -125,7 +127,7 @@ def _step_flops(conf: _Config) -> int:
     return int(counter.get_total_flops())
 
 
-def _accounted(conf: _Config, device: torch.device) -> dict[str, float]:
+def _accounted(conf: _Variant, device: torch.device) -> dict[str, float]:
     """profiling.accounted_memory of the configuration, under its precision's autocast."""
 
     def loss_fn(out: Tensor) -> Tensor:
@@ -138,30 +140,34 @@ def _accounted(conf: _Config, device: torch.device) -> dict[str, float]:
 def _build_all(
     cfg: Config, base: BlockModel, batches: dict[str, tuple[Tensor, Tensor]], position: int,
     device: torch.device,
-) -> tuple[list[_Config], dict[int, float | None]]:
-    """Every configuration, each with the CUDA peak of a steady-state step (None off CUDA).
+) -> list[_Variant]:
+    """Every configuration; on CUDA each gets the allocator's peak over a steady-state step.
 
     A configuration's peak is taken before the next one is built and less what was allocated
     before it was built, so it counts its own model, optimizer state, batch and activations.
     """
-    confs, peaks = [], {}
+    confs = []
     for part in batches:
         for precision in PRECISIONS:
             for checkpointing in (False, True):
                 allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-                conf = _make_config(base, cfg, (precision, checkpointing, part), batches[part],
+                conf = _make_variant(base, cfg, (precision, checkpointing, part), batches[part],
                                     position, device)
-                conf.step()  # the optimizer's momentum exists from the second step on
-                with profiling.CudaPeak(device) as peak:
-                    conf.step()
-                peaks[id(conf)] = None if peak.peak_mb is None else (
-                    peak.peak_mb - allocated / profiling.MIB)
+                if device.type == "cuda":
+                    conf.step()  # the optimizer's momentum exists from the second step on
+                    with profiling.CudaPeak(device) as peak:
+                        conf.step()
+                    conf.cuda_peak_mb = peak.peak_mb - allocated / profiling.MIB
                 confs.append(conf)
-    return confs, peaks
+    return confs
 
 
-def _time_round_robin(confs: list[_Config], device: torch.device, steps: int, warmup: int) -> None:
-    """``warmup`` then ``steps`` rounds, each timing one step of every configuration in turn."""
+def _time_round_robin(confs: list[_Variant], device: torch.device, steps: int, warmup: int) -> None:
+    """Rounds that each step every configuration in turn: the first counts FLOPs (untimed, so it
+    stands for one warm-up round), then the rest of ``warmup``, then ``steps`` timed rounds."""
+    for conf in confs:
+        conf.step_flops = _step_flops(conf)
+    warmup = max(warmup - 1, 0)
     for r in range(warmup + steps):
         for conf in confs:
             took = _timed_step(conf, device)
@@ -169,8 +175,7 @@ def _time_round_robin(confs: list[_Config], device: torch.device, steps: int, wa
                 conf.times.append(took)
 
 
-def _row(conf: _Config, cfg: Config, position: int, flops: int, peak: float | None,
-         device: torch.device) -> dict:
+def _row(conf: _Variant, cfg: Config, position: int, device: torch.device) -> dict:
     mem = _accounted(conf, device)
     return {
         "part": conf.part,
@@ -182,10 +187,10 @@ def _row(conf: _Config, cfg: Config, position: int, flops: int, peak: float | No
         "device": device.type,
         "accounted_memory_mb": mem["total_mb"],
         "activation_memory_mb": mem["saved_activations_mb"] + mem["recompute_peak_mb"],
-        "cuda_peak_mb": peak,
+        "cuda_peak_mb": conf.cuda_peak_mb,
         "step_time_s": statistics.median(conf.times),
         "step_times_s": conf.times,
-        "step_flops": flops,
+        "step_flops": conf.step_flops,
         "recompute_flops_frac": 0.0,
     }
 
@@ -210,6 +215,10 @@ def measure_tradeoffs(
     realistic; None measures a freshly initialised model. The suffix starts after the last
     freeze point and is left out when the params have none.
     """
+    if steps < 1 or warmup < 0:
+        raise FreezecacheError(
+            f"tradeoffs: steps={steps}, warmup={warmup} — time at least 1 step, warm up >= 0"
+        )
     runtime.set_threads(cfg.train.threads)
     runtime.seed_everything(cfg.seeds[0])
     device = runtime.pick_device(cfg.train.device)
@@ -219,9 +228,9 @@ def measure_tradeoffs(
     position = cfg.points[-1].block if cfg.points else 0
     if position:
         batches["suffix"] = (_cached_features(base, position, x), y)
-    confs, peaks = _build_all(cfg, base, batches, position, device)
+    confs = _build_all(cfg, base, batches, position, device)
     _time_round_robin(confs, device, steps, warmup)
-    rows = [_row(c, cfg, position, _step_flops(c), peaks[id(c)], device) for c in confs]
+    rows = [_row(c, cfg, position, device) for c in confs]
     _add_recompute_frac(rows)
     return rows
 
@@ -264,7 +273,9 @@ def render_markdown(rows: list[dict]) -> str:
         "activations kept for backward (with checkpointing: the segments' inputs plus the largest "
         "segment rebuilt in backward). Step time: median of timed steps, configurations "
         "interleaved. FLOPs: one whole training step (forward, backward and recomputation), "
-        "matmuls and convolutions only. Recomputed: share of the step's FLOPs spent recomputing.",
+        "matmuls and convolutions only. Recomputed: share of the step's FLOPs spent recomputing. "
+        "CUDA peak: the allocator's peak over one step, less what was allocated before the "
+        "configuration was built.",
     ]
     return "\n".join(lines) + "\n"
 

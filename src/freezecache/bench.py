@@ -1,0 +1,430 @@
+"""Measuring helpers for the cache benchmarks (``benchmarks/bench_cache.py``, GitHub issue 6).
+
+Each function measures one thing on the arrays, models or files it is given and returns plain
+numbers, so the benchmark script reads as a list of measurements and a tiny test can run them
+all. Timed training goes through the real :class:`~freezecache.train.Trainer`, the real cache
+loader and the real feature augmentation, on whatever device the caller passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zfpy
+from torch import Tensor, nn
+
+from freezecache import augment, runtime, store
+from freezecache.codec import Codec, QuantCodec, ZfpCodec
+from freezecache.config import Augment
+from freezecache.train import Images, Trainer
+
+log = logging.getLogger(__name__)
+
+# The paper's cache build rate (Table A.3: ResNet32 activations, single-thread zfpy on chunks of
+# 2), as issue 6 quotes it. P4's goal is ten times this.
+PAPER_BUILD_MB_S = 35.0
+MB = 1e6
+
+
+_OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target for one measured number: ``value <op> target``."""
+
+    op: str  # one of _OPS
+    target: float
+
+    def met(self, value: float) -> bool:
+        """Whether ``value`` meets the goal."""
+        return _OPS[self.op](value, self.target)
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.target:.3g}"
+
+
+GOALS = {
+    "p1_cache_vs_ram": Goal("<=", 1.10),
+    "p2_vs_flops_ideal": Goal("<=", 1.15),
+    "p3_ratio": Goal("<=", 0.12),
+    "p4_build_mb_s": Goal(">=", 10 * PAPER_BUILD_MB_S),
+}
+
+
+def goal_row(metric: str, codec: str, value: float, goal: Goal | None = None) -> dict:
+    """One measured value against its goal (``GOALS[metric]`` unless given)."""
+    goal = goal or GOALS[metric]
+    return {
+        "metric": metric,
+        "codec": codec,
+        "value": value,
+        "goal": str(goal),
+        "pass": goal.met(value),
+    }
+
+
+def rate_mb_s(pairs: list[tuple[int, float]]) -> float:
+    """MB/s over several (bytes, seconds) measurements taken together."""
+    return sum(b for b, _ in pairs) / MB / sum(s for _, s in pairs)
+
+
+# -- machine ---------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where it exists, else what platform says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where the numbers were taken: CPU, cores, torch threads, the training device."""
+    info = {
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "zfpy": getattr(zfpy, "__version__", "unknown"),
+        "python": platform.python_version(),
+        # Other work on the machine slows timed epochs; min over repeats damps, not removes it.
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# -- activations -----------------------------------------------------------------------------
+def subset(images: Images, n: int) -> Images:
+    """The first ``n`` samples of a split (all of it when ``n`` is larger)."""
+    return Images(images.images[:n], images.labels[:n], images.mean, images.std)
+
+
+def push_features(
+    blocks: nn.Module, x: np.ndarray, batch_size: int, device, precision: str = "fp32"
+) -> np.ndarray:
+    """Run cached features ``x`` (N, *shape) through more frozen ``blocks`` (eval, no grad).
+
+    This is how the next freeze point's cache is made from the previous one.
+    """
+    out = []
+    device = torch.device(device)
+    with runtime.eval_mode(blocks), torch.no_grad(), runtime.autocast(precision, device):
+        for lo in range(0, len(x), batch_size):
+            batch = torch.from_numpy(x[lo : lo + batch_size]).to(device)
+            out.append(blocks(batch).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+# -- codecs ----------------------------------------------------------------------------------
+def chunks(x: np.ndarray, k: int) -> list[np.ndarray]:
+    """Consecutive chunks of ``k`` samples (the last may be shorter), as the cache cuts them."""
+    return [x[lo : lo + k] for lo in range(0, len(x), k)]
+
+
+def codec_row(codec: Codec, x: np.ndarray, chunk_size: int) -> dict:
+    """Ratio, max abs error and single-thread encode/decode MB/s of one codec on ``x``.
+
+    For quant, ``unpack_mb_s`` is what a loader worker does when the device dequantizes.
+    """
+    parts = chunks(np.ascontiguousarray(x, np.float32), chunk_size)
+    raw_mb = 4 * x.size / MB
+    t0 = time.perf_counter()
+    blobs = [codec.encode(part) for part in parts]
+    t1 = time.perf_counter()
+    decoded = [codec.decode(blob, part.shape) for blob, part in zip(blobs, parts, strict=True)]
+    t2 = time.perf_counter()
+    row = {
+        "ratio": sum(len(b) for b in blobs) / (4 * x.size),
+        "max_abs_error": max(
+            float(np.abs(p.astype(np.float64) - d).max())
+            for p, d in zip(parts, decoded, strict=True)
+        ),
+        "encode_mb_s": raw_mb / (t1 - t0),
+        "decode_mb_s": raw_mb / (t2 - t1),
+        "unpack_mb_s": None,
+    }
+    if isinstance(codec, QuantCodec):
+        t0 = time.perf_counter()
+        for blob, part in zip(blobs, parts, strict=True):
+            codec.unpack(blob, part.shape)
+        row["unpack_mb_s"] = raw_mb / (time.perf_counter() - t0)
+    return row
+
+
+def build_cache(
+    path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    codec: Codec,
+    *,
+    chunk_size: int,
+    workers: int,
+    batch_size: int = 256,
+) -> dict:
+    """Write ``x`` into a cache with the real :class:`~freezecache.store.CacheWriter`.
+
+    Returns the writer's stats plus ``build_s`` and ``build_mb_s`` (float32 MB per wall second,
+    encode + verify + HDF5 writes; the activations are already in memory).
+    """
+    t0 = time.perf_counter()
+    with store.CacheWriter(
+        path,
+        codec=codec,
+        sample_shape=x.shape[1:],
+        chunk_size=chunk_size,
+        num_samples=len(x),
+        prefix_hash="bench",
+        meta={"bench": True},
+        workers=workers,
+    ) as writer:
+        for lo in range(0, len(x), batch_size):
+            writer.add(x[lo : lo + batch_size], y[lo : lo + batch_size])
+    took = time.perf_counter() - t0
+    return {**writer.stats, "build_s": took, "build_mb_s": 4 * x.size / MB / took}
+
+
+def zfp_chunk_baseline(x: np.ndarray, tolerance: float, chunk_size: int = 2) -> dict:
+    """The paper's cache build: one thread, zfpy on 4-D chunks of ``chunk_size`` samples."""
+    codec = ZfpCodec(tolerance)
+    parts = chunks(np.ascontiguousarray(x, np.float32), chunk_size)
+    t0 = time.perf_counter()
+    stored = sum(len(codec.encode(part)) for part in parts)
+    took = time.perf_counter() - t0
+    return {"build_s": took, "build_mb_s": 4 * x.size / MB / took, "ratio": stored / (4 * x.size)}
+
+
+# -- batches ---------------------------------------------------------------------------------
+def batch_orders(
+    num_samples: int, chunk_size: int, batch_size: int, seed: int, epoch: int
+) -> list[np.ndarray]:
+    """Sample indices of each batch the cache loader gives in ``epoch``.
+
+    The loader draws chunks with :class:`~freezecache.store.ChunkShuffleSampler` and takes
+    ``batch_size // chunk_size`` chunks per batch; this repeats that order for data in RAM.
+    """
+    num_chunks = math.ceil(num_samples / chunk_size)
+    sampler = store.ChunkShuffleSampler(num_chunks, seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    per_batch = max(1, batch_size // chunk_size)
+    batches = []
+    for lo in range(0, num_chunks, per_batch):
+        group = order[lo : lo + per_batch]
+        ids = [np.arange(c * chunk_size, min((c + 1) * chunk_size, num_samples)) for c in group]
+        batches.append(np.concatenate(ids))
+    return batches
+
+
+def ram_batches(x: Tensor, y: Tensor, orders: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches gathered from features held in memory (on the training device)."""
+    for ids in orders:
+        idx = torch.from_numpy(ids).to(x.device)
+        yield x.index_select(0, idx), y.index_select(0, idx)
+
+
+def loader_batches(
+    loader, info: store.CacheInfo, epoch: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches from the cache loader, moved to ``device`` (and dequantized there), as
+    ``train_suffix`` reads them."""
+    loader.sampler.set_epoch(epoch)
+    for raw in loader:
+        batch = store.finish_batch(raw, info, device)
+        yield batch["x"], batch["y"]
+
+
+def augmented(
+    batches: Iterable[tuple[Tensor, Tensor]], g: torch.Generator, aug: Augment, pad: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The ``standard`` feature-map augmentation of the Discard method, batch by batch."""
+    for x, y in batches:
+        x = augment.augment_features(
+            x,
+            mode="standard",
+            g=g,
+            flip_p=aug.flip_p,
+            crop_pad=pad,
+            noise_std=aug.noise_std,
+            blur_p=aug.blur_p,
+            blur_sigma=aug.blur_sigma,
+        )
+        yield x, y
+
+
+# -- timing ----------------------------------------------------------------------------------
+def timed_epoch(
+    trainer: Trainer,
+    *,
+    state: str,
+    position: int,
+    forward: Callable[[Tensor], Tensor],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    steps: int,
+) -> dict:
+    """Train one epoch over ``batches`` with the real training loop, without evaluation.
+
+    Returns the epoch's history row (``epoch_time_s``, ``data_wait_frac``, ...). The trainer
+    syncs CUDA before stopping its clock.
+    """
+    epoch = trainer.state.epoch
+    trainer.fit(
+        state=state,
+        position=position,
+        start=epoch,
+        end=epoch + 1,
+        total_epochs=epoch + 2,  # any later end: only the learning rate depends on it
+        batches=lambda _: batches,
+        forward=forward,
+        steps_per_epoch=max(steps, 1),
+        evaluate=lambda: {},
+    )
+    return trainer.state.history[-1]
+
+
+def summary(rows: list[dict]) -> dict:
+    """Epoch time of repeated epochs (history rows): the minimum, which other load disturbs
+    least, every repeat, and the data-wait fraction of the fastest epoch."""
+    times = [r["epoch_time_s"] for r in rows]
+    best = rows[times.index(min(times))]
+    return {"min_s": min(times), "all_s": times, "data_wait_frac": best["data_wait_frac"]}
+
+
+# -- report ----------------------------------------------------------------------------------
+def compare_codecs(rows: list[dict], tolerance: float, a: str, b: str) -> dict | None:
+    """Codec ``a`` against ``b`` in the codec table at the listed tolerance nearest ``tolerance``.
+
+    ``better`` is True when ``a`` is smaller and faster both ways.
+    """
+    tols = sorted({r["tolerance"] for r in rows})
+    if not tols:
+        return None
+    tol = min(tols, key=lambda t: abs(math.log(t / tolerance)))
+    by_name = {r["codec"]: r for r in rows if r["tolerance"] == tol}
+    if a not in by_name or b not in by_name:
+        return None
+    ra, rb = by_name[a], by_name[b]
+    keys = ("ratio", "encode_mb_s", "decode_mb_s")
+    better = ra["ratio"] < rb["ratio"] and all(ra[k] > rb[k] for k in keys[1:])
+    return {"a": a, "b": b, "tolerance": tol, "better": better, **{
+        f"{k}_{side}": row[k] for k in keys for side, row in (("a", ra), ("b", rb))
+    }}  # fmt: skip
+
+
+def comparison_text(c: dict) -> str:
+    """One sentence for :func:`compare_codecs`' result."""
+    verdict = "better on all three" if c["better"] else "not better on all three"
+    return (
+        f"{c['a']} vs {c['b']} at tolerance {c['tolerance']:g}: ratio {c['ratio_a']:.3f} vs "
+        f"{c['ratio_b']:.3f}, encode {c['encode_mb_s_a']:.0f} vs {c['encode_mb_s_b']:.0f} MB/s, "
+        f"decode {c['decode_mb_s_a']:.0f} vs {c['decode_mb_s_b']:.0f} MB/s: {c['a']} is {verdict}."
+    )
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    """Numbers for the tables: 3 significant digits, '—' for None."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "PASS" if value else "MISS"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _goals_table(goals: list[dict], codecs: list[str]) -> list[str]:
+    """Goals as rows, one column per codec: value and PASS/MISS."""
+    cells: dict[tuple[str, str], dict] = {}
+    for g in goals:
+        cells.setdefault((g["metric"], g["goal"]), {})[g["codec"]] = g
+    rows = [
+        [metric, goal]
+        + [f"{_fmt(by[c]['value'])} {_fmt(by[c]['pass'])}" if c in by else "—" for c in codecs]
+        for (metric, goal), by in cells.items()
+    ]
+    return _table(["metric", "goal", *codecs], rows)
+
+
+def to_markdown(res: dict) -> str:
+    """bench.md: the goals, the per-point sizes, the epoch times and the codec table."""
+    m, s, t = res["machine"], res["setup"], res["p1_p2"]
+    codecs = s["codecs"]
+    gpu = f" ({m['gpu']})" if "gpu" in m else ""
+    lines = [
+        "## Cache benchmarks",
+        "",
+        f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, "
+        f"load average {_fmt(m['load_avg_1m'])} at the start, "
+        f"{_fmt(m.get('load_avg_1m_end'))} at the end), training device "
+        f"`{m['device']}`{gpu}, torch {m['torch']}. {s['model']} on {s['dataset']}, "
+        f"{s['samples']} training samples, batch {s['batch_size']}, freeze points at blocks "
+        f"{s['points']}, tolerance {', '.join(_fmt(x) for x in s['tolerances'])}; the profile's "
+        f"codec is `{s['codec']}` (chunk {s['chunk_size']}); min of {s['repeats']} interleaved "
+        f"epochs. Weights: {s['weights']}.",
+        "",
+        *_goals_table(res["goals"], codecs),
+        "",
+        f"p4_baseline_mb_s (the paper's way: one thread, zfp chunks of 2): "
+        f"{_fmt(res['p4_baseline_mb_s'])} MB/s; the CacheWriter used {res['workers']} worker "
+        f"threads and decodes every chunk again to check the bound.",
+        "",
+        "### Per freeze point (P3, P4)",
+        "",
+        *_table(
+            ["point", "block", "features", "tolerance", "paper chunk 2 ratio",
+             *[f"{c} ratio" for c in codecs], *[f"{c} build MB/s" for c in codecs],
+             "paper-style MB/s"],
+            [[p["point"], p["block"], "x".join(map(str, p["feature_shape"])), p["tolerance"],
+              p["p3_paper_chunk2_ratio"], *[p[f"{c}_ratio"] for c in codecs],
+              *[p[f"{c}_build_mb_s"] for c in codecs], p["baseline_mb_s"]] for p in res["p3"]],
+        ),
+        "",
+        "### Epoch times (P1, P2)",
+        "",
+        *_table(
+            ["epoch", "min s", "all s", "data wait"],
+            [[name, e["min_s"], ", ".join(f"{v:.2f}" for v in e["all_s"]), e["data_wait_frac"]]
+             for name, e in t["epochs"].items()],
+        ),
+        "",
+        f"Suffix / full epoch time {_fmt(t['suffix_vs_full_time'])} (`{s['codec']}` cache); "
+        f"suffix / full training FLOPs {_fmt(t['suffix_vs_full_flops'])}. Loader workers "
+        f"{t['loader_workers']}; quant decoded on the device: {t['device_decode_quant']}. "
+        "Data wait = share of the epoch spent waiting for the next augmented batch.",
+        "",
+        f"### Codecs (point 1, {s['codec_samples']} samples, one thread)",
+        "",
+        *_table(
+            ["codec", "tolerance", "ratio", "max abs error", "encode MB/s", "decode MB/s",
+             "unpack MB/s"],
+            [[r["codec"], r["tolerance"], r["ratio"], r["max_abs_error"], r["encode_mb_s"],
+              r["decode_mb_s"], r["unpack_mb_s"]] for r in res["codecs"]],
+        ),
+        "",
+        "Unpack = the loader's share of quant decoding when the device dequantizes.",
+        "",
+    ]  # fmt: skip
+    if res.get("codec_comparison"):
+        lines += [comparison_text(res["codec_comparison"]), ""]
+    return "\n".join(lines)
