@@ -63,7 +63,7 @@ def test_every_model_runs_the_discard_chain(tmp_path, model, kwargs, points):
 @pytest.mark.slow
 @needs_fashion
 def test_second_cache_matches_second_prefix_on_raw_images(tmp_path):
-    cfg = _config(tmp_path, cache={"tolerance": [1e-3, 1e-3]})
+    cfg = _config(tmp_path, cache={"tolerance": [1e-3, 1e-3], "codec": "quant"})
     _run_chain(cfg, "discard")
     ctx = steps.Context(cfg, 0)
     state = RunState.load(tmp_path / "runs/s0/discard/p1/suffix/state.pt")

@@ -88,10 +88,10 @@ def test_one_segment_over_all_blocks_accounts_what_no_checkpointing_does():
     assert on["total"] == off["total"]
 
 
-# -- the training step's knobs, through Trainer._step ----------------------------------------
+# -- the training step's knobs, through Trainer.step ----------------------------------------
 def _trainer(model: nn.Module, **train) -> tuple[Trainer, torch.optim.Optimizer]:
     trainer = Trainer(model, Train(**train), seed=0, device=CPU)
-    return trainer, trainer._optimizer()
+    return trainer, trainer.make_optimizer()
 
 
 def test_micro_batches_give_the_full_batch_update_for_deit_tiny():
@@ -103,9 +103,10 @@ def test_micro_batches_give_the_full_batch_update_for_deit_tiny():
     full, opt_full = _trainer(model, lr=0.1, weight_decay=5e-4)
     micro, opt_micro = _trainer(twin, lr=0.1, weight_decay=5e-4, micro_batch=4)  # 4 + 2
     for _ in range(2):  # the second step also checks the momentum the first one left
-        loss_full, hits_full = full._step(opt_full, model, x, y, lr=0.1)
-        loss_micro, hits_micro = micro._step(opt_micro, twin, x, y, lr=0.1)
-        assert loss_micro == pytest.approx(loss_full, rel=1e-5) and hits_micro == hits_full
+        loss_full, hits_full = full.step(opt_full, model, x, y, lr=0.1)
+        loss_micro, hits_micro = micro.step(opt_micro, twin, x, y, lr=0.1)
+        assert float(loss_micro) == pytest.approx(float(loss_full), rel=1e-5)
+        assert int(hits_micro) == int(hits_full)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
     assert not all(torch.equal(p, s) for p, s in zip(model.parameters(), start, strict=True))
@@ -136,12 +137,12 @@ def test_fp16_scaler_skips_an_inf_step_and_recovers():
 
     before = [p.detach().clone() for p in model.parameters()]
     scale = trainer.scaler.get_scale()
-    trainer._step(opt, forward, x, y, lr=0.1)
+    trainer.step(opt, forward, x, y, lr=0.1)
     assert trainer.scaler.get_scale() < scale
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     poison["on"] = False
     scale = trainer.scaler.get_scale()
-    trainer._step(opt, forward, x, y, lr=0.1)
+    trainer.step(opt, forward, x, y, lr=0.1)
     assert trainer.scaler.get_scale() == scale  # a finite step keeps the scale
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
@@ -151,7 +152,7 @@ def test_bf16_trains_on_cpu():
     model = _tiny_net()
     trainer, opt = _trainer(model, precision="bf16", lr=0.2, weight_decay=0.0)
     x, y = _tiny_batch()
-    losses = [trainer._step(opt, model, x, y, lr=0.2)[0] / len(y) for _ in range(30)]
+    losses = [trainer.step(opt, model, x, y, lr=0.2)[0] / len(y) for _ in range(30)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0]
 
@@ -165,11 +166,11 @@ def test_clip_grad_norm_bounds_the_update_norm(precision):
     x, y = _tiny_batch()
     free = _tiny_net()
     trainer, opt = _trainer(free, precision=precision)
-    trainer._step(opt, free, x, y, lr=0.0)
+    trainer.step(opt, free, x, y, lr=0.0)
     assert _grad_norm(free) > 0.05  # without clipping the norm is above the bound below
     clipped = _tiny_net()
     trainer, opt = _trainer(clipped, precision=precision, clip_grad_norm=0.05)
-    trainer._step(opt, clipped, x, y, lr=0.0)
+    trainer.step(opt, clipped, x, y, lr=0.0)
     # The grads left after the step are the unscaled, clipped ones the update used.
     assert _grad_norm(clipped) == pytest.approx(0.05, rel=1e-3)
 

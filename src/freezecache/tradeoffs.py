@@ -2,7 +2,7 @@
 
 {fp32, bf16} x {grad checkpointing off, on (every block)} x {the full model, the suffix after the
 last freeze point trained from a fixed batch of its cached-input features}. Every configuration
-runs the training step users train with (``Trainer._step``: autocast, loss, backward, SGD) on
+runs the training step users train with (``Trainer.step``: autocast, loss, backward, SGD) on
 the same real batch of ``train.batch_size``. Rounds visit the configurations in turn, so machine
 noise hits all rows alike. Rows differ only in the two knobs: no micro-batching, no clipping.
 """
@@ -51,7 +51,7 @@ class _Variant:
 
     def step(self) -> None:
         """One training step: forward, loss, backward, SGD update."""
-        self.trainer._step(self.opt, self.forward, self.x, self.y, self.trainer.cfg.lr)
+        self.trainer.step(self.opt, self.forward, self.x, self.y, self.trainer.cfg.lr)
 
 
 def _fixed_batch(cfg: Config, device: torch.device) -> tuple[Tensor, Tensor, dict]:
@@ -101,7 +101,7 @@ def _make_variant(
     model.train()
     x, y = batch
     # Own copies, so each configuration's CUDA peak counts its own input batch.
-    return _Variant(precision, checkpointing, part, trainer, trainer._optimizer(), forward,
+    return _Variant(precision, checkpointing, part, trainer, trainer.make_optimizer(), forward,
                    x.clone(), y.clone())
 
 

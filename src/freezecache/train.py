@@ -135,7 +135,8 @@ class Trainer:
             model.set_grad_checkpointing(True, every=cfg.grad_checkpointing)
 
     # -- optimizer -------------------------------------------------------------------------
-    def _optimizer(self) -> torch.optim.SGD:
+    def make_optimizer(self) -> torch.optim.SGD:
+        """SGD over the parameters that train now, with their saved momentum restored by name."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         opt = torch.optim.SGD(
             [p for _, p in named],
@@ -157,12 +158,19 @@ class Trainer:
                 self.state.momentum[name] = buf.detach().cpu().clone()
 
     # -- one step --------------------------------------------------------------------------
-    def _step(self, opt, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, lr: float):
+    def step(
+        self, opt, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, lr: float
+    ) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a batch (micro-batched, autocast, scaled, clipped as configured).
+
+        Returns the summed loss and the number of correct predictions, as device tensors."""
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         micro = self.cfg.micro_batch or x.shape[0]
-        loss_sum, correct = 0.0, 0
+        # Sums stay on the device: no host sync per step (that would stall a GPU).
+        loss_sum = torch.zeros((), device=x.device)
+        correct = torch.zeros((), dtype=torch.long, device=x.device)
         for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
             with runtime.autocast(self.cfg.precision, self.device):
                 logits = forward(xs)
@@ -170,8 +178,8 @@ class Trainer:
             # Scale each micro-batch's mean loss by its share, so the summed gradient equals
             # the full batch's mean-loss gradient.
             self.scaler.scale(loss * (ys.numel() / y.numel())).backward()
-            loss_sum += loss.item() * ys.numel()
-            correct += (logits.argmax(1) == ys).sum().item()
+            loss_sum += loss.detach() * ys.numel()
+            correct += (logits.argmax(1) == ys).sum()
         if self.cfg.clip_grad_norm:
             self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_([p for _, p in self._named], self.cfg.clip_grad_norm)
@@ -192,7 +200,8 @@ class Trainer:
         """One pass over the batches; times the wait for data separately from compute."""
         t0 = time.perf_counter()
         wait = loss_total = 0.0
-        seen = correct = steps = 0
+        seen = steps = 0
+        correct = 0
         lr = self.cfg.lr
         it = iter(batches)
         while True:
@@ -203,7 +212,7 @@ class Trainer:
                 break
             wait += time.perf_counter() - tw
             lr = cosine_lr(self.cfg.lr, epoch + steps / steps_per_epoch, total_epochs)
-            loss_sum, hits = self._step(opt, forward, x, y, lr)
+            loss_sum, hits = self.step(opt, forward, x, y, lr)
             loss_total += loss_sum
             correct += hits
             seen += y.numel()
@@ -211,6 +220,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         took = time.perf_counter() - t0
+        loss_total, correct = float(loss_total), int(correct)
         return {
             "lr": lr,
             "train_loss": loss_total / max(1, seen),
@@ -236,7 +246,7 @@ class Trainer:
     ) -> None:
         """Trains epochs [start, end) in one freezing state, resuming from self.state.epoch."""
         set_frozen(self.model, position if state != "full" else 0)
-        opt = self._optimizer()
+        opt = self.make_optimizer()
         frozen = frozen_parts(self.model, position if state != "full" else 0)
         for epoch in range(max(start, self.state.epoch), end):
             torch.manual_seed(runtime.derive_seed(self.seed, epoch, "global"))
