@@ -71,7 +71,7 @@ def _set(repo, key: str, value) -> None:
 
 
 def _experiment_ratios(shown) -> dict[float, float]:
-    """cache.tolerance -> first point's compression ratio, for every experiment `dvc exp show` lists."""
+    """cache.tolerance -> the first point's compression ratio, per experiment in `dvc exp show`."""
     found = {}
 
     def walk(node):

@@ -69,8 +69,10 @@ def test_second_cache_matches_second_prefix_on_raw_images(tmp_path):
     state = RunState.load(tmp_path / "runs/s0/discard/p1/suffix/state.pt")
     model = steps._model_at(ctx, state)
     prefix, _ = split(model, cfg.points[1].block)
-    info = store.open_cache(tmp_path / "cache/s0/discard/p2.h5",
-                            expect_prefix_hash=steps.prefix_hash(model, cfg.points[1].block))
+    info = store.open_cache(
+        tmp_path / "cache/s0/discard/p2.h5",
+        expect_prefix_hash=steps.prefix_hash(model, cfg.points[1].block),
+    )
     cached = torch.cat([b["x"] for b in store.iter_cache(info.path, info)])
     with torch.no_grad():
         direct = torch.cat([prefix(x) for x, _ in ctx.train.batches(64)])
@@ -125,8 +127,11 @@ def test_pretrain_stage_feeds_the_main_run_with_a_new_head(tmp_path):
     _imagefolder(tmp_path / "folder")
     cfg = _config(
         tmp_path,
-        pretrain={"data": {"name": "imagefolder", "root": str(tmp_path / "folder"),
-                           "img_size": 28}, "epochs": 1, "lr": 0.05},
+        pretrain={
+            "data": {"name": "imagefolder", "root": str(tmp_path / "folder"), "img_size": 28},
+            "epochs": 1,
+            "lr": 0.05,
+        },
     )
     steps.pretrain(cfg)
     pre = RunState.load(tmp_path / "runs/pretrain/state.pt")

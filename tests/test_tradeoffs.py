@@ -52,11 +52,19 @@ def _linear_blocks(width: int = 16, layers_per_block: int = 2) -> BlockModel:
     """Four blocks of (Linear, ReLU) x layers_per_block; identity stem and head."""
 
     def block() -> nn.Module:
-        return nn.Sequential(*[m for _ in range(layers_per_block)
-                               for m in (nn.Linear(width, width), nn.ReLU())])
+        return nn.Sequential(
+            *[m for _ in range(layers_per_block) for m in (nn.Linear(width, width), nn.ReLU())]
+        )
 
-    return BlockModel(nn.Identity(), [block() for _ in range(4)], nn.Identity(), kind="cnn",
-                      in_chans=width, img_size=1, num_classes=width)
+    return BlockModel(
+        nn.Identity(),
+        [block() for _ in range(4)],
+        nn.Identity(),
+        kind="cnn",
+        in_chans=width,
+        img_size=1,
+        num_classes=width,
+    )
 
 
 def test_checkpointed_memory_is_counted_by_hand():
@@ -176,8 +184,16 @@ def test_clip_grad_norm_bounds_the_update_norm(precision):
 
 
 # -- the trade-off table ---------------------------------------------------------------------
-KEYS = {"precision", "grad_checkpointing", "part", "accounted_memory_mb", "cuda_peak_mb",
-        "step_time_s", "step_flops", "recompute_flops_frac"}
+KEYS = {
+    "precision",
+    "grad_checkpointing",
+    "part",
+    "accounted_memory_mb",
+    "cuda_peak_mb",
+    "step_time_s",
+    "step_flops",
+    "recompute_flops_frac",
+}
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +215,9 @@ def test_measure_tradeoffs_rows_on_a_tiny_config(tiny_cfg, tmp_path):
     rows = measure_tradeoffs(tiny_cfg, steps=1, warmup=1)
     assert len(rows) == 8 and all(KEYS <= set(r) for r in rows)
     combos = {(r["precision"], r["grad_checkpointing"], r["part"]) for r in rows}
-    assert combos == {(p, c, part) for p in ("fp32", "bf16") for c in (False, True)
-                      for part in ("full", "suffix")}
+    assert combos == {
+        (p, c, part) for p in ("fp32", "bf16") for c in (False, True) for part in ("full", "suffix")
+    }
     by = {(r["precision"], r["grad_checkpointing"], r["part"]): r for r in rows}
     for (precision, ckpt, part), r in by.items():
         assert r["step_time_s"] > 0 and r["cuda_peak_mb"] is None

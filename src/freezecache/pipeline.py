@@ -67,7 +67,9 @@ def render(cfg: Config) -> dict:
     weights = []
     if cfg.pretrain is not None:
         stages["pretrain"] = _stage(
-            "python stages/pretrain.py", "pretrain.py", [f"{LIB}/data.py", *CORE],
+            "python stages/pretrain.py",
+            "pretrain.py",
+            [f"{LIB}/data.py", *CORE],
             ["pretrain", "model", "train"],
             **_run_outs(L.pretrain, extra=[L.pretrain_data]),
         )

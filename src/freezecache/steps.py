@@ -162,28 +162,48 @@ def pretrain(cfg: Config) -> None:
     layout = Layout(cfg.paths)
     d = p.data
     data.prepare(
-        d.name, os.path.expanduser(d.root) if d.root else None, Path(layout.pretrain_data),
-        img_size=d.img_size, channels=d.channels, train_size=d.train_size,
-        test_size=d.test_size, seed=d.seed, download=d.download,
+        d.name,
+        os.path.expanduser(d.root) if d.root else None,
+        Path(layout.pretrain_data),
+        img_size=d.img_size,
+        channels=d.channels,
+        train_size=d.train_size,
+        test_size=d.test_size,
+        seed=d.seed,
+        download=d.download,
     )
-    pcfg = cfg.model_copy(update={
-        "pretrain": None,
-        "model": cfg.model.model_copy(update={"checkpoint": None}),
-        "train": cfg.train.model_copy(update={"epochs": p.epochs, "lr": p.lr}),
-    })
+    pcfg = cfg.model_copy(
+        update={
+            "pretrain": None,
+            "model": cfg.model.model_copy(update={"checkpoint": None}),
+            "train": cfg.train.model_copy(update={"epochs": p.epochs, "lr": p.lr}),
+        }
+    )
     seed = cfg.seeds[0]
     ctx = Context(pcfg, seed, prepared=layout.pretrain_data)
     model = ctx.new_model()
     trainer = ctx.trainer(model, "pretrain", None, Path(layout.pretrain_data) / "train.npz")
     t0 = time.perf_counter()
     trainer.fit(
-        state="full", position=0, start=0, end=p.epochs, total_epochs=p.epochs,
-        batches=ctx.image_batches, forward=model, steps_per_epoch=ctx.image_steps,
+        state="full",
+        position=0,
+        start=0,
+        end=p.epochs,
+        total_epochs=p.epochs,
+        batches=ctx.image_batches,
+        forward=model,
+        steps_per_epoch=ctx.image_steps,
         evaluate=lambda: ctx.evaluate(model),
     )
     out = Path(layout.pretrain)
-    costs = record_costs(ctx, model, [("full", 0, p.epochs)], out,
-                         wall_s=time.perf_counter() - t0, history=trainer.state.history)
+    costs = record_costs(
+        ctx,
+        model,
+        [("full", 0, p.epochs)],
+        out,
+        wall_s=time.perf_counter() - t0,
+        history=trainer.state.history,
+    )
     write_run(out, trainer.state, costs)
     clear_checkpoint(ctx, "pretrain")
 

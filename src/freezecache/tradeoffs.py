@@ -67,8 +67,11 @@ def _base_model(cfg: Config, meta: dict, weights: Path | None, device: torch.dev
     """The params' model with trained weights when given (realistic activations), else fresh."""
     torch.manual_seed(runtime.derive_seed(cfg.seeds[0], "init"))
     model = create_model(
-        cfg.model.name, num_classes=meta["num_classes"], in_chans=meta["channels"],
-        img_size=meta["img_size"], **cfg.model.kwargs,
+        cfg.model.name,
+        num_classes=meta["num_classes"],
+        in_chans=meta["channels"],
+        img_size=meta["img_size"],
+        **cfg.model.kwargs,
     )
     if weights is not None:
         model.load_state_dict(RunState.load(weights).model)
@@ -85,24 +88,40 @@ def _cached_features(model: BlockModel, position: int, x: Tensor) -> Tensor:
 
 
 def _make_variant(
-    base: BlockModel, cfg: Config, key: tuple[str, bool, str], batch: tuple[Tensor, Tensor],
-    position: int, device: torch.device,
+    base: BlockModel,
+    cfg: Config,
+    key: tuple[str, bool, str],
+    batch: tuple[Tensor, Tensor],
+    position: int,
+    device: torch.device,
 ) -> _Variant:
     """A configuration on its own copy of ``base``; ``batch`` is images or cached features."""
     precision, checkpointing, part = key
     model = copy.deepcopy(base)
-    train_cfg = cfg.train.model_copy(update={
-        "precision": precision, "grad_checkpointing": CHECKPOINT_EVERY if checkpointing else 0,
-        "micro_batch": None, "clip_grad_norm": None,
-    })
+    train_cfg = cfg.train.model_copy(
+        update={
+            "precision": precision,
+            "grad_checkpointing": CHECKPOINT_EVERY if checkpointing else 0,
+            "micro_batch": None,
+            "clip_grad_norm": None,
+        }
+    )
     trainer = Trainer(model, train_cfg, seed=cfg.seeds[0], device=device)
     set_frozen(model, position if part == "suffix" else 0)
     forward = split(model, position)[1] if part == "suffix" else model
     model.train()
     x, y = batch
     # Own copies, so each configuration's CUDA peak counts its own input batch.
-    return _Variant(precision, checkpointing, part, trainer, trainer.make_optimizer(), forward,
-                   x.clone(), y.clone())
+    return _Variant(
+        precision,
+        checkpointing,
+        part,
+        trainer,
+        trainer.make_optimizer(),
+        forward,
+        x.clone(),
+        y.clone(),
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -138,7 +157,10 @@ def _accounted(conf: _Variant, device: torch.device) -> dict[str, float]:
 
 
 def _build_all(
-    cfg: Config, base: BlockModel, batches: dict[str, tuple[Tensor, Tensor]], position: int,
+    cfg: Config,
+    base: BlockModel,
+    batches: dict[str, tuple[Tensor, Tensor]],
+    position: int,
     device: torch.device,
 ) -> list[_Variant]:
     """Every configuration; on CUDA each gets the allocator's peak over a steady-state step.
@@ -151,8 +173,9 @@ def _build_all(
         for precision in PRECISIONS:
             for checkpointing in (False, True):
                 allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-                conf = _make_variant(base, cfg, (precision, checkpointing, part), batches[part],
-                                    position, device)
+                conf = _make_variant(
+                    base, cfg, (precision, checkpointing, part), batches[part], position, device
+                )
                 if device.type == "cuda":
                     conf.step()  # the optimizer's momentum exists from the second step on
                     with profiling.CudaPeak(device) as peak:
