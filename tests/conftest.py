@@ -66,7 +66,10 @@ def project_copy(dest: Path) -> Path:
         .stdout.decode()
         .split("\0")
     )
+    generated = ("runs/", "results/", "data/", "dvc.lock")  # outputs of a local run
     for rel in filter(None, files):
+        if rel.startswith(generated):
+            continue
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
