@@ -124,14 +124,15 @@ def ensure_data(params: Path = typer.Option(Path("params.yaml"))) -> None:
 @app.command()
 def readme(
     report: Path = typer.Option(Path("results/report.md")),
+    bench: Path = typer.Option(Path("results/bench.md")),
     target: Path = typer.Option(Path("README.md")),
 ) -> None:
-    """Regenerate the README's results section from results/report.md."""
+    """Regenerate the README's results and benchmark sections from results/*.md."""
     from freezecache.report import update_readme
 
     with stage(check_pipeline=False):
-        update_readme(report, target)
-        print(f"{target}: results section updated from {report}")
+        update_readme({"results": report, "bench": bench}, target)
+        print(f"{target}: sections updated from {report} and {bench}")
 
 
 if __name__ == "__main__":
