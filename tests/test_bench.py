@@ -87,6 +87,7 @@ def test_bench_json_has_every_measurement(bench_out):
     epochs = res["p1_p2"]["epochs"]
     assert set(epochs) == {"cache zfp", "cache quant", "ram", "full"}
     assert all(e["min_s"] > 0 for e in epochs.values())
+    assert all(e["other_cores"] is None or e["other_cores"] >= 0 for e in epochs.values())
     assert 0 < res["p1_p2"]["suffix_vs_full_flops"] < 1
     assert set(res["p1_p2"]["p1_by_codec"]) == {"zfp", "quant"}
     goals = {(g["metric"], g["codec"]) for g in res["goals"]}

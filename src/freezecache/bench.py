@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # 2), as issue 6 quotes it. P4's goal is ten times this.
 PAPER_BUILD_MB_S = 35.0
 MB = 1e6
+# Other processes using more than this many cores during a timed epoch make its time unreliable.
+NOISY_CORES = 0.25
 
 
 _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
@@ -106,6 +108,64 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _cpu_jiffies(pid: int | str) -> int:
+    """User + system clock ticks of one process (Linux /proc), 0 when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _own_jiffies() -> int:
+    """Ticks of this process and its live children (DataLoader workers)."""
+    me = os.getpid()
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == me:
+                children.append(entry.name)
+    return _cpu_jiffies(me) + sum(_cpu_jiffies(pid) for pid in children)
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) ticks of all CPUs since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+class OtherLoad:
+    """Cores used by other processes while a block runs: 0 on a quiet machine.
+
+    Timed epochs on a shared CPU slow down several-fold when other work runs (torch's threads
+    wait for each other), so the benchmark reports this next to its timings. ``cores`` stays
+    None where /proc is missing (not Linux).
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+        self._start: tuple[int, int, int] | None = None
+
+    def __enter__(self) -> OtherLoad:
+        if Path("/proc/stat").is_file():
+            self._start = (*_machine_jiffies(), _own_jiffies())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._start is None:
+            return
+        busy, total, own = (*_machine_jiffies(), _own_jiffies())
+        d_busy, d_total = busy - self._start[0], total - self._start[1]
+        others = max(0, d_busy - (own - self._start[2]))
+        self.cores = (os.cpu_count() or 1) * others / d_total if d_total else 0.0
 
 
 # -- activations -----------------------------------------------------------------------------
@@ -301,7 +361,12 @@ def summary(rows: list[dict]) -> dict:
     least, every repeat, and the data-wait fraction of the fastest epoch."""
     times = [r["epoch_time_s"] for r in rows]
     best = rows[times.index(min(times))]
-    return {"min_s": min(times), "all_s": times, "data_wait_frac": best["data_wait_frac"]}
+    return {
+        "min_s": min(times),
+        "all_s": times,
+        "data_wait_frac": best["data_wait_frac"],
+        "other_cores": best.get("other_cores"),
+    }
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -403,15 +468,16 @@ def to_markdown(res: dict) -> str:
         "### Epoch times (P1, P2)",
         "",
         *_table(
-            ["epoch", "min s", "all s", "data wait"],
-            [[name, e["min_s"], ", ".join(f"{v:.2f}" for v in e["all_s"]), e["data_wait_frac"]]
-             for name, e in t["epochs"].items()],
+            ["epoch", "min s", "all s", "data wait", "other processes (cores)"],
+            [[name, e["min_s"], ", ".join(f"{v:.2f}" for v in e["all_s"]), e["data_wait_frac"],
+              e["other_cores"]] for name, e in t["epochs"].items()],
         ),
         "",
         f"Suffix / full epoch time {_fmt(t['suffix_vs_full_time'])} (`{s['codec']}` cache); "
         f"suffix / full training FLOPs {_fmt(t['suffix_vs_full_flops'])}. Loader workers "
         f"{t['loader_workers']}; quant decoded on the device: {t['device_decode_quant']}. "
-        "Data wait = share of the epoch spent waiting for the next augmented batch.",
+        "Data wait = share of the epoch spent waiting for the next augmented batch; other "
+        "processes = CPU cores other work used during the fastest epoch (0 on a quiet machine).",
         "",
         f"### Codecs (point 1, {s['codec_samples']} samples, one thread)",
         "",
@@ -425,6 +491,13 @@ def to_markdown(res: dict) -> str:
         "Unpack = the loader's share of quant decoding when the device dequantizes.",
         "",
     ]  # fmt: skip
+    busy = [e["other_cores"] for e in t["epochs"].values() if e["other_cores"] is not None]
+    if busy and max(busy) > NOISY_CORES:
+        lines += [
+            f"**Noisy machine:** other processes used up to {max(busy):.2f} cores during the "
+            "fastest timed epochs; P1 and P2 are unreliable, rerun on a quiet machine.",
+            "",
+        ]
     if res.get("codec_comparison"):
         lines += [comparison_text(res["codec_comparison"]), ""]
     return "\n".join(lines)
