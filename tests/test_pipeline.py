@@ -119,6 +119,8 @@ def test_smoke_pipeline_in_a_fresh_git_repo(tmp_path):
 
     again = run(["dvc", "repro"], repo).stdout
     assert "Running stage" not in again
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    assert (tmp_path / "plots/index.html").is_file()
 
     _set(repo, "cache.tolerance", 0.05)
     stale = _status_stages(repo)

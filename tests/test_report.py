@@ -24,6 +24,25 @@ MEM = {
 }
 
 
+def _states(method: str, low: float) -> list[dict]:
+    """Smoke schedule: 3 epochs, points at epochs 1 and 2."""
+    if method == "normal":
+        return [
+            {
+                "state": "full",
+                "position": 0,
+                "epochs": 3,
+                "accounted_memory_mb": low,
+                "cuda_peak_mb": None,
+            }
+        ]
+    kind = "freeze" if method == "freezeout" else "discard"
+    return [
+        {"state": s, "position": p, "epochs": 1, "accounted_memory_mb": mb, "cuda_peak_mb": None}
+        for s, p, mb in (("full", 0, 100.0), (kind, 2, 50.0), (kind, 5, low))
+    ]
+
+
 def _fixture(tmp_path):
     raw = load_profile("smoke")
     raw["paths"] = {k: str(tmp_path / k) for k in raw["paths"]}
@@ -36,7 +55,12 @@ def _fixture(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / METRICS).write_text(json.dumps({"test_acc": ACC[m][i], "wall_time_s": 10.0}))
             avg, low = MEM[m]
-            costs = {"avg_memory_mb": avg, "min_memory_mb": low, "train_flops": 1e12 * avg / 100}
+            costs = {
+                "avg_memory_mb": avg,
+                "min_memory_mb": low,
+                "train_flops": 1e12 * avg / 100,
+                "states": _states(m, low),
+            }
             (folder / COSTS).write_text(json.dumps(costs))
         for v in cfg.discard_methods:
             for k in (1, 2):
@@ -78,6 +102,14 @@ def test_report_json_shape_and_statistics(tmp_path):
             assert key in r, (m, key)
     assert report["methods"]["discard"]["wall_time_s"] == pytest.approx(10.0 + 2 * 2.0)
     assert len(report["cache"]) == 4
+    memory = (tmp_path / "results/memory.csv").read_text().splitlines()
+    assert memory == [
+        "epoch,normal,freezeout,discard,discard_aug",
+        "1,100.0,100.0,100.0,100.0",
+        "2,100.0,50.0,50.0,50.0",
+        "3,100.0,40.0,20.0,20.0",
+    ]
+    assert (tmp_path / "results/cache.csv").read_text().startswith("method,point,tolerance,")
     for key in (
         "point",
         "tolerance",

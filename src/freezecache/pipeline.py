@@ -187,6 +187,10 @@ def render(cfg: Config) -> dict:
         ["methods", "seeds", "freeze.points", "cache.tolerance"],
         outs=[{f"{L.results}/report.md": {"cache": False}}],
         metrics=[{f"{L.results}/report.json": {"cache": False}}],
+        plots=[
+            {f"{L.results}/memory.csv": {"cache": False}},
+            {f"{L.results}/cache.csv": {"cache": False}},
+        ],
     )
     seed0 = cfg.seeds[0]
     plots = [
@@ -197,7 +201,23 @@ def render(cfg: Config) -> dict:
                 "y_label": "test accuracy",
                 "y": {f"{_history(L, seed0, m, n)}": "test_acc" for m in cfg.methods},
             },
-        }
+        },
+        {
+            "memory_per_freezing_state": {
+                "template": "linear",
+                "x": "epoch",
+                "y_label": "accounted memory (MB)",
+                "y": {f"{L.results}/memory.csv": list(cfg.methods)},
+            },
+        },
+        {
+            # one point per freeze point; `dvc plots diff` over a tolerance sweep overlays them
+            "compression_vs_tolerance": {
+                "template": "scatter",
+                "x": "tolerance",
+                "y": {f"{L.results}/cache.csv": "compression_ratio"},
+            },
+        },
     ]
     return {"stages": stages, "plots": plots}
 

@@ -54,6 +54,13 @@ def collect(cfg: Config) -> dict:
             "cuda_min_memory_mb": costs.get("cuda_min_memory_mb"),
             "train_flops": costs["train_flops"],
             "wall_time_s": statistics.fmean(wall),
+            "states": [
+                {
+                    k: s[k]
+                    for k in ("state", "position", "epochs", "accounted_memory_mb", "cuda_peak_mb")
+                }
+                for s in costs.get("states", [])
+            ],
         }
     cache = []
     for v in cfg.discard_methods:
@@ -151,10 +158,37 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _csv(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return (
+        "\n".join([",".join(keys), *(",".join(str(r.get(k, "")) for k in keys) for r in rows)])
+        + "\n"
+    )
+
+
+def memory_timeline(report: dict) -> list[dict]:
+    """Accounted memory of every method at each epoch, by the freezing state it is in."""
+    rows: dict[int, dict] = {}
+    for m, r in report["methods"].items():
+        epoch = 0
+        for s in r.get("states", []):
+            for _ in range(s["epochs"]):
+                epoch += 1
+                rows.setdefault(epoch, {"epoch": epoch})[m] = round(s["accounted_memory_mb"], 3)
+    return [rows[e] for e in sorted(rows)]
+
+
 def write_report(cfg: Config) -> dict:
+    """report.json/.md plus the CSVs behind the memory and compression plots."""
     report = collect(cfg)
     out = Path(Layout(cfg.paths).results)
     atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "memory.csv", _csv(memory_timeline(report)))
+    points = [
+        {k: c[k] for k in ("method", "point", "tolerance", "compression_ratio", "max_abs_error")}
+        for c in report["cache"]
+    ]
+    atomic_write_text(out / "cache.csv", _csv(points))
     text = render_markdown(report)
     extra = out / "tradeoffs.md"
     if extra.is_file():
