@@ -174,6 +174,7 @@ def open_loaders(ctx: steps.Context, files: dict[str, Path], x: np.ndarray, labe
             workers=cfg.cache.loader_workers,
             device_decode=cfg.cache.device_decode and name == "quant",
             pin_memory=ctx.device.type == "cuda",
+            in_memory=cfg.cache.in_memory,
         )
         loaders[name] = (loader, info)
     return loaders

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from freezecache.codec import QuantCodec, dequantize, make_codec
+from freezecache.codec import QuantCodec, byte_planes, dequantize, join_planes, make_codec
 from freezecache.errors import FreezecacheError
 
 TOLERANCES = (1e-1, 1e-2, 1e-3)
@@ -138,14 +138,48 @@ def test_zfp_layout_per_chunk_size():
         codec.encode(np.zeros((2, 2, 2, 2, 2), np.float32))
 
 
-@pytest.mark.parametrize(("span", "width"), [(100.0, 1), (2_000.0, 2), (100_000.0, 4)])
+@pytest.mark.parametrize(("span", "width"), [(100.0, 1), (2_000.0, 2), (100_000.0, 3)])
 def test_quant_picks_the_narrowest_code_width(span, width):
     codec = make_codec("quant", 0.5)  # step 0.9375: span / step codes
     x = np.linspace(0, span, 64, dtype=np.float32).reshape(1, 1, 8, 8)
     blob = codec.encode(x)
-    q, _ = codec.unpack(blob, x.shape)
-    assert q.itemsize == width == codec.code_bytes(blob)
-    assert q.max() == round(span / codec.step)
+    planes, _ = codec.unpack(blob, x.shape)
+    assert planes.dtype == np.uint8 and planes.shape == (width, 64)
+    assert codec.code_bytes(blob) == width
+    assert int(join_planes(torch.from_numpy(planes.copy())[None]).max()) == round(span / codec.step)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_byte_planes_round_trip(width):
+    g = torch.Generator().manual_seed(width)
+    q = torch.randint(0, 2 ** (8 * width), (3, 2, 5, 7), generator=g).float()
+    planes = byte_planes(q, width)
+    assert planes.dtype == torch.uint8 and planes.shape == (3, width, 70)
+    assert torch.equal(join_planes(planes), q.reshape(3, -1).to(torch.int32))
+    # Plane 0 holds the low bytes.
+    assert torch.equal(planes[:, 0].to(torch.int32), q.reshape(3, -1).to(torch.int32) % 256)
+
+
+def test_quantize_many_chunks_equals_one_by_one():
+    codec = make_codec("quant", 1e-2)
+    x = relu_maps(6, c=4, hw=8)
+    x[3] *= 40.0  # one chunk needs two-byte codes
+    group = codec.quantize(x.reshape(3, 2, 4, 8, 8))
+    assert group.widths == [1, 2, 1]
+    for i in range(3):
+        alone = codec.encode(x[2 * i : 2 * i + 2])
+        assert codec.compress(group.payloads[i]) == alone
+        assert group.errors[i] <= 1e-2
+
+
+def test_quant_byte_planes_compress_two_byte_codes_better():
+    # Two-byte codes whose high byte is nearly constant: planes put it in one zstd run.
+    codec = make_codec("quant", 1e-2)
+    x = relu_maps(1, c=16, hw=16) * 4.0
+    planes, lo = codec.unpack(codec.encode(x), x.shape)
+    assert planes.shape[0] == 2
+    interleaved = np.ascontiguousarray(planes.T).tobytes()
+    assert len(codec.encode(x)) < len(codec.compress(lo.tobytes() + interleaved))
 
 
 def test_quant_lo_is_per_chunk_and_channel():
@@ -188,11 +222,13 @@ def _torch_matches_numpy(device: str) -> None:
     codec = make_codec("quant", 1e-3)
     x = normal_data((3, 4, 8, 8)) * 5 + 2
     blob = codec.encode(x)
-    q, lo = codec.unpack(blob, x.shape)
+    planes, lo = codec.unpack(blob, x.shape)  # one chunk of 3 samples: lo shared
+    per_sample = torch.from_numpy(planes.reshape(planes.shape[0], 3, -1).transpose(1, 0, 2).copy())
     got = dequantize(
-        torch.from_numpy(q.astype(np.int32)).to(device),
+        per_sample.to(device),
         torch.from_numpy(lo.copy()).to(device),
         codec.step,
+        x.shape[1:],
     )
     assert got.dtype == torch.float32
     assert torch.equal(got.cpu(), torch.from_numpy(codec.decode(blob, x.shape)))

@@ -208,18 +208,45 @@ def test_device_decode_matches_cpu_decode(cache):
     assert torch.equal(store.finish_batch(plain, info, "cpu")["x"], plain["x"])
 
 
-def test_device_decode_promotes_wide_codes(tmp_path):
-    x = activations(4) * 100  # tolerance 1e-3 over a range of ~300: uint32 codes
+def test_device_decode_pads_chunks_to_the_widest_code(tmp_path):
+    x = activations(4) * 100  # tolerance 1e-3 over a range of ~300: three-byte codes
+    x[:2] /= 1000  # the first chunk needs one byte
     path = tmp_path / "c.h5"
     write(path, x, chunk_size=2, tol=1e-3)
     info = store.open_cache(path)
-    assert info.stats["max_code_bytes"] > 1
+    assert info.stats["max_code_bytes"] == 3
     batch = store.collate_chunks(
         [store.CacheDataset(path, info, device_decode=True)[i] for i in range(2)]
     )
-    assert batch["x"].dtype == torch.int32
+    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (4, 3, math.prod(SHAPE))
+    assert not batch["x"][:2, 1:].any()  # the narrow chunk's missing planes are zero
     x_dec = store.finish_batch(batch, info, "cpu")["x"]
     assert (x_dec - torch.from_numpy(x)).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("codec", ["quant", "zfp"])
+def test_in_memory_loader_gives_the_same_batches(tmp_path, codec):
+    x = activations(10)
+    path = tmp_path / "c.h5"
+    write(path, x, codec=codec, extra=activations(10, (2, 6, 6), seed=1), extra_index=[0, 3])
+    info = store.open_cache(path)
+    runs = []
+    for in_memory in (False, True):
+        loader = store.make_loader(path, info, batch_size=6, seed=5, workers=0, in_memory=in_memory)
+        loader.sampler.set_epoch(1)
+        runs.append(list(loader))
+    for a, b in zip(*runs, strict=True):
+        assert a.keys() == b.keys() and "extra" in a
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fits_in_memory_compares_stored_bytes(cache, monkeypatch):
+    info = store.open_cache(cache[0])
+    stored = info.stats["stored_bytes"]
+    monkeypatch.setattr(store, "_available_bytes", lambda: 4 * stored + 4)
+    assert store.fits_in_memory(info)
+    monkeypatch.setattr(store, "_available_bytes", lambda: 4 * stored - 4)
+    assert not store.fits_in_memory(info)
 
 
 def test_device_decode_needs_quant(tmp_path):
@@ -308,7 +335,8 @@ def test_broken_bound_is_refused(tmp_path):
 def test_corrupt_blob_is_caught_by_crc(cache):
     path, _ = cache
     with h5py.File(path, "r") as f:
-        blob = f["x"][1].tobytes()
+        start, stop = f["x_offsets"][1:3]
+        blob = f["x"][start:stop].tobytes()
     raw = bytearray(path.read_bytes())
     at = raw.find(blob)
     assert at > 0 and raw.find(blob, at + 1) == -1
@@ -318,6 +346,8 @@ def test_corrupt_blob_is_caught_by_crc(cache):
     dataset[0]  # other chunks still read
     with pytest.raises(FreezecacheError, match=r"chunk 1 of 'x' is corrupt \(crc mismatch\)"):
         dataset[1]
+    with pytest.raises(FreezecacheError, match=r"chunk 1 of 'x' is corrupt"):
+        store.CacheDataset(path, store.open_cache(path), in_memory=True)
 
 
 def test_truncated_file_is_refused(cache):

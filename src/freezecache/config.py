@@ -103,6 +103,7 @@ class Cache(Section):
     encode_workers: PosInt = 2
     loader_workers: NonNegInt = 1
     device_decode: bool = True
+    in_memory: bool | Literal["auto"] = "auto"  # hold the compressed cache in host memory
 
     def tolerance_at(self, point: int) -> float:
         """Tolerance of freeze point `point` (1-based): one number for all, or one per point."""

@@ -142,13 +142,14 @@ def render(cfg: Config) -> dict:
                 stages[f"train_suffix_{v}_s{s}_p{k}"] = _stage(
                     f"python stages/train_suffix.py {args}",
                     "train_suffix.py",
-                    [start, L.cache_file(s, v, k), f"{LIB}/store.py", *CORE],
+                    [start, L.cache_file(s, v, k), f"{LIB}/store.py", f"{LIB}/codec.py", *CORE],
                     [
                         *train_keys,
                         "freeze.points",
                         *AUG_KEYS[mode],
                         "cache.loader_workers",
                         "cache.device_decode",
+                        "cache.in_memory",
                     ],
                     **_run_outs(L.suffix(s, v, k)),
                 )

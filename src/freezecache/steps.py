@@ -554,6 +554,7 @@ def train_suffix(cfg: Config, seed: int, variant: str, point: int) -> None:
         workers=cfg.cache.loader_workers,
         device_decode=cfg.cache.device_decode and cfg.cache.codec == "quant",
         pin_memory=ctx.device.type == "cuda",
+        in_memory=cfg.cache.in_memory,
     )
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:

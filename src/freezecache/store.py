@@ -1,27 +1,32 @@
 """The activation cache: one HDF5 file holding a frozen prefix's outputs for a whole data set.
 
-File layout (``format_version`` 1)::
+File layout (``format_version`` 2)::
 
-    x          vlen uint8 (num_chunks,)    one codec blob per chunk of k = chunk_size samples;
-                                           chunk i holds samples [i*k, min((i+1)*k, num_samples))
-    crc        uint32 (num_chunks,)        zlib.crc32 of each x blob
-    y          int64 (num_samples,)        labels in data-set order
-    extra      vlen uint8 (num_chunks,)    optional: codec blob of the chunk's augmentation data,
-                                           (k, *extra_shape), e.g. stored flipped channels
-                                           (k, m, H, W) or replacement tokens (k, m, D)
-    extra_crc  uint32 (num_chunks,)        optional: zlib.crc32 of each extra blob
-    extra_pos  int64 (num_samples, m)      optional: token positions of the extra tokens
+    x            uint8 (total bytes,)        the codec blobs of all chunks, back to back; chunk i
+                                             holds samples [i*k, min((i+1)*k, num_samples))
+    x_offsets    int64 (num_chunks + 1,)     blob i is x[x_offsets[i]:x_offsets[i + 1]]
+    crc          uint32 (num_chunks,)        zlib.crc32 of each x blob
+    y            int64 (num_samples,)        labels in data-set order
+    extra        uint8, extra_offsets,       optional: codec blobs of the chunks' augmentation
+    extra_crc                                data (k, *extra_shape), e.g. stored flipped channels
+                                             (k, m, H, W) or replacement tokens (k, m, D)
+    extra_pos    int64 (num_samples, m)      optional: token positions of the extra tokens
 
     root attrs: format_version, codec, codec_options (json), tolerance, chunk_size,
                 num_samples, num_chunks, sample_shape, extra_shape ([] if none),
                 extra_index (CNN channel indices shared by all samples, or []),
                 prefix_hash, meta (json, the caller's), stats (json, below), complete = 1
 
+One flat byte array plus offsets, not a variable-length HDF5 dataset: h5py spends about 0.3 ms
+per variable-length element, more than decoding a sample, while a flat slice is one memcpy, and
+a whole cache can be read into memory in one call (:class:`CacheDataset` ``in_memory``).
+
 stats: ``raw_bytes`` (float32 size of x and extra), ``stored_bytes`` (their blobs),
 ``compression_ratio`` = stored / raw, ``x_compression_ratio`` (x alone), ``extra_stored_bytes``,
-``max_abs_error`` / ``extra_max_abs_error`` (measured by decoding every blob; None without
-verify), ``encode_s`` (encode + verify seconds summed over threads), ``encode_mb_s`` (raw MB per
-such second, i.e. per thread), ``max_code_bytes`` (widest quant code; 0 for other codecs).
+``max_abs_error`` / ``extra_max_abs_error`` (zfp and none: measured by decoding every blob;
+quant: the largest per-chunk bound, proved or measured, see :meth:`QuantCodec.quantize`; None
+without verify), ``encode_s`` (encode + verify seconds summed over threads), ``encode_mb_s`` (raw
+MB per such second), ``max_code_bytes`` (widest quant code; 0 for other codecs).
 
 A writer builds the file under ``path.with_suffix(".tmp")`` and renames it into place only
 after a clean close, so a file at ``path`` with ``complete = 1`` is always whole.
@@ -46,25 +51,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from freezecache.codec import Codec, QuantCodec, dequantize, make_codec
+from freezecache.codec import Codec, QuantCodec, Quantized, dequantize, make_codec
 from freezecache.errors import FreezecacheError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-_BLOB = h5py.vlen_dtype(np.uint8)
+FORMAT_VERSION = 2
 _WRITE_BATCH = 64  # chunks per HDF5 write
-
-
-def _write_blobs(ds: h5py.Dataset, first: int, blobs: list[bytes]) -> None:
-    """Write ``blobs`` to rows first, first+1, ... of a vlen dataset in one call.
-
-    write_direct, because ``ds[a:b] = rows`` turns equal-length rows into a 2-D array and fails.
-    """
-    rows = np.empty(len(blobs), dtype=_BLOB)
-    for j, blob in enumerate(blobs):
-        rows[j] = np.frombuffer(blob, np.uint8)
-    ds.write_direct(rows, dest_sel=np.s_[first : first + len(blobs)])
+_TASK_CHUNKS = 32  # chunks per encoder-thread task
+_BYTES_CHUNK = 1 << 18  # HDF5 chunk of the flat byte datasets
 
 
 def _rerun_hint(stage: str | None) -> str:
@@ -76,7 +71,7 @@ def _rerun_hint(stage: str | None) -> str:
 
 @dataclass(frozen=True)
 class _Encoded:
-    """One chunk after encoding (and verification) in a worker thread."""
+    """One chunk after encoding (and verification)."""
 
     index: int
     blob: bytes
@@ -106,10 +101,39 @@ def _encode_chunk(
         extra_blob = codec.encode(extra)
         if verify:
             extra_error = _max_error(extra, codec.decode(extra_blob, extra.shape))
-    code_bytes = codec.code_bytes(blob) if isinstance(codec, QuantCodec) else 0
-    return _Encoded(
-        index, blob, error, extra_blob, extra_error, time.perf_counter() - start, code_bytes
-    )
+    return _Encoded(index, blob, error, extra_blob, extra_error, time.perf_counter() - start, 0)
+
+
+def _encode_group(
+    codec: Codec, first: int, xs: np.ndarray, extras: np.ndarray | None, verify: bool
+) -> list[_Encoded]:
+    """Encode chunks ``xs`` (m, k, ...) one by one (zfp, none): the thread-pool task."""
+    return [
+        _encode_chunk(codec, first + j, xs[j], None if extras is None else extras[j], verify)
+        for j in range(len(xs))
+    ]
+
+
+def _compress_group(
+    codec: QuantCodec, first: int, x: Quantized, extra: Quantized | None, quant_s: float
+) -> list[_Encoded]:
+    """zstd stage of quant chunks already quantised by the caller: the thread-pool task."""
+    start = time.perf_counter()
+    blobs = [codec.compress(p) for p in x.payloads]
+    extra_blobs = [codec.compress(p) for p in extra.payloads] if extra else [None] * len(blobs)
+    seconds = (time.perf_counter() - start + quant_s) / len(blobs)
+    return [
+        _Encoded(
+            first + j,
+            blob,
+            x.errors[j],
+            extra_blobs[j],
+            extra.errors[j] if extra else 0.0,
+            seconds,
+            x.widths[j],
+        )
+        for j, blob in enumerate(blobs)
+    ]
 
 
 class CacheWriter:
@@ -155,7 +179,9 @@ class CacheWriter:
         self._received = 0
         self._next_chunk = 0
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self._in_flight: deque[Future[_Encoded]] = deque()
+        self._in_flight: deque[Future[list[_Encoded]]] = deque()
+        self._offsets: dict[str, list[int]] = {"x": [0], "extra": [0]}
+        self._crcs: dict[str, list[int]] = {"x": [], "extra": []}
         self._ready: list[_Encoded] = []
         self._max_in_flight = 2 * max(workers, 1)
         self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
@@ -174,12 +200,9 @@ class CacheWriter:
         """Open the temp file and lay out the fixed-size datasets."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(self.tmp_path, "w")
-        f.create_dataset("x", (self.num_chunks,), dtype=_BLOB)
-        f.create_dataset("crc", (self.num_chunks,), dtype=np.uint32)
         f.create_dataset("y", (self.num_samples,), dtype=np.int64)
-        if self.extra_shape is not None:
-            f.create_dataset("extra", (self.num_chunks,), dtype=_BLOB)
-            f.create_dataset("extra_crc", (self.num_chunks,), dtype=np.uint32)
+        for name in ("x", "extra") if self.extra_shape is not None else ("x",):
+            f.create_dataset(name, (0,), maxshape=(None,), chunks=(_BYTES_CHUNK,), dtype=np.uint8)
         return f
 
     @property
@@ -259,50 +282,90 @@ class CacheWriter:
         if self.extra_shape is not None:
             extras = np.concatenate([e for _, e in self._pending])  # (available, *extra_shape)
         k = self.chunk_size
-        full = available if final else available - available % k
-        for lo in range(0, full, k):
-            chunk_extra = None if extras is None else extras[lo : lo + k]
-            self._submit(xs[lo : lo + k], chunk_extra)
+        full = available - available % k
+        if full:
+            m = full // k
+            group_extra = None if extras is None else extras[:full].reshape(m, k, *self.extra_shape)
+            self._submit(xs[:full].reshape(m, k, *self.sample_shape), group_extra)
+        if final and full < available:  # the short last chunk
+            self._submit(xs[None, full:], None if extras is None else extras[None, full:])
+            full = available
         rest_extra = None if extras is None else extras[full:].copy()
         self._pending = [(xs[full:].copy(), rest_extra)] if full < available else []
 
-    def _submit(self, x: np.ndarray, extra: np.ndarray | None) -> None:
-        """Queue one chunk for encoding; write finished chunks to keep memory bounded."""
-        args = (self.codec, self._next_chunk, x, extra, self.verify)
-        self._next_chunk += 1
-        if self._pool is None:
-            self._write(_encode_chunk(*args))
-            return
-        self._in_flight.append(self._pool.submit(_encode_chunk, *args))
-        while len(self._in_flight) >= self._max_in_flight:
-            self._write(self._in_flight.popleft().result())
+    def _submit(self, xs: np.ndarray, extras: np.ndarray | None) -> None:
+        """Queue equal chunks ``xs`` (m, k, ...) for encoding; keeps memory bounded.
 
-    def _write(self, enc: _Encoded) -> None:
-        """Take one encoded chunk (they arrive in order) and fold its numbers into the totals."""
-        self._ready.append(enc)
+        quant is quantised here, in torch on all cores, and only its zstd stage goes to the
+        thread pool, so that zstd overlaps the caller's next batch; other codecs encode chunk by
+        chunk in the pool.
+        """
+        first = self._next_chunk
+        self._next_chunk += len(xs)
+        if isinstance(self.codec, QuantCodec):
+            start = time.perf_counter()
+            quant_x = self.codec.quantize(xs)
+            quant_extra = None if extras is None else self.codec.quantize(extras)
+            per_chunk = (time.perf_counter() - start) / len(xs)
+            tasks = [
+                (_compress_group, self.codec, first + lo, quant_x[lo : lo + _TASK_CHUNKS],
+                 quant_extra[lo : lo + _TASK_CHUNKS] if quant_extra else None,
+                 per_chunk * len(quant_x[lo : lo + _TASK_CHUNKS].payloads))
+                for lo in range(0, len(xs), _TASK_CHUNKS)
+            ]  # fmt: skip
+        else:
+            tasks = [
+                (_encode_group, self.codec, first + lo, xs[lo : lo + _TASK_CHUNKS],
+                 None if extras is None else extras[lo : lo + _TASK_CHUNKS], self.verify)
+                for lo in range(0, len(xs), _TASK_CHUNKS)
+            ]  # fmt: skip
+        for task, *args in tasks:
+            if self._pool is None:
+                self._write(task(*args))
+                continue
+            self._in_flight.append(self._pool.submit(task, *args))
+            while len(self._in_flight) >= self._max_in_flight:
+                self._write(self._in_flight.popleft().result())
+
+    def _write(self, encoded: list[_Encoded]) -> None:
+        """Take encoded chunks (they arrive in order) and fold their numbers into the totals."""
         totals = self._totals
-        totals["stored"] += len(enc.blob)
-        totals["extra_stored"] += len(enc.extra_blob or b"")
-        totals["error"] = max(totals["error"], enc.error)
-        totals["extra_error"] = max(totals["extra_error"], enc.extra_error)
-        totals["seconds"] += enc.seconds
-        totals["code_bytes"] = max(totals["code_bytes"], enc.code_bytes)
+        for enc in encoded:
+            self._ready.append(enc)
+            totals["stored"] += len(enc.blob)
+            totals["extra_stored"] += len(enc.extra_blob or b"")
+            totals["error"] = max(totals["error"], enc.error)
+            totals["extra_error"] = max(totals["extra_error"], enc.extra_error)
+            totals["seconds"] += enc.seconds
+            totals["code_bytes"] = max(totals["code_bytes"], enc.code_bytes)
         if len(self._ready) >= _WRITE_BATCH:
             self._flush()
 
     def _flush(self) -> None:
-        """Write the ready chunks as one slice: h5py writes vlen rows far faster in bulk."""
+        """Append the ready chunks' blobs to the flat byte datasets in one write each."""
         if not self._ready:
             return
-        first = self._ready[0].index
-        rows = slice(first, first + len(self._ready))
-        _write_blobs(self._file["x"], first, [enc.blob for enc in self._ready])
-        self._file["crc"][rows] = [zlib.crc32(enc.blob) for enc in self._ready]
+        self._append("x", [enc.blob for enc in self._ready])
         if self.extra_shape is not None:
-            extras = [enc.extra_blob for enc in self._ready]
-            _write_blobs(self._file["extra"], first, extras)
-            self._file["extra_crc"][rows] = [zlib.crc32(blob) for blob in extras]
+            self._append("extra", [enc.extra_blob for enc in self._ready])
         self._ready.clear()
+
+    def _append(self, name: str, blobs: list[bytes]) -> None:
+        """Blobs onto the end of dataset ``name``; offsets and crcs are kept for close()."""
+        data = np.frombuffer(b"".join(blobs), np.uint8)
+        ds, start = self._file[name], self._offsets[name][-1]
+        ds.resize((start + len(data),))
+        ds[start:] = data
+        ends = start + np.cumsum([len(blob) for blob in blobs])
+        self._offsets[name].extend(int(e) for e in ends)
+        self._crcs[name].extend(zlib.crc32(blob) for blob in blobs)
+
+    def _write_index(self) -> None:
+        """Offsets and crcs of every blob, written once all blobs are in."""
+        prefixes = {"x": ""} if self.extra_shape is None else {"x": "", "extra": "extra_"}
+        for name, prefix in prefixes.items():
+            self._file[f"{name}_offsets"] = np.array(self._offsets[name], dtype=np.int64)
+            self._file[f"{prefix}crc"] = np.array(self._crcs[name], dtype=np.uint32)
 
     def close(self) -> dict:
         """Finish the last chunk, check counts and the error bound, then publish the file."""
@@ -314,6 +377,7 @@ class CacheWriter:
                 self._write(self._in_flight.popleft().result())
             self._flush()
             self._check_complete()
+            self._write_index()
             stats = self._stats()
             self._write_attrs(stats)
             self._file.close()
@@ -496,14 +560,20 @@ def _read_info(path: Path, f: h5py.File, hint: str) -> CacheInfo:
 
 def _check_counts(info: CacheInfo, f: h5py.File, hint: str) -> None:
     """Dataset lengths agree with num_samples, chunk_size and num_chunks."""
-    expected = {"x": info.num_chunks, "crc": info.num_chunks, "y": info.num_samples}
-    if info.extra_shape is not None:
-        expected.update(extra=info.num_chunks, extra_crc=info.num_chunks)
+    blobs = ("x", "extra") if info.extra_shape is not None else ("x",)
+    expected = {"y": info.num_samples}
+    for name in blobs:
+        prefix = "" if name == "x" else "extra_"
+        expected.update({f"{name}_offsets": info.num_chunks + 1, f"{prefix}crc": info.num_chunks})
     if info.has_extra_pos:
         expected["extra_pos"] = info.num_samples
     actual = {name: len(f[name]) if name in f else None for name in expected}
     chunks_ok = info.num_chunks == math.ceil(info.num_samples / max(info.chunk_size, 1))
-    if not chunks_ok or actual != expected:
+    ends_ok = all(
+        name in f and f"{name}_offsets" in f and f[f"{name}_offsets"][-1] == len(f[name])
+        for name in blobs
+    ) if actual == expected else False  # fmt: skip
+    if not chunks_ok or actual != expected or not ends_ok:
         raise FreezecacheError(
             f"cache {info.path} has inconsistent counts (num_samples {info.num_samples}, "
             f"chunk_size {info.chunk_size}, num_chunks {info.num_chunks}, datasets {actual}) — "
@@ -511,16 +581,30 @@ def _check_counts(info: CacheInfo, f: h5py.File, hint: str) -> None:
         )
 
 
+def _corrupt(path: Path, name: str, i: int) -> FreezecacheError:
+    """The error for a blob whose crc does not match."""
+    return FreezecacheError(
+        f"cache {path}: chunk {i} of '{name}' is corrupt (crc mismatch) — "
+        "rebuild the cache (`dvc repro`)"
+    )
+
+
 class CacheDataset(Dataset):
     """Item i is chunk i: ``x`` (k, *sample_shape) float32, ``y`` and ``index`` (k,) int64,
     plus ``extra`` / ``extra_pos`` when the cache has them.
 
-    With ``device_decode=True`` (quant only) ``x`` stays as integer codes, uint8 or int32 for
-    the whole cache so that batches stack, and ``x_lo`` (k, *lo_shape[1:]) rides along for
-    :func:`finish_batch` to dequantize on the training device.
+    With ``device_decode=True`` (quant only) ``x`` stays packed as uint8 byte planes
+    (k, width, numel), width the widest of the cache so that batches stack, and ``x_lo``
+    (k, *lo_shape[1:]) rides along for :func:`finish_batch` to dequantize on the training device.
+
+    With ``in_memory=True`` the compressed bytes of the whole cache are read once, every crc is
+    checked once, and an item is a slice of memory instead of an HDF5 read. The compressed cache
+    is what is held (a fraction of the float32 features), in host memory, never on the device.
     """
 
-    def __init__(self, path: Path, info: CacheInfo, *, device_decode: bool = False) -> None:
+    def __init__(
+        self, path: Path, info: CacheInfo, *, device_decode: bool = False, in_memory: bool = False
+    ) -> None:
         self.path = Path(path)
         self.info = info
         self.codec = info.codec()
@@ -530,52 +614,78 @@ class CacheDataset(Dataset):
                 f"{info.codec_name} — set device_decode false"
             )
         self.device_decode = device_decode
-        # Integer codes above uint8 go to int32: torch has little uint16/uint32 support, and
-        # the encoder keeps codes below 2^24.
-        self._code_dtype = np.uint8 if info.stats.get("max_code_bytes", 4) == 1 else np.int32
+        self._width = max(1, int(info.stats.get("max_code_bytes", 1)))
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._small: dict[str, np.ndarray] = {}
+        self._memory: dict[str, np.ndarray] | None = None
+        if in_memory:
+            self._memory = self._load_all()
 
     def __len__(self) -> int:
         return self.info.num_chunks
 
     def __getstate__(self) -> dict:
-        # An open h5py handle cannot cross a process boundary; each worker reopens.
+        # An open h5py handle cannot cross a process boundary; each worker reopens. The
+        # in-memory bytes travel (forked workers share their pages).
         return {**self.__dict__, "_file": None, "_pid": None, "_small": {}}
 
     def _h5(self) -> h5py.File:
         """The file, opened lazily once per process (never before DataLoader workers fork).
 
-        Labels, crcs and token positions are small: they are read into memory here once, so
-        that an item costs one blob read instead of several tiny HDF5 reads.
+        Labels, offsets, crcs and token positions are small: they are read into memory here
+        once, so that an item costs one slice read per blob.
         """
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
-            names = ("y", "crc", "extra_crc", "extra_pos")
+            names = ("y", "crc", "extra_crc", "extra_pos", "x_offsets", "extra_offsets")
             self._small = {name: self._file[name][()] for name in names if name in self._file}
         return self._file
 
-    def _blobs(self, name: str, ids: list[int]) -> list[bytes]:
-        """Blobs ``ids`` of dataset ``name``, crc-checked; one HDF5 read for the whole list."""
+    def _load_all(self) -> dict[str, np.ndarray]:
+        """Every blob byte of the cache, crc-checked once, then the file closed."""
+        f = self._h5()
+        names = ("x", "extra") if self.info.extra_shape is not None else ("x",)
+        memory = {name: f[name][()] for name in names}
+        for name, data in memory.items():
+            offsets, crcs = self._index(name)
+            view = memoryview(data)
+            for i in range(self.info.num_chunks):
+                if zlib.crc32(view[offsets[i] : offsets[i + 1]]) != int(crcs[i]):
+                    raise _corrupt(self.path, name, i)
+        f.close()
+        self._file = None
+        return memory
+
+    def _index(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets and crcs of dataset ``name``."""
+        crc = "extra_crc" if name == "extra" else "crc"
+        return self._small[f"{name}_offsets"], self._small[crc]
+
+    def _blobs(self, name: str, ids: list[int]) -> list[memoryview | bytes]:
+        """Blobs ``ids`` of dataset ``name``: memory slices, or crc-checked slice reads."""
+        if self._memory is not None:
+            offsets, _ = self._index(name)
+            view = memoryview(self._memory[name])
+            return [view[offsets[i] : offsets[i + 1]] for i in ids]
         ds = self._h5()[name]
-        order = sorted(set(ids))
-        # h5py reads a list of vlen elements much faster than one element at a time, but
-        # wants the list sorted and without repeats.
-        rows = [ds[order[0]]] if len(order) == 1 else list(ds[order])
-        by_id = dict(zip(order, (row.tobytes() for row in rows), strict=True))
-        crcs = self._small["extra_crc" if name == "extra" else "crc"]
-        for i in order:
-            if zlib.crc32(by_id[i]) != int(crcs[i]):
-                raise FreezecacheError(
-                    f"cache {self.path}: chunk {i} of '{name}' is corrupt (crc mismatch) — "
-                    "rebuild the cache (`dvc repro`)"
-                )
-        return [by_id[i] for i in ids]
+        offsets, crcs = self._index(name)
+        if ids == list(range(ids[0], ids[0] + len(ids))):  # in order (iter_cache): one read
+            data = ds[offsets[ids[0]] : offsets[ids[-1] + 1]].tobytes()
+            base = offsets[ids[0]]
+            blobs = [data[offsets[i] - base : offsets[i + 1] - base] for i in ids]
+        else:
+            blobs = [ds[offsets[i] : offsets[i + 1]].tobytes() for i in ids]
+        for i, blob in zip(ids, blobs, strict=True):
+            if zlib.crc32(blob) != int(crcs[i]):
+                raise _corrupt(self.path, name, i)
+        return blobs
 
     def read(self, ids: list[int]) -> list[tuple[int, bytes, bytes | None]]:
         """Raw (id, x blob, extra blob) for chunks ``ids``: the I/O half of an item."""
+        if self._memory is None:
+            self._h5()
         xs = self._blobs("x", ids)
         has_extra = self.info.extra_shape is not None
         extras = self._blobs("extra", ids) if has_extra else [None] * len(ids)
@@ -598,20 +708,22 @@ class CacheDataset(Dataset):
         return item
 
     def __getitems__(self, ids: list[int]) -> list[dict]:
-        # DataLoader calls this with a whole batch of chunk ids: one read per dataset.
+        # DataLoader calls this with a whole batch of chunk ids.
         return [self.build(*raw) for raw in self.read(list(ids))]
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
     def _decode_x(self, blob: bytes, shape: tuple[int, ...]) -> dict:
-        """Decoded ``x``, or integer codes plus per-sample ``x_lo`` when decoding on device."""
+        """Decoded ``x``, or byte planes plus per-sample ``x_lo`` when decoding on device."""
         if not self.device_decode:
             return {"x": torch.from_numpy(self.codec.decode(blob, shape))}
-        q, lo = self.codec.unpack(blob, shape)
-        x_lo = np.broadcast_to(lo, (shape[0], *lo.shape[1:])).copy()  # (k, C, 1, 1) / (k, 1, D)
-        codes = q.astype(self._code_dtype)  # a writable copy in the cache-wide dtype
-        return {"x": torch.from_numpy(codes), "x_lo": torch.from_numpy(x_lo)}
+        planes, lo = self.codec.unpack(blob, shape)  # (w, k * numel), lo (1, C, 1, 1) / (1, 1, D)
+        k, width = shape[0], planes.shape[0]
+        packed = np.zeros((k, self._width, planes.shape[1] // k), np.uint8)
+        packed[:, :width] = planes.reshape(width, k, -1).transpose(1, 0, 2)
+        x_lo = np.broadcast_to(lo, (k, *lo.shape[1:])).copy()  # (k, C, 1, 1) / (k, 1, D)
+        return {"x": torch.from_numpy(packed), "x_lo": torch.from_numpy(x_lo)}
 
 
 def collate_chunks(items: list[dict]) -> dict:
@@ -624,7 +736,7 @@ def finish_batch(batch: dict, info: CacheInfo, device: torch.device | str) -> di
     out = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     if "x_lo" in out:
         step = info.codec().step
-        out["x"] = dequantize(out["x"], out.pop("x_lo"), step)
+        out["x"] = dequantize(out["x"], out.pop("x_lo"), step, info.sample_shape)
     return out
 
 
@@ -654,6 +766,27 @@ class ChunkShuffleSampler(Sampler[int]):
         return self.num_chunks
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fits_in_memory(info: CacheInfo, share: float = 0.25) -> bool:
+    """Whether the compressed cache takes at most ``share`` of the available memory.
+
+    Where the available memory is unknown, caches up to 1 GB count as fitting.
+    """
+    stored = int(info.stats.get("stored_bytes", 0))
+    available = _available_bytes()
+    return stored <= (share * available if available is not None else 1e9)
+
+
 def make_loader(
     path: Path,
     info: CacheInfo,
@@ -664,14 +797,18 @@ def make_loader(
     shuffle: bool = True,
     device_decode: bool = False,
     pin_memory: bool = False,
+    in_memory: bool | str = False,
 ) -> DataLoader:
     """DataLoader over whole chunks; ``batch_size`` in samples (rounded down to chunks, >= 1).
 
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch.
+    ``in_memory``: True, False or "auto" (:func:`fits_in_memory`). Call
+    ``loader.sampler.set_epoch(epoch)`` before each epoch.
     """
     chunks_per_batch = max(1, batch_size // info.chunk_size)
+    if in_memory == "auto":
+        in_memory = fits_in_memory(info)
     return DataLoader(
-        CacheDataset(path, info, device_decode=device_decode),
+        CacheDataset(path, info, device_decode=device_decode, in_memory=bool(in_memory)),
         batch_size=chunks_per_batch,
         sampler=ChunkShuffleSampler(info.num_chunks, seed, shuffle),
         num_workers=workers,
