@@ -196,11 +196,11 @@ def byte_planes(q: torch.Tensor, width: int) -> torch.Tensor:
     m = q.shape[0]
     if width == 1:
         return q.reshape(m, 1, -1).to(torch.uint8)
-    wide = torch.int16 if width == 2 else torch.int32  # codes < 2^15 fit int16 (checked below)
-    if width == 2 and float(q.amax()) >= 2**15:
-        wide = torch.int32
-    as_bytes = q.reshape(m, -1).to(wide).view(torch.uint8).reshape(m, -1, wide.itemsize)
-    return as_bytes[:, :, :width].transpose(1, 2).contiguous()
+    codes = q.reshape(m, -1).to(torch.int32)
+    planes = torch.empty((m, width, codes.shape[1]), dtype=torch.uint8, device=q.device)
+    for j in range(width):  # written plane by plane: no transposed copy
+        planes[:, j].copy_((codes >> (8 * j)) & 255)
+    return planes
 
 
 def join_planes(planes: torch.Tensor) -> torch.Tensor:
@@ -355,7 +355,9 @@ class QuantCodec:
     def decode(self, buf: bytes, shape: tuple[int, ...]) -> np.ndarray:
         """Full decode on CPU (same arithmetic as :func:`dequantize`)."""
         planes, lo = self.unpack(buf, shape)
-        q = join_planes(torch.from_numpy(planes.copy())[None]).numpy()
+        q = planes[0].astype(np.int32)
+        for j in range(1, planes.shape[0]):
+            q |= planes[j].astype(np.int32) << (8 * j)
         return _dequantize_np(q.reshape(shape), lo, self.step)
 
 

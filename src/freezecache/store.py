@@ -62,6 +62,11 @@ _TASK_CHUNKS = 32  # chunks per encoder-thread task
 _BYTES_CHUNK = 1 << 18  # HDF5 chunk of the flat byte datasets
 
 
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(parts)``, without the copy when there is one part."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _rerun_hint(stage: str | None) -> str:
     """The 'what to do' half of cache errors."""
     if stage:
@@ -277,10 +282,9 @@ class CacheWriter:
         available = sum(len(x) for x, _ in self._pending)
         if available < self.chunk_size and not (final and available):
             return
-        xs = np.concatenate([x for x, _ in self._pending])  # (available, *sample_shape)
-        extras = None
-        if self.extra_shape is not None:
-            extras = np.concatenate([e for _, e in self._pending])  # (available, *extra_shape)
+        # (available, *sample_shape) and (available, *extra_shape); no copy for a lone batch
+        xs = _joined([x for x, _ in self._pending])
+        extras = None if self.extra_shape is None else _joined([e for _, e in self._pending])
         k = self.chunk_size
         full = available - available % k
         if full:
@@ -709,10 +713,39 @@ class CacheDataset(Dataset):
 
     def __getitems__(self, ids: list[int]) -> list[dict]:
         # DataLoader calls this with a whole batch of chunk ids.
-        return [self.build(*raw) for raw in self.read(list(ids))]
+        raw = self.read(list(ids))
+        if self.device_decode and self.info.extra_shape is None and len(raw) > 1:
+            return [self._packed_batch(raw)]  # one item holding the whole batch
+        return [self.build(*r) for r in raw]
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
+
+    def _packed_batch(self, raw: list[tuple[int, bytes, None]]) -> dict:
+        """Device-decode batch built in place: zstd output goes straight into one array.
+
+        The same result as building every chunk and concatenating, minus a copy and the
+        per-chunk tensors; this is the hot path of training from a quant cache.
+        """
+        bounds = [self.info.chunk_bounds(i) for i, _, _ in raw]
+        sizes = [stop - start for start, stop in bounds]
+        n = math.prod(self.info.sample_shape)
+        packed = np.zeros((sum(sizes), self._width, n), np.uint8)
+        lo_rows = []
+        row = 0
+        for (_, blob, _), k in zip(raw, sizes, strict=True):
+            planes, lo = self.codec.unpack(blob, (k, *self.info.sample_shape))
+            width = planes.shape[0]
+            packed[row : row + k, :width] = planes.reshape(width, k, n).transpose(1, 0, 2)
+            lo_rows.append(np.broadcast_to(lo, (k, *lo.shape[1:])))
+            row += k
+        y = self._small["y"]
+        return {
+            "y": torch.from_numpy(np.concatenate([y[a:b] for a, b in bounds])),
+            "index": torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in bounds])),
+            "x": torch.from_numpy(packed),
+            "x_lo": torch.from_numpy(np.concatenate(lo_rows)),
+        }
 
     def _decode_x(self, blob: bytes, shape: tuple[int, ...]) -> dict:
         """Decoded ``x``, or byte planes plus per-sample ``x_lo`` when decoding on device."""
@@ -728,6 +761,8 @@ class CacheDataset(Dataset):
 
 def collate_chunks(items: list[dict]) -> dict:
     """Concatenate chunk items along the sample axis into one batch."""
+    if len(items) == 1:
+        return items[0]  # already a batch (CacheDataset._packed_batch): no copy
     return {key: torch.cat([item[key] for item in items]) for key in items[0]}
 
 
