@@ -318,10 +318,25 @@ def run(cfg: Config, *, samples: int, codec_samples: int, repeats: int, warmup_s
     ctx = load_context(cfg, samples, seed)
     machine = bench.machine_info(ctx.device)
     model, weights = trained_model(ctx)
-    feats, labels = point_features(ctx, model)
+    # Sizes and build rates on the whole training set (what the cache stage compresses);
+    # timed epochs on the subset of ``samples``.
+    whole = copy.copy(ctx)
+    whole.train = steps.Context(cfg, seed).train
+    feats, labels = point_features(whole, model)
     with tempfile.TemporaryDirectory(prefix="freezecache-bench-") as tmp:
         points, p4, files = measure_p3_p4(cfg, feats, labels, Path(tmp))
-        p1p2 = measure_p1_p2(ctx, model, feats[0], labels, files, repeats, warmup_steps)
+        n = len(ctx.train.labels)
+        timed_files = {}
+        for name, path in files.items():  # the subset's cache for the timed epochs
+            timed_files[name] = path.with_name(f"timed_{name}.h5")
+            codec = make_codec(name, cfg.cache.tolerance_at(1))
+            bench.build_cache(
+                timed_files[name], feats[0][:n], labels[:n], codec, chunk_size=1,
+                workers=os.cpu_count() or 1,
+            )  # fmt: skip
+        p1p2 = measure_p1_p2(
+            ctx, model, feats[0][:n], labels[:n], timed_files, repeats, warmup_steps
+        )
     codecs = codec_table(feats[0][:codec_samples])
     goals = goal_rows(candidate_codecs(cfg), points, p4, p1p2)
     machine["load_avg_1m_end"] = bench.machine_info(ctx.device)["load_avg_1m"]
@@ -330,7 +345,8 @@ def run(cfg: Config, *, samples: int, codec_samples: int, repeats: int, warmup_s
         "setup": {
             "model": cfg.model.name,
             "dataset": ctx.meta["name"],
-            "samples": len(labels),
+            "samples": len(ctx.train.labels),
+            "p3_samples": len(labels),
             "codec_samples": min(codec_samples, len(labels)),
             "repeats": repeats,
             "codec": cfg.cache.codec,

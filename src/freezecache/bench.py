@@ -457,7 +457,8 @@ def to_markdown(res: dict) -> str:
         f"load average {_fmt(m['load_avg_1m'])} at the start, "
         f"{_fmt(m.get('load_avg_1m_end'))} at the end), training device "
         f"`{m['device']}`{gpu}, torch {m['torch']}. {s['model']} on {s['dataset']}, "
-        f"{s['samples']} training samples, batch {s['batch_size']}, freeze points at blocks "
+        f"{s.get('p3_samples', s['samples'])} training samples for sizes and build rates, "
+        f"{s['samples']} for timed epochs, batch {s['batch_size']}, freeze points at blocks "
         f"{s['points']}, tolerance {', '.join(_fmt(x) for x in s['tolerances'])}; the profile's "
         f"codec is `{s['codec']}` (chunk {s['chunk_size']}); min of {s['repeats']} interleaved "
         f"epochs. Weights: {s['weights']}.",
