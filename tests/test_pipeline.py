@@ -7,10 +7,12 @@ import time
 import pytest
 import yaml
 
-from conftest import load_profile, needs_fashion, project_copy, run
+from conftest import ROOT, load_profile, needs_fashion, project_copy, run
 from freezecache import pipeline
 from freezecache.config import parse_config
 from freezecache.errors import FreezecacheError
+
+PROFILES = ROOT / "configs"
 
 
 def _stages(profile: str, **changes) -> dict:
@@ -45,6 +47,18 @@ def test_params_listed_per_stage_keep_edits_local():
     assert gamma and all(n.startswith("cache_discard_aug") for n in gamma)
     for n in ("prepare", "train_prefix_s0", "baseline_normal_s0", "rank_discard_aug_s0_p1"):
         assert not any(p.startswith(("cache", "augment")) for p in stages[n]["params"]), n
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILES.glob("*.yaml")))
+def test_every_param_a_stage_lists_is_in_the_profile(profile):
+    # DVC refuses to run a stage whose listed param key is missing from params.yaml.
+    raw = load_profile(profile)
+    for name, stage in pipeline.render(parse_config(raw, check_model=False))["stages"].items():
+        for key in stage["params"]:
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{profile}: {name} lists {key}"
+                node = node[part]
 
 
 def test_check_detects_a_stale_dvc_yaml(tmp_path):
