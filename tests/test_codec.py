@@ -145,7 +145,6 @@ def test_quant_picks_the_narrowest_code_width(span, width):
     blob = codec.encode(x)
     planes, _ = codec.unpack(blob, x.shape)
     assert planes.dtype == np.uint8 and planes.shape == (width, 64)
-    assert codec.code_bytes(blob) == width
     assert int(join_planes(torch.from_numpy(planes.copy())[None]).max()) == round(span / codec.step)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from freezecache.config import Augment
+
 MODES = ("none", "standard", "similarity")
 
 
@@ -144,3 +146,28 @@ def scaled_pad(pad: int, feature_size: int, img_size: int) -> int:
     if pad <= 0:
         return 0
     return max(1, math.floor(pad * feature_size / img_size + 0.5))
+
+
+def augment_cached(
+    x: Tensor,
+    a: Augment,
+    *,
+    mode: str,
+    g: torch.Generator,
+    crop_pad: int,
+    extra: Tensor | None = None,
+    where: Tensor | None = None,
+) -> Tensor:
+    """:func:`augment_features` with the knobs of the ``augment`` params section."""
+    return augment_features(
+        x,
+        mode=mode,
+        g=g,
+        flip_p=a.flip_p,
+        crop_pad=crop_pad,
+        noise_std=a.noise_std,
+        blur_p=a.blur_p,
+        blur_sigma=a.blur_sigma,
+        extra=extra,
+        where=where,
+    )

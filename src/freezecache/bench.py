@@ -327,17 +327,7 @@ def augmented(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """The ``standard`` feature-map augmentation of the Discard method, batch by batch."""
     for x, y in batches:
-        x = augment.augment_features(
-            x,
-            mode="standard",
-            g=g,
-            flip_p=aug.flip_p,
-            crop_pad=pad,
-            noise_std=aug.noise_std,
-            blur_p=aug.blur_p,
-            blur_sigma=aug.blur_sigma,
-        )
-        yield x, y
+        yield augment.augment_cached(x, aug, mode="standard", g=g, crop_pad=pad), y
 
 
 # -- timing ----------------------------------------------------------------------------------

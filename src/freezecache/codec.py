@@ -346,12 +346,6 @@ class QuantCodec:
         planes = np.frombuffer(payload, np.uint8, offset=offset + 4 * channels)
         return planes.reshape(width, -1), lo
 
-    def code_bytes(self, buf: bytes) -> int:
-        """Code width (1, 2 or 3 bytes) of a blob, reading only its header."""
-        with _zstd_decompressor().stream_reader(buf) as reader:
-            header = reader.read(_QUANT_HEADER.size)
-        return _QUANT_HEADER.unpack(header)[1]
-
     def decode(self, buf: bytes, shape: tuple[int, ...]) -> np.ndarray:
         """Full decode on CPU (same arithmetic as :func:`dequantize`)."""
         planes, lo = self.unpack(buf, shape)

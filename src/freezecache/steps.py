@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from freezecache import augment, data, rank, runtime, store
 from freezecache.codec import make_codec
-from freezecache.config import AUGMENT_MODE, Config, dump_config
+from freezecache.config import AUGMENT_MODE, Config, Data, dump_config
 from freezecache.costs import record_costs
 from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_bytes, atomic_write_json, file_digest, tensors_digest
@@ -138,12 +138,12 @@ def clear_checkpoint(ctx: Context, stage: str) -> None:
 
 
 # -- prepare ---------------------------------------------------------------------------------
-def prepare(cfg: Config) -> dict:
-    d = cfg.data
+def _prepare(d: Data, out: Path) -> dict:
+    """Prepares the data set a `data` params section describes into `out`."""
     return data.prepare(
         d.name,
         os.path.expanduser(d.root) if d.root else None,
-        Path(Layout(cfg.paths).prepared),
+        out,
         img_size=d.img_size,
         channels=d.channels,
         train_size=d.train_size,
@@ -151,6 +151,10 @@ def prepare(cfg: Config) -> dict:
         seed=d.seed,
         download=d.download,
     )
+
+
+def prepare(cfg: Config) -> dict:
+    return _prepare(cfg.data, Path(Layout(cfg.paths).prepared))
 
 
 # -- optional pre-training on another dataset -----------------------------------------------------
@@ -160,18 +164,7 @@ def pretrain(cfg: Config) -> None:
     if p is None:
         raise FreezecacheError("params.yaml has no pretrain section — nothing to pre-train")
     layout = Layout(cfg.paths)
-    d = p.data
-    data.prepare(
-        d.name,
-        os.path.expanduser(d.root) if d.root else None,
-        Path(layout.pretrain_data),
-        img_size=d.img_size,
-        channels=d.channels,
-        train_size=d.train_size,
-        test_size=d.test_size,
-        seed=d.seed,
-        download=d.download,
-    )
+    _prepare(p.data, Path(layout.pretrain_data))
     pcfg = cfg.model_copy(
         update={
             "pretrain": None,
@@ -562,15 +555,12 @@ def train_suffix(cfg: Config, seed: int, variant: str, point: int) -> None:
         g = runtime.generator(seed, epoch, "features")
         for raw in loader:
             b = store.finish_batch(raw, info, ctx.device)
-            x = augment.augment_features(
+            x = augment.augment_cached(
                 b["x"],
+                a,
                 mode=mode,
                 g=g,
-                flip_p=a.flip_p,
                 crop_pad=pad,
-                noise_std=a.noise_std,
-                blur_p=a.blur_p,
-                blur_sigma=a.blur_sigma,
                 extra=b.get("extra"),
                 where=_extra_where(info, b, ctx.device),
             )
