@@ -1,22 +1,17 @@
-"""Stage baseline_{normal,freezeout}: continue the shared prefix run without discarding."""
+"""Stage baseline: Normal, FreezeOut or a control, trained on raw images to the last epoch."""
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache import steps
-from freezecache.cli import Params, Seed, fail, stage
+from freezecache.cli import Method, Params, Seed, stage
+from freezecache.steps.baselines import baseline
 
 
-def main(
-    seed: Seed,
-    method: str = typer.Option(..., help="normal or freezeout"),
-    params: Params = Path("params.yaml"),
-) -> None:
-    if method not in ("normal", "freezeout"):
-        fail(f"--method {method!r}: choose normal or freezeout")
-    with stage(params, seed=seed) as cfg:
-        steps.baseline(cfg, seed, method)
+def main(seed: Seed, method: Method, params: Params = Path("params.yaml")) -> None:
+    with stage(params, seed=seed, method=(method, "baselines")) as cfg:
+        baseline(cfg, seed, method)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""Stage cache: push the training set through the frozen prefix once, compress into HDF5."""
+"""Stage cache: rank flip-sensitive channels/tokens if the method stores them, then push the
+training set once through the frozen prefix into a compressed HDF5 cache."""
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache import steps
-from freezecache.cli import Params, Point, Seed, Variant, stage
+from freezecache.cli import Block, Method, Params, Seed, stage
+from freezecache.steps.cache import cache_point
 
 
-def main(seed: Seed, variant: Variant, point: Point, params: Params = Path("params.yaml")) -> None:
-    with stage(params, seed=seed, variant=variant, point=point) as cfg:
-        steps.cache_point(cfg, seed, variant, point)
+def main(seed: Seed, method: Method, block: Block, params: Params = Path("params.yaml")) -> None:
+    with stage(params, seed=seed, method=(method, "discard"), block=block) as cfg:
+        cache_point(cfg, seed, method, block)
 
 
 if __name__ == "__main__":

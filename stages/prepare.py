@@ -2,15 +2,16 @@
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache import steps
-from freezecache.cli import stage
+from freezecache.cli import Params, stage
+from freezecache.steps.prepare import prepare
 
 
-def main(params: Path = Path("params.yaml")) -> None:
+def main(params: Params = Path("params.yaml")) -> None:
     with stage(params) as cfg:
-        meta = steps.prepare(cfg)
+        meta = prepare(cfg)
         print(f"prepared {meta['name']}: {meta['train_size']} train, {meta['test_size']} test")
 
 

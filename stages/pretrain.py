@@ -1,16 +1,17 @@
-"""Stage pretrain: train the model on another dataset first (e.g. CIFAR-100 before CIFAR-10)."""
+"""Stage pretrain: the starting weights (pre-trained on the source split, a local file, or none)."""
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache import steps
-from freezecache.cli import stage
+from freezecache.cli import Params, stage
+from freezecache.steps.pretrain import pretrain
 
 
-def main(params: Path = Path("params.yaml")) -> None:
+def main(params: Params = Path("params.yaml")) -> None:
     with stage(params) as cfg:
-        steps.pretrain(cfg)
+        pretrain(cfg)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
-"""Stage report: the paper-style table of every method (mean ± std over seeds) and the caches."""
+"""Stage report: the paper-style tables over methods and seeds, the caches, the headline metrics."""
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache.cli import stage
+from freezecache.cli import Params, stage
 from freezecache.report import write_report
 
 
-def main(params: Path = Path("params.yaml")) -> None:
+def main(params: Params = Path("params.yaml")) -> None:
     with stage(params) as cfg:
         report = write_report(cfg)
         for m, r in report["methods"].items():
             print(
-                f"{m:14s} acc {r['accuracy_mean']:.2f}  avg mem {r['avg_memory_mb']:.1f} MB  "
-                f"flops {r['train_flops']:.3g}"
+                f"{m:14s} acc {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}  "
+                f"avg mem {r['avg_memory_mb']:.1f} MB  flops {r['train_flops']:.3g}"
             )
 
 

@@ -1,27 +1,28 @@
 """Stage tradeoffs: {fp32, bf16} x {grad checkpointing off, on} x {full model, suffix after the
-last freeze point}, measured side by side in one run; writes results/tradeoffs.{json,md}."""
+last freeze point}, measured side by side in one run."""
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache.cli import stage
-from freezecache.layout import STATE, Layout
+from freezecache.cli import Params, stage
+from freezecache.pipeline import STAGES
 from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
 
 
 def main(
-    params: Path = Path("params.yaml"),
+    params: Params = Path("params.yaml"),
     # Fewer than the library's 5 + 2: bf16 steps on a CPU without native bf16 take ~10x longer
     # than fp32 ones, and the default profile's stage should stay near 90 s on 2 cores.
     steps: int = typer.Option(3, help="timed steps per configuration (the median is reported)"),
     warmup: int = typer.Option(1, help="untimed rounds before timing (the first counts FLOPs)"),
 ) -> None:
     with stage(params) as cfg:
-        layout = Layout(cfg.paths)
-        weights = Path(layout.prefix(cfg.seeds[0])) / STATE
+        weights = STAGES["train_prefix"].path("state", cfg, seed=cfg.seeds[0])
         rows = measure_tradeoffs(cfg, steps=steps, warmup=warmup, weights=weights)
-        write(rows, Path(layout.results))
+        me = STAGES["tradeoffs"]
+        write(rows, me.path("json", cfg), me.path("md", cfg))
         print(render_markdown(rows))
 
 

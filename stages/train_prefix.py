@@ -1,16 +1,17 @@
-"""Stage train_prefix: train the full model up to the first freeze point (shared by all methods)."""
+"""Stage train_prefix: train the whole model up to the first freeze point (shared by methods)."""
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache import steps
 from freezecache.cli import Params, Seed, stage
+from freezecache.steps.baselines import train_prefix
 
 
 def main(seed: Seed, params: Params = Path("params.yaml")) -> None:
     with stage(params, seed=seed) as cfg:
-        steps.train_prefix(cfg, seed)
+        train_prefix(cfg, seed)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
-"""Stage train_suffix: discard the prefix, train the remaining blocks from the cache."""
+"""Stage train_suffix: discard the frozen prefix, train the remaining blocks from the cache."""
 
 from pathlib import Path
 
+import _env  # noqa: F401
 import typer
 
-from freezecache import steps
-from freezecache.cli import Params, Point, Seed, Variant, stage
+from freezecache.cli import Block, Method, Params, Seed, stage
+from freezecache.steps.suffix import train_suffix
 
 
-def main(seed: Seed, variant: Variant, point: Point, params: Params = Path("params.yaml")) -> None:
-    with stage(params, seed=seed, variant=variant, point=point) as cfg:
-        steps.train_suffix(cfg, seed, variant, point)
+def main(seed: Seed, method: Method, block: Block, params: Params = Path("params.yaml")) -> None:
+    with stage(params, seed=seed, method=(method, "discard"), block=block) as cfg:
+        train_suffix(cfg, seed, method, block)
 
 
 if __name__ == "__main__":

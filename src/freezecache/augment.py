@@ -24,8 +24,9 @@ def _draw(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> T
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 (B,C,H,W) -> float normalized with per-channel mean/std given in [0,1] units."""
-    x = images.float().div_(255.0)
+    """Pixels (B,C,H,W) in 0..255 (uint8 or float) -> normalized with per-channel mean/std given
+    in [0,1] units."""
+    x = images.float().div(255.0)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 

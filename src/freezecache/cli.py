@@ -20,8 +20,8 @@ PROFILES = Path("configs")
 
 # Options shared by the stage commands in stages/.
 Seed = Annotated[int, typer.Option(help="one of params.yaml's seeds")]
-Variant = Annotated[str, typer.Option(help="discard method: discard, discard_aug, discard_noaug")]
-Point = Annotated[int, typer.Option(help="freeze point, 1-based")]
+Method = Annotated[str, typer.Option(help="a method of params.yaml's methods lists")]
+Block = Annotated[int, typer.Option(help="the block of one of params.yaml's freeze points")]
 Params = Annotated[Path, typer.Option(help="params file")]
 
 
@@ -43,72 +43,70 @@ def fail(message: str) -> None:
 @contextlib.contextmanager
 def stage(
     params: Path = Path("params.yaml"),
-    check_pipeline: bool = True,
     *,
     seed: int | None = None,
-    variant: str | None = None,
-    point: int | None = None,
+    method: tuple[str, str] | None = None,
+    block: int | None = None,
 ) -> Iterator[Config]:
-    """Loads and validates params, checks dvc.yaml and the stage's arguments against them, and
-    turns user errors into one line and exit status 2."""
+    """Loads and validates params, checks the stage's arguments against them, and turns user
+    errors into one line and exit status 2. ``method`` is (name, list it must be in)."""
     _setup_logging()
     try:
         cfg = load_config(params)
-        if check_pipeline:
-            from freezecache import pipeline
-
-            pipeline.check(cfg)
         if seed is not None and seed not in cfg.seeds:
             raise FreezecacheError(f"--seed {seed} is not among params.yaml's seeds {cfg.seeds}")
-        if variant is not None:
-            from freezecache.steps import check_point
-
-            check_point(cfg, variant, point)
+        if method is not None:
+            name, kind = method
+            names = getattr(cfg.methods, kind)
+            if name not in names:
+                raise FreezecacheError(
+                    f"--method {name!r} is not in params.yaml's methods.{kind} ({names})"
+                )
+        if block is not None:
+            cfg.point(block)
         yield cfg
     except FreezecacheError as err:
         fail(str(err))
+    except OSError as err:  # a full disk, a read-only folder: say which file, no traceback
+        fail(f"{err.filename or ''}: {err.strerror} — free space or fix permissions, then rerun")
 
 
 @app.command()
 def check(params: Path = typer.Option(Path("params.yaml"), help="params file to validate")) -> None:
     """Validate a params file: every problem reported at once."""
-    with stage(params, check_pipeline=False):
+    with stage(params):
         print(f"{params}: ok")
 
 
 @app.command()
 def profile(
-    name: str = typer.Argument(..., help="profile in configs/ (smoke, default, paper_*)"),
+    name: str = typer.Argument(..., help="profile in configs/ (default, scratch, smoke, paper_*)"),
     params: Path = typer.Option(Path("params.yaml"), help="where to write it"),
 ) -> None:
-    """Copy a named profile to params.yaml (validated first) and re-render dvc.yaml."""
+    """Copy a named profile to params.yaml (validated first)."""
     src = PROFILES / f"{name}.yaml"
     if not src.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
         fail(f"no profile '{name}' in {PROFILES}/ — choose one of: {known}")
-    with stage(src, check_pipeline=False) as cfg:
+    with stage(src):
         shutil.copyfile(src, params)
-        from freezecache import pipeline
-
-        pipeline.write(cfg)
-        print(f"{src} -> {params}; dvc.yaml rendered")
+        print(f"{src} -> {params}")
 
 
 @app.command(name="pipeline")
 def render_pipeline(
-    params: Path = typer.Option(Path("params.yaml")),
     check_only: bool = typer.Option(False, "--check", help="fail if dvc.yaml is out of date"),
 ) -> None:
-    """Render dvc.yaml from params.yaml (seeds x methods x freeze points)."""
+    """Render dvc.yaml from the stage declarations (for developers; params never need it)."""
     from freezecache import pipeline
 
-    with stage(params, check_pipeline=False) as cfg:
-        if check_only:
-            pipeline.check(cfg)
-            print("dvc.yaml: up to date")
-        else:
-            changed = pipeline.write(cfg)
-            print("dvc.yaml: " + ("rendered" if changed else "up to date"))
+    _setup_logging()
+    if check_only:
+        if pipeline.render_text() != (pipeline.ROOT / "dvc.yaml").read_text():
+            fail("dvc.yaml is out of date with src/freezecache/pipeline.py — run `freezecache pipeline`")
+        print("dvc.yaml: up to date")
+    else:
+        print("dvc.yaml: " + ("rendered" if pipeline.write() else "up to date"))
 
 
 @app.command(name="ensure-data")
@@ -116,7 +114,7 @@ def ensure_data(params: Path = typer.Option(Path("params.yaml"))) -> None:
     """Make sure the embedded dataset is present (installs Debian's package when root)."""
     from freezecache.debian import ensure_fashion_mnist
 
-    with stage(params, check_pipeline=False) as cfg:
+    with stage(params) as cfg:
         if cfg.data.name == "fashion_mnist" and cfg.data.root is None:
             print(ensure_fashion_mnist())
 
@@ -130,7 +128,7 @@ def readme(
     """Regenerate the README's results and benchmark sections from results/*.md."""
     from freezecache.report import update_readme
 
-    with stage(check_pipeline=False):
+    with stage():
         update_readme({"results": report, "bench": bench}, target)
         print(f"{target}: sections updated from {report} and {bench}")
 

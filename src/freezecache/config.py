@@ -6,6 +6,7 @@ types, out-of-range values and inconsistent freeze schedules.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,15 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from freezecache.errors import FreezecacheError
-
-METHODS = ("normal", "freezeout", "discard", "discard_aug", "discard_noaug")
-# Discard variants and the feature-map augmentation each one trains with (paper section 4.1).
-AUGMENT_MODE = {"discard_noaug": "none", "discard": "standard", "discard_aug": "similarity"}
+from freezecache.methods import BASELINES, DISCARD
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 PosFloat = Annotated[float, Field(gt=0.0)]
+FIRST_AFTER = "../prefix"  # a first point continues from the shared prefix run
 
 
 class Section(BaseModel):
@@ -29,11 +28,29 @@ class Section(BaseModel):
 
 
 class Paths(Section):
+    """Folders inside the repository (DVC tracks them); read by dvc.yaml as ${paths.*}."""
+
     data: str = "data/prepared"
+    weights: str = "data/weights"  # local weight files for model.checkpoint
     cache: str = "data/cache"
     runs: str = "runs"
     results: str = "results"
-    checkpoints: str = ".ckpt"
+    checkpoints: str = ".ckpt"  # resumable epoch checkpoints (not a DVC output)
+
+
+class Methods(Section):
+    """Which methods run: DVC iterates each list (stages/baseline.py, the discard stages)."""
+
+    baselines: list[Literal[BASELINES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["normal", "freezeout"]
+    )
+    discard: list[Literal[DISCARD]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["discard", "discard_aug"]
+    )
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.baselines, *self.discard]
 
 
 class Data(Section):
@@ -42,16 +59,18 @@ class Data(Section):
     )
     root: str | None = None
     download: bool = False
+    classes: list[NonNegInt] | None = None  # source class ids to keep, relabelled 0..k-1
     img_size: PosInt = 28
     channels: Literal[1, 3] | None = None
     train_size: PosInt | None = None
+    val_size: NonNegInt | None = None  # carved from the training pool, disjoint from train
     test_size: PosInt | None = None
     seed: NonNegInt = 0
 
 
 class Model(Section):
     name: str = "resnet20"
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a weights file under paths.weights
     kwargs: dict = Field(default_factory=dict)
 
 
@@ -64,23 +83,34 @@ class Train(Section):
     crop_pad: NonNegInt = 4
     hflip: bool = True
     eval_batch_size: PosInt = 512
-    device: str = "auto"
-    threads: PosInt | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_checkpointing: NonNegInt = (
-        0  # 0: off; k: recompute every k trainable blocks as one segment
-    )
+    grad_checkpointing: NonNegInt = 0  # 0: off; k: recompute every k trainable blocks
     micro_batch: PosInt | None = None
     clip_grad_norm: PosFloat | None = None
+
+
+class Runtime(Section):
+    """Where it runs; results are the same for any thread count."""
+
+    device: str = "auto"
+    threads: PosInt | None = None
 
 
 class FreezePoint(Section):
     block: PosInt
     epoch: PosInt
+    # The run this point continues from, relative to the method's folder (DVC chains the stages
+    # with it): FIRST_AFTER for the first point, then b<block of the point before it>.
+    after: str = FIRST_AFTER
+
+    @property
+    def name(self) -> str:
+        """Its folder in a method's runs and caches."""
+        return f"b{self.block}"
 
 
 class Pretrain(Section):
-    """Optional pre-training stage on another dataset (the paper's CIFAR-100 -> CIFAR-10)."""
+    """Pre-training on another dataset or class split (Split Fashion-MNIST, CIFAR-100)."""
 
     data: Data
     epochs: PosInt
@@ -94,6 +124,8 @@ class Freeze(Section):
 class Rank(Section):
     samples: PosInt = 512
     batch_size: PosInt = 128
+    gamma: Unit = 0.25  # fraction of flip-sensitive channels stored (CNN)
+    alpha: Unit = 0.1  # fraction of least-similar augmented tokens stored (ViT)
 
 
 class Cache(Section):
@@ -101,14 +133,19 @@ class Cache(Section):
     tolerance: PosFloat | list[PosFloat] = 1e-2
     chunk_size: PosInt = 1
     encode_workers: PosInt = 2
-    loader_workers: NonNegInt = 1
-    device_decode: bool = True
-    in_memory: bool | Literal["auto"] = "auto"  # hold the compressed cache in host memory
 
     def tolerance_at(self, point: int) -> float:
         """Tolerance of freeze point `point` (1-based): one number for all, or one per point."""
         tol = self.tolerance
         return tol[point - 1] if isinstance(tol, list) else tol
+
+
+class Loader(Section):
+    """How training reads a cache (does not change what it reads)."""
+
+    workers: NonNegInt = 0
+    device_decode: bool = True
+    in_memory: bool | Literal["auto"] = "auto"  # hold the compressed cache in host memory
 
 
 class Augment(Section):
@@ -117,32 +154,46 @@ class Augment(Section):
     noise_std: Annotated[float, Field(ge=0.0)] = 0.05  # relative to the batch's feature std
     blur_p: Unit = 0.0
     blur_sigma: PosFloat = 0.5
-    gamma: Unit = 0.25  # fraction of flip-sensitive channels stored (CNN)
-    alpha: Unit = 0.1  # fraction of least-similar augmented tokens stored (ViT)
 
 
 class Config(Section):
     paths: Paths = Field(default_factory=Paths)
     seeds: Annotated[list[NonNegInt], Field(min_length=1)] = Field(default_factory=lambda: [0])
-    methods: Annotated[list[Literal[METHODS]], Field(min_length=1)] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["normal", "freezeout", "discard", "discard_aug"]
-    )
+    methods: Methods = Field(default_factory=Methods)
     data: Data = Field(default_factory=Data)
+    pretrain: Pretrain | None = None
     model: Model = Field(default_factory=Model)
     train: Train = Field(default_factory=Train)
+    runtime: Runtime = Field(default_factory=Runtime)
     freeze: Freeze = Field(default_factory=Freeze)
     rank: Rank = Field(default_factory=Rank)
     cache: Cache = Field(default_factory=Cache)
+    loader: Loader = Field(default_factory=Loader)
     augment: Augment = Field(default_factory=Augment)
-    pretrain: Pretrain | None = None
 
     @property
     def points(self) -> list[FreezePoint]:
         return self.freeze.points
 
+    def point(self, block: int) -> tuple[int, FreezePoint]:
+        """(1-based index, point) of the freeze point at ``block``."""
+        for i, p in enumerate(self.points, start=1):
+            if p.block == block:
+                return i, p
+        blocks = [p.block for p in self.points]
+        raise FreezecacheError(f"--block {block}: params.yaml has freeze points at blocks {blocks}")
+
+    def point_epochs(self, index: int) -> tuple[int, int]:
+        """Epochs [start, end) that freeze point ``index`` (1-based) trains: the one place that
+        says how long each freezing state lasts."""
+        pts = self.points
+        end = pts[index].epoch if index < len(pts) else self.train.epochs
+        return pts[index - 1].epoch, end
+
     @property
-    def discard_methods(self) -> list[str]:
-        return [m for m in self.methods if m in AUGMENT_MODE]
+    def prefix_epochs(self) -> int:
+        """Epochs of full-model training shared by every method (up to the first point)."""
+        return self.points[0].epoch if self.points else self.train.epochs
 
 
 def _format_pydantic(err: ValidationError, source: str) -> list[str]:
@@ -162,40 +213,109 @@ def _format_pydantic(err: ValidationError, source: str) -> list[str]:
     return lines
 
 
-def _semantic_problems(cfg: Config, source: str, num_blocks: int | None) -> list[str]:
-    """Checks that span several keys: the freeze schedule against epochs and the model depth."""
+# Class counts of the datasets whose classes are known before reading them.
+KNOWN_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
+
+
+def _schedule_problems(cfg: Config, num_blocks: int | None) -> list[str]:
+    """The freeze schedule against epochs, the model depth and the chain DVC builds from it."""
     problems = []
     points = cfg.freeze.points
-    if not points and any(m != "normal" for m in cfg.methods):
-        problems.append(f"{source}: freeze.points is empty — give at least one {{block, epoch}}")
+    if not points and (cfg.methods.discard or "freezeout" in cfg.methods.baselines):
+        problems.append("freeze.points is empty — give at least one {block, epoch, after}")
     for i, p in enumerate(points):
         key = f"freeze.points.{i}"
         if p.epoch >= cfg.train.epochs:
             problems.append(
-                f"{source}: {key}.epoch = {p.epoch} must be below train.epochs = {cfg.train.epochs}"
+                f"{key}.epoch = {p.epoch} must be below train.epochs = {cfg.train.epochs}"
             )
         if num_blocks is not None and p.block > num_blocks:
             problems.append(
-                f"{source}: {key}.block = {p.block} is past the last block of "
+                f"{key}.block = {p.block} is past the last block of "
                 f"{cfg.model.name} ({num_blocks} blocks)"
             )
         if i and (p.block <= points[i - 1].block or p.epoch <= points[i - 1].epoch):
+            problems.append(f"{key} must freeze more blocks at a later epoch than the point before it")
+        want = FIRST_AFTER if i == 0 else points[i - 1].name
+        if p.after != want:
             problems.append(
-                f"{source}: {key} must freeze more blocks at a later epoch than the point before it"
+                f"{key}.after = {p.after!r}: write {want!r} — each point names the run it "
+                "continues from (the shared prefix, then the point before it)"
             )
-    if cfg.pretrain is not None and cfg.model.checkpoint:
-        problems.append(
-            f"{source}: model.checkpoint and pretrain are both set — give one source of weights"
-        )
     tol = cfg.cache.tolerance
     if isinstance(tol, list) and len(tol) != len(points):
         problems.append(
-            f"{source}: cache.tolerance has {len(tol)} values for {len(points)} freeze points — "
+            f"cache.tolerance has {len(tol)} values for {len(points)} freeze points — "
             "give one number or one per point"
         )
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        problems.append(f"{source}: seeds has duplicates ({cfg.seeds})")
     return problems
+
+
+def _class_problems(key: str, d: Data) -> list[str]:
+    if d.classes is None:
+        return []
+    if not d.classes:
+        return [f"{key}.classes is empty — list the class ids to keep, or null for all"]
+    problems = []
+    if len(set(d.classes)) != len(d.classes):
+        problems.append(f"{key}.classes has duplicates ({d.classes}) — list each class once")
+    known = KNOWN_NUM_CLASSES.get(d.name)
+    bad = [c for c in d.classes if known is not None and c >= known]
+    if bad:
+        problems.append(
+            f"{key}.classes: {bad} are not classes of {d.name} (ids 0..{known - 1}) — fix the ids"
+        )
+    return problems
+
+
+def _path_problems(cfg: Config) -> list[str]:
+    """Paths DVC tracks must lie inside the repository (DVC 3 cannot track external outputs)."""
+    problems = []
+    for name, value in cfg.paths.model_dump().items():
+        if name == "checkpoints":
+            continue
+        norm = os.path.normpath(os.path.expanduser(value))
+        if os.path.isabs(norm) or norm == ".." or norm.startswith("../"):
+            problems.append(
+                f"paths.{name} = {value!r} is outside the repository, where DVC cannot track "
+                "outputs — use a relative path inside it (a symlinked folder works for big disks)"
+            )
+    ckpt = cfg.model.checkpoint
+    if ckpt is not None:
+        weights = os.path.normpath(cfg.paths.weights)
+        if os.path.commonpath([weights, os.path.normpath(ckpt)]) != weights:
+            problems.append(
+                f"model.checkpoint = {ckpt!r} must be a file under paths.weights ({weights}/), "
+                "where DVC tracks it — copy it there"
+            )
+    return problems
+
+
+def _semantic_problems(cfg: Config, source: str, num_blocks: int | None) -> list[str]:
+    """Checks that span several keys, each reported as one line."""
+    problems = _schedule_problems(cfg, num_blocks) + _path_problems(cfg)
+    problems += _class_problems("data", cfg.data)
+    if cfg.pretrain is not None:
+        problems += _class_problems("pretrain.data", cfg.pretrain.data)
+        src, dst = cfg.pretrain.data, cfg.data
+        if src.name == dst.name and src.root == dst.root:
+            overlap = sorted(set(src.classes or range(1000)) & set(dst.classes or range(1000)))
+            if overlap and (src.classes is not None or dst.classes is not None):
+                problems.append(
+                    f"pretrain.data.classes and data.classes overlap ({overlap}) — pre-train and "
+                    "fine-tune on disjoint class sets"
+                )
+    if cfg.pretrain is not None and cfg.model.checkpoint:
+        problems.append("model.checkpoint and pretrain are both set — give one source of weights")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        problems.append(f"seeds has duplicates ({cfg.seeds})")
+    for kind in ("baselines", "discard"):
+        names = getattr(cfg.methods, kind)
+        if len(set(names)) != len(names):
+            problems.append(f"methods.{kind} has duplicates ({names})")
+    if not cfg.methods.all:
+        problems.append("methods: both lists are empty — name at least one method")
+    return [f"{source}: {p}" for p in problems]
 
 
 def _num_blocks(model: Model, data: Data) -> int | None:

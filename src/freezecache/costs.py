@@ -3,7 +3,7 @@
 Every training stage writes `costs.json` for its method's whole schedule (the last stage of a
 method therefore holds the method's numbers). Memory is counted from tensors on one real
 training batch; FLOPs are 2 x ptflops MACs per sample, x samples x epochs, plus the one-off
-overheads of the discard methods (cache build and the flipped pass for stored channels).
+overheads of the discard methods (cache builds, the flipped pass for stored channels, ranking).
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from freezecache import runtime
-from freezecache.config import AUGMENT_MODE
-from freezecache.io import atomic_write_json
-from freezecache.layout import COSTS
+from freezecache.methods import method
 from freezecache.models import split
 from freezecache.profiling import (
     accounted_memory,
@@ -25,6 +23,7 @@ from freezecache.profiling import (
     part_flops,
     training_flops,
 )
+from freezecache.schedule import phases
 from freezecache.train import set_frozen
 
 log = logging.getLogger(__name__)
@@ -58,50 +57,48 @@ def state_memory(ctx, model: nn.Module, state: str, position: int) -> dict:
     return mem
 
 
-def overhead_flops(cfg, parts: dict, num_samples: int, variant: str | None) -> dict:
-    """One-off FLOPs of a discard method: the prefix forward that builds each cache (only the
-    newly frozen blocks for later points), doubled for the flipped pass when channels or
-    tokens are stored, plus the ranking passes over the rank sample."""
-    if variant is None:
+def overhead_flops(cfg, parts: dict, num_samples: int, name: str) -> dict:
+    """One-off FLOPs of a discard method: at each freeze point the training set goes once
+    through the whole frozen prefix from raw images, twice for the flipped pass when channels
+    or tokens are stored, plus the ranking passes over the rank sample."""
+    m = method(name)
+    if m.kind != "discard":
         return {}
-    twice = AUGMENT_MODE[variant] == "similarity"
-    extras, before = {}, 0
+    extras = {}
     for k, p in enumerate(cfg.points, start=1):
-        new = parts[p.block]["prefix_fwd"] - before
-        extras[f"cache_build_p{k}"] = new * num_samples
-        if twice:
-            extras[f"flipped_pass_p{k}"] = new * num_samples
-            extras[f"rank_p{k}"] = 2 * new * min(cfg.rank.samples, num_samples)
-        before = parts[p.block]["prefix_fwd"]
+        fwd = parts[p.block]["prefix_fwd"]
+        extras[f"cache_build_p{k}"] = fwd * num_samples
+        if m.needs_ranking:
+            extras[f"flipped_pass_p{k}"] = fwd * num_samples
+            extras[f"rank_p{k}"] = 2 * fwd * min(cfg.rank.samples, num_samples)
     return extras
 
 
-def record_costs(
+def method_costs(
     ctx,
     model: nn.Module,
-    schedule: list[tuple[str, int, int]],
-    out: Path,
-    *,
-    wall_s: float,
-    history: list[dict] | None = None,
-    variant: str | None = None,
+    name: str,
+    history: list[dict],
+    host_cache_mb: dict | None = None,
+    schedule: list[tuple[str, int, int]] | None = None,
 ) -> dict:
-    """Writes out/costs.json for a method's schedule; returns the headline numbers."""
+    """costs.json of method ``name`` for its whole schedule (or ``schedule``): accounted memory
+    per freezing state, FLOPs, and (discard methods) the compressed cache each state holds in
+    host memory."""
     cfg = ctx.cfg
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
+    schedule = schedule or [(ph.state, ph.position, ph.epochs) for ph in phases(cfg, name)]
     positions = sorted({p.block for p in cfg.points} | {pos for _, pos, _ in schedule})
     parts = {p: part_flops(model, p, input_shape) for p in positions}
     n = len(ctx.train)
     flops = training_flops(
-        parts, schedule=schedule, num_samples=n, extras=overhead_flops(cfg, parts, n, variant)
+        parts, schedule=schedule, num_samples=n, extras=overhead_flops(cfg, parts, n, name)
     )
     states = []
     for state, position, epochs in schedule:
         mem = state_memory(ctx, model, state, position)
-        rows = [
-            r for r in history or [] if r.get("state") == state and r.get("position") == position
-        ]
+        rows = [r for r in history if r.get("state") == state and r.get("position") == position]
         peaks = [r["cuda_peak_mb"] for r in rows if r.get("cuda_peak_mb") is not None]
         states.append(
             {
@@ -111,26 +108,21 @@ def record_costs(
                 "accounted_memory_mb": mem["total_mb"],
                 "memory_breakdown_mb": {k[:-3]: v for k, v in mem.items() if k.endswith("_mb")},
                 "cuda_peak_mb": max(peaks) if peaks else None,
+                "cache_in_ram_mb": (host_cache_mb or {}).get(position, 0.0),
             }
         )
     avg, low = average_and_min_memory([(s["accounted_memory_mb"], s["epochs"]) for s in states])
-    summary = {
-        "avg_memory_mb": avg,
-        "min_memory_mb": low,
-        "train_flops": flops["train_flops"],
-        "flops_unit": "FLOPs = 2 x ptflops MACs; a trained part costs 3 x its forward",
-        "stage_wall_s": wall_s,
-    }
+    summary = {"avg_memory_mb": avg, "min_memory_mb": low, "train_flops": flops["train_flops"]}
+    with_cache = [(s["accounted_memory_mb"] + s["cache_in_ram_mb"], s["epochs"]) for s in states]
+    summary["avg_host_memory_mb"], summary["min_host_memory_mb"] = average_and_min_memory(
+        with_cache
+    )
     if all(s["cuda_peak_mb"] is not None for s in states):
         cavg, clow = average_and_min_memory([(s["cuda_peak_mb"], s["epochs"]) for s in states])
         summary.update(cuda_avg_memory_mb=cavg, cuda_min_memory_mb=clow)
-    atomic_write_json(
-        out / COSTS,
-        {
-            **summary,
-            "states": states,
-            "flops": flops,
-            "parts": {str(k): v for k, v in parts.items()},
-        },
-    )
-    return summary
+    return {
+        **summary,
+        "states": states,
+        "flops": flops,
+        "parts": {str(k): v for k, v in parts.items()},
+    }

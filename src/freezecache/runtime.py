@@ -89,3 +89,20 @@ def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(modules, before, strict=True):
             m.train(was)
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included): what a
+    stage costs the user, not only its training loop."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB): what the host really held."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB

@@ -242,9 +242,9 @@ def measure_tradeoffs(
         raise FreezecacheError(
             f"tradeoffs: steps={steps}, warmup={warmup} — time at least 1 step, warm up >= 0"
         )
-    runtime.set_threads(cfg.train.threads)
+    runtime.set_threads(cfg.runtime.threads)
     runtime.seed_everything(cfg.seeds[0])
-    device = runtime.pick_device(cfg.train.device)
+    device = runtime.pick_device(cfg.runtime.device)
     x, y, meta = _fixed_batch(cfg, device)
     base = _base_model(cfg, meta, weights, device)
     batches = {"full": (x, y)}
@@ -303,12 +303,10 @@ def render_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(rows: list[dict], results: Path) -> tuple[Path, Path]:
-    """``results/tradeoffs.json`` (the rows) and ``results/tradeoffs.md`` (the table)."""
-    json_path, md_path = results / "tradeoffs.json", results / "tradeoffs.md"
+def write(rows: list[dict], json_path: Path, md_path: Path) -> None:
+    """The rows as JSON and the table as Markdown."""
     atomic_write_json(json_path, rows)
     atomic_write_text(md_path, render_markdown(rows))
-    return json_path, md_path
 
 
 __all__ = ["measure_tradeoffs", "render_markdown", "write"]

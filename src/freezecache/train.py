@@ -61,12 +61,14 @@ class Images:
         order = order.to(self.images.device)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            x = augment.normalize(self.images[idx], self.mean, self.std)
+            x = self.images[idx]
             if train_aug is not None:
+                # Crop in pixel space, so the padding is the image background (0), not the
+                # normalised mean.
                 x = augment.augment_images(
-                    x, crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=g
+                    x.float(), crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=g
                 )
-            yield x, self.labels[idx]
+            yield augment.normalize(x, self.mean, self.std), self.labels[idx]
 
 
 def cosine_lr(base_lr: float, progress: float, total_epochs: int) -> float:
@@ -127,6 +129,7 @@ class Trainer:
         self.seed = seed
         self.device = device
         self.checkpoint = checkpoint
+        self.on_epoch: Callable[[dict], None] | None = None  # called with each epoch's row
         self.scaler = runtime.grad_scaler(cfg.precision, device)
         self.state = state or RunState(model={})
         if state is not None and state.model:
@@ -204,6 +207,7 @@ class Trainer:
         correct = 0
         lr = self.cfg.lr
         it = iter(batches)
+        bar = progress(steps_per_epoch, f"epoch {epoch + 1}/{total_epochs}")
         while True:
             tw = time.perf_counter()
             try:
@@ -217,6 +221,8 @@ class Trainer:
             correct += hits
             seen += y.numel()
             steps += 1
+            bar.update()
+        bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         took = time.perf_counter() - t0
@@ -273,24 +279,37 @@ class Trainer:
                 k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
             }
             log.info(
-                "epoch %d/%d %s@%d loss %.4f acc %.4f test_acc %.4f (%.1fs)",
+                "epoch %d/%d %s@%d loss %.4f acc %.4f val_acc %.4f (%.1fs)",
                 epoch + 1,
                 total_epochs,
                 state,
                 position,
                 row["train_loss"],
                 row["train_acc"],
-                row.get("test_acc", float("nan")),
+                row.get("val_acc", float("nan")),
                 row["epoch_time_s"],
             )
             if self.checkpoint is not None:
                 self.state.save(self.checkpoint)
-            if on_epoch is not None:
-                on_epoch(row)
+            for callback in (on_epoch, self.on_epoch):
+                if callback is not None:
+                    callback(row)
 
 
-def evaluate(model: nn.Module, test: Images, *, batch_size: int, precision: str, device) -> dict:
-    """Test loss and accuracy on raw test images through the whole model (prefix + suffix)."""
+def progress(total: int, desc: str):
+    """A tqdm bar in an interactive terminal; a no-op in CI and logs (one line per epoch)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
+
+
+def evaluate(
+    model: nn.Module, test: Images, *, batch_size: int, precision: str, device, prefix: str = "test"
+) -> dict:
+    """Loss and accuracy on raw images through the whole model (prefix + suffix), as
+    ``{prefix}_loss`` and ``{prefix}_acc``."""
     loss, correct = 0.0, 0
     with runtime.eval_mode(model), torch.no_grad():
         for x, y in test.batches(batch_size):
@@ -299,4 +318,4 @@ def evaluate(model: nn.Module, test: Images, *, batch_size: int, precision: str,
             loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
     n = len(test)
-    return {"test_loss": loss / n, "test_acc": correct / n}
+    return {f"{prefix}_loss": loss / n, f"{prefix}_acc": correct / n}

@@ -1,0 +1,156 @@
+"""Stage cache: at one freeze point, rank what a flip changes (when the method stores it) and
+push the training set once through the frozen prefix into a compressed HDF5 cache.
+
+Every point's cache is built from the raw training images through the whole frozen prefix: the
+features are exact F(x), and the stored flipped channels or tokens are exact F(flip(x)) (one
+extra forward pass, charged in the FLOPs), not a previous cache's partly corrected flipped view
+pushed through more blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from freezecache import rank, runtime, store
+from freezecache.codec import make_codec
+from freezecache.config import Config
+from freezecache.io import atomic_write_json, tensors_digest
+from freezecache.methods import method
+from freezecache.models import feature_shape, split
+from freezecache.steps.context import Context, start_of_point
+from freezecache.train import progress
+
+
+def prefix_hash(model: nn.Module, position: int) -> str:
+    """Content hash of the frozen prefix a cache was built with."""
+    prefix, _ = split(model, position)
+    return tensors_digest(prefix.state_dict())
+
+
+def frozen_model(ctx: Context, point) -> nn.Module:
+    """The model as it stands at a freeze point, in eval mode."""
+    _, state = start_of_point(ctx, point)
+    model = ctx.new_model()
+    model.load_state_dict(state.model)
+    return model.eval()
+
+
+def feature_pairs(
+    ctx: Context, model: nn.Module, block: int, flipped: bool, batch_size: int, limit: int | None
+) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
+    """(F(x), F(flip(x)) or None, y) over the training set in order, raw images through the
+    frozen prefix at ``block``."""
+    prefix, _ = split(model, block)
+    seen = 0
+    with torch.no_grad(), runtime.autocast(ctx.cfg.train.precision, ctx.device):
+        for x, y in ctx.train.batches(batch_size):
+            if limit is not None and seen >= limit:
+                return
+            fa = prefix(x.flip(-1)).float() if flipped else None
+            seen += y.numel()
+            yield prefix(x).float(), fa, y
+
+
+def ranking(ctx: Context, model: nn.Module, block: int) -> dict:
+    """Flip sensitivity per channel (SSIM, CNN) or mean best-match cosine per token (ViT)."""
+    r = ctx.cfg.rank
+    pairs = feature_pairs(ctx, model, block, True, r.batch_size, r.samples)
+    if model.kind == "cnn":
+        sens = rank.ChannelSensitivity()
+        for f, fa, _ in pairs:
+            sens.update(f, fa)
+        scores, count = sens.scores(), sens.count
+    else:
+        total, count = None, 0
+        for f, fa, _ in pairs:
+            _, best = rank.match_tokens(f, fa)
+            total = best.sum(0) if total is None else total + best.sum(0)
+            count += f.shape[0]
+        scores = (total / count).cpu()
+    order = torch.argsort(scores, stable=True)
+    return {"kind": model.kind, "samples": count, "scores": scores.tolist(), "order": order.tolist()}
+
+
+def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
+    """Builds the cache of method ``name`` at the freeze point at ``block``."""
+    index, point = cfg.point(block)
+    ctx = Context(cfg, seed, "cache", method=name, p=point)
+    t0 = time.perf_counter()
+    model = frozen_model(ctx, point)
+    m = method(name)
+    ranked = ranking(ctx, model, block) if m.needs_ranking else {"kind": "none"}
+    atomic_write_json(ctx.out("ranking"), ranked)
+    shape = feature_shape(model, block)
+    channels = extra_shape = None
+    if m.needs_ranking and model.kind == "cnn":
+        channels = rank.most_sensitive(torch.tensor(ranked["scores"]), cfg.rank.gamma).sort().values
+        extra_shape = (len(channels), *shape[1:])
+    elif m.needs_ranking:
+        extra_shape = (round(cfg.rank.alpha * shape[0]), shape[1])
+    if extra_shape is not None and extra_shape[0] == 0:
+        extra_shape = channels = None
+    path = ctx.out("cache")
+    tol = cfg.cache.tolerance_at(index)
+    writer = store.CacheWriter(
+        path,
+        codec=make_codec(cfg.cache.codec, tol),
+        sample_shape=shape,
+        chunk_size=cfg.cache.chunk_size,
+        num_samples=len(ctx.train),
+        prefix_hash=prefix_hash(model, block),
+        extra_shape=extra_shape,
+        extra_index=channels.tolist() if channels is not None else None,
+        meta={"method": name, "point": index, "block": block, "seed": seed, "model": cfg.model.name},
+        workers=cfg.cache.encode_workers,
+    )
+    bar = progress(len(ctx.train), f"cache {ctx.name}")
+    with writer:
+        for f, fa, y in feature_pairs(ctx, model, block, extra_shape is not None, 256, None):
+            extra = extra_pos = None
+            if channels is not None:
+                extra = fa[:, channels.to(fa.device)]
+            elif extra_shape is not None:
+                pos, extra, _ = rank.select_tokens(f, fa, cfg.rank.alpha)
+                extra_pos = pos.cpu().numpy().astype(np.int32)
+            writer.add(
+                f.cpu().numpy(),
+                y.cpu().numpy(),
+                extra=None if extra is None else extra.float().cpu().numpy(),
+                extra_pos=extra_pos,
+            )
+            bar.update(y.numel())
+    bar.close()
+    stats = writer.close()  # idempotent: the stats of the published file
+    stats.update(decode_throughput(path))
+    stats.update(
+        point=index,
+        block=block,
+        tolerance=tol,
+        codec=cfg.cache.codec,
+        chunk_size=cfg.cache.chunk_size,
+        build_s=time.perf_counter() - t0,
+        stage_wall_s=runtime.process_seconds(),
+        peak_rss_mb=runtime.peak_rss_mb(),
+        stored_channels=0 if channels is None else len(channels),
+    )
+    atomic_write_json(ctx.out("stats"), stats)
+    return stats
+
+
+def decode_throughput(path: Path) -> dict:
+    """Reads and decodes the whole cache once, single process: fp32 MB/s a loader worker gets."""
+    info = store.open_cache(path)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in store.iter_cache(path, info):
+        n += batch["y"].numel()
+    took = time.perf_counter() - t0
+    raw = n * 4 * math.prod(info.sample_shape)
+    return {"decode_s": took, "decode_mb_s": raw / 1e6 / took if took else None}

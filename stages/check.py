@@ -1,0 +1,24 @@
+"""Stage check: validate params.yaml before any other stage deletes its outputs.
+
+Every stage depends on this stage's output, so DVC runs it first; bad params stop the run here,
+with one line per problem, while every earlier result is still in place. The output's content
+never changes, so a passing check reruns nothing downstream.
+"""
+
+from pathlib import Path
+
+import _env  # noqa: F401
+import typer
+
+from freezecache.cli import Params, stage
+from freezecache.io import atomic_write_text
+from freezecache.pipeline import STAGES
+
+
+def main(params: Params = Path("params.yaml")) -> None:
+    with stage(params) as cfg:
+        atomic_write_text(STAGES["check"].path("ok", cfg), "params.yaml is valid\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)
