@@ -128,8 +128,6 @@ def make_imagefolder(root: Path, sizes: tuple[tuple[int, int], ...], mode: str =
     return root
 
 
-
-
 def make_unique_fashion(root: Path, n_train: int = 60, n_test: int = 30) -> Path:
     """Like make_fashion, but pixel (0, 0) of image i holds i: every sample can be told apart."""
     root.mkdir(parents=True, exist_ok=True)

@@ -40,5 +40,3 @@ def test_fit_images_channels() -> None:
     np.testing.assert_array_equal(luma.ravel(), [76, 150, 29, 18])  # 0.299, 0.587, 0.114 of 255
     with pytest.raises(FreezecacheError, match="channels 1 or 3"):
         fit_images(grey, 4, 2)
-
-

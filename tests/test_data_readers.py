@@ -235,5 +235,3 @@ def test_real_fashion_mnist() -> None:
     assert len(classes) == 10
     np.testing.assert_array_equal(np.bincount(train.labels), [6000] * 10)
     np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
-
-
