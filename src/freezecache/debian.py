@@ -7,15 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from freezecache.data.fashion_mnist import FASHION_MNIST_FILES, FASHION_MNIST_ROOT
 from freezecache.errors import FreezecacheError
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
 PACKAGE = "dataset-fashion-mnist"
 
 
