@@ -32,7 +32,7 @@ import typer
 from torch import nn
 
 from freezecache import augment, bench, runtime, steps, store
-from freezecache.cli import stage
+from freezecache.guard import stage
 from freezecache.codec import make_codec
 from freezecache.config import Config
 from freezecache.io import atomic_write_json, atomic_write_text

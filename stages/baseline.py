@@ -5,7 +5,7 @@ from pathlib import Path
 import _env  # noqa: F401
 import typer
 
-from freezecache.cli import Method, Params, Seed, stage
+from freezecache.guard import Method, Params, Seed, stage
 from freezecache.steps.baselines import baseline
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import _env  # noqa: F401
 import typer
 
-from freezecache.cli import Params, stage
+from freezecache.guard import Params, stage
 from freezecache.io import atomic_write_text
 from freezecache.pipeline import STAGES
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import _env  # noqa: F401
 import typer
 
-from freezecache.cli import Params, stage
+from freezecache.guard import Params, stage
 from freezecache.report import write_report
 
 

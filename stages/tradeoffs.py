@@ -6,7 +6,7 @@ from pathlib import Path
 import _env  # noqa: F401
 import typer
 
-from freezecache.cli import Params, stage
+from freezecache.guard import Params, stage
 from freezecache.pipeline import STAGES
 from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
 

@@ -29,32 +29,97 @@ def test_all_problems_reported_at_once():
     raw["train"]["epochs"] = -1
     raw["train"]["lr"] = "fast"
     raw["cache"]["tolerance"] = 0
-    raw["augment"]["gamma"] = 1.5
+    raw["rank"]["gamma"] = 1.5
     raw["model"]["colour"] = "red"
     lines = _problems(raw)
     assert len(lines) == 5
     text = "\n".join(lines)
-    for key in ("train.epochs", "train.lr", "cache.tolerance", "augment.gamma", "model.colour"):
+    for key in ("train.epochs", "train.lr", "cache.tolerance", "rank.gamma", "model.colour"):
         assert key in text
     assert "unknown key 'model.colour'" in text
 
 
 def test_freeze_point_past_last_block():
     raw = load_profile("default")  # resnet20: 9 blocks
-    raw["freeze"]["points"] = [{"block": 3, "epoch": 2}, {"block": 10, "epoch": 4}]
+    raw["freeze"]["points"] = [
+        {"block": 3, "epoch": 1, "after": "../prefix"},
+        {"block": 10, "epoch": 2, "after": "b3"},
+    ]
     (line,) = _problems(raw)
     assert "freeze.points.1.block = 10 is past the last block of resnet20 (9 blocks)" in line
 
 
 def test_schedule_consistency():
     raw = load_profile("default")
-    raw["freeze"]["points"] = [{"block": 5, "epoch": 4}, {"block": 3, "epoch": 9}]
+    raw["freeze"]["points"] = [
+        {"block": 5, "epoch": 4, "after": "../prefix"},
+        {"block": 3, "epoch": 9, "after": "b5"},
+    ]
     raw["cache"]["tolerance"] = [0.1, 0.2, 0.3]
     lines = _problems(raw)
     text = "\n".join(lines)
-    assert "freeze.points.1.epoch = 9 must be below train.epochs = 6" in text
+    assert "freeze.points.1.epoch = 9 must be below train.epochs = 8" in text
     assert "must freeze more blocks at a later epoch" in text
     assert "cache.tolerance has 3 values for 2 freeze points" in text
+
+
+def test_freeze_points_must_name_the_run_they_continue_from():
+    raw = load_profile("default")
+    raw["freeze"]["points"] = [
+        {"block": 3, "epoch": 1, "after": "prefix"},
+        {"block": 6, "epoch": 2, "after": "b4"},
+    ]
+    lines = _problems(raw)
+    assert len(lines) == 2
+    assert "freeze.points.0.after = 'prefix': write '../prefix'" in lines[0]
+    assert "freeze.points.1.after = 'b4': write 'b3'" in lines[1]
+
+
+@pytest.mark.parametrize(
+    "classes,pre,message",
+    [
+        ([5, 6, 12], [0, 1], "data.classes has 12, but fashion_mnist has class ids 0..9 only"),
+        ([], [0, 1], "data.classes is empty"),
+        ([5, 5, 6], [0, 1], "data.classes lists class 5 more than once"),
+        ([4, 5, 6], [0, 4], "pretrain.data.classes and data.classes overlap ([4])"),
+        ([5, 6], [], "pretrain.data.classes is empty"),
+    ],
+)
+def test_class_splits_are_validated(classes, pre, message):
+    raw = load_profile("default")
+    raw["data"]["classes"] = classes
+    raw["pretrain"]["data"]["classes"] = pre
+    lines = _problems(raw)
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.parametrize("key", ["cache", "runs", "data"])
+def test_paths_outside_the_repository_are_refused(key, tmp_path):
+    raw = load_profile("default")
+    raw["paths"][key] = "/some/abs/path" if key != "data" else "../elsewhere"
+    with pytest.raises(FreezecacheError) as err:
+        parse_config(raw, repo=tmp_path)
+    (line,) = str(err.value).splitlines()
+    assert f"paths.{key} = " in line and "outside the repository" in line
+    raw["paths"][key] = str(tmp_path / "inside")
+    parse_config(raw, repo=tmp_path)
+
+
+def test_checkpoint_must_be_under_the_weights_folder(tmp_path):
+    raw = load_profile("scratch")
+    raw["model"]["checkpoint"] = "elsewhere/w.pth"
+    with pytest.raises(FreezecacheError) as err:
+        parse_config(raw, repo=tmp_path)
+    (line,) = str(err.value).splitlines()
+    assert "model.checkpoint = 'elsewhere/w.pth' must be a file under paths.weights" in line
+
+
+def test_methods_must_be_in_the_list_of_their_kind():
+    raw = load_profile("default")
+    raw["methods"] = {"baselines": ["normal", "discard"], "discard": ["discard_aug", "normal"]}
+    lines = _problems(raw)
+    assert len(lines) == 2
+    assert "methods.baselines.1" in lines[0] and "methods.discard.1" in lines[1]
 
 
 def test_tolerance_per_point():
@@ -77,7 +142,7 @@ def test_unknown_model_and_bad_yaml(tmp_path):
 def test_cli_reports_errors_and_exits_nonzero(tmp_path):
     raw = load_profile("default")
     raw["train"]["epochs"] = 0
-    raw["augment"]["alpha"] = -0.5
+    raw["rank"]["alpha"] = -0.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     done = run(["freezecache", "check"], tmp_path, check=False)
     assert done.returncode == 2
@@ -97,12 +162,12 @@ def test_stage_refuses_bad_params_without_writing(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
-def test_profile_command_copies_and_renders(tmp_path):
+def test_profile_command_copies_the_profile(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "smoke.yaml").write_text((ROOT / "configs/smoke.yaml").read_text())
     run(["freezecache", "profile", "smoke"], tmp_path)
     assert (tmp_path / "params.yaml").read_text() == (ROOT / "configs/smoke.yaml").read_text()
-    assert "train_suffix_discard_aug_s0_p2" in (tmp_path / "dvc.yaml").read_text()
+    assert not (tmp_path / "dvc.yaml").exists()  # the pipeline's shape comes from params
     done = run(["freezecache", "profile", "nope"], tmp_path, check=False)
     assert done.returncode == 2 and "choose one of: smoke" in done.stderr
     assert env_with_venv()

@@ -1,75 +1,120 @@
-"""dvc.yaml rendering, and the smoke pipeline under real DVC in a fresh git repository."""
+"""The pipeline's declarations, the dvc.yaml rendered from them, and the smoke pipeline under
+real DVC in a fresh git repository."""
 
 import json
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
 from freezecache import pipeline
-from freezecache.config import parse_config
-from freezecache.errors import FreezecacheError
+from freezecache.pipeline import STAGES, code_deps
 
-PROFILES = ROOT / "configs"
-
-
-def _stages(profile: str, **changes) -> dict:
-    raw = load_profile(profile)
-    raw.update(changes)
-    return pipeline.render(parse_config(raw))["stages"]
+PROFILES = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
 
 
-def test_stage_per_seed_method_and_point():
-    stages = _stages("smoke", seeds=[0, 1])
-    for s in (0, 1):
-        assert f"train_prefix_s{s}" in stages
-        assert f"baseline_freezeout_s{s}" in stages
-        for k in (1, 2):
-            assert f"cache_discard_s{s}_p{k}" in stages
-            assert f"rank_discard_aug_s{s}_p{k}" in stages
-            assert f"rank_discard_s{s}_p{k}" not in stages  # standard flips need no ranking
-    # the second point's cache is made from the first point's cache, not from raw images
-    deps = stages["cache_discard_aug_s0_p2"]["deps"]
-    assert "${paths.cache}/s0/discard_aug/p1.h5" in deps
-    assert "${paths.runs}/s0/discard_aug/p1/suffix/state.pt" in deps
-    assert "${paths.data}" not in deps
+def test_committed_dvc_yaml_is_rendered_from_the_declarations():
+    assert (ROOT / "dvc.yaml").read_text() == pipeline.render_text(), (
+        "dvc.yaml is stale: run `freezecache pipeline`"
+    )
 
 
-def test_params_listed_per_stage_keep_edits_local():
-    stages = _stages("smoke")
-    tol = [n for n, s in stages.items() if "cache.tolerance" in s["params"]]
-    assert all(n.startswith(("cache_", "report")) for n in tol)
-    noise = [n for n, s in stages.items() if "augment.noise_std" in s["params"]]
-    assert noise and all(n.startswith("train_suffix_") for n in noise)
-    gamma = [n for n, s in stages.items() if "augment.gamma" in s["params"]]
-    assert gamma and all(n.startswith("cache_discard_aug") for n in gamma)
-    for n in ("prepare", "train_prefix_s0", "baseline_normal_s0", "rank_discard_aug_s0_p1"):
-        assert not any(p.startswith(("cache", "augment")) for p in stages[n]["params"]), n
+def test_dvc_yaml_is_short_and_templated():
+    text = (ROOT / "dvc.yaml").read_text()
+    assert len(text.splitlines()) <= 225
+    stages = yaml.safe_load(text)["stages"]
+    assert stages["train_suffix"]["matrix"] == {
+        "seed": "${seeds}",
+        "method": "${methods.discard}",
+        "p": "${freeze.points}",
+    }
+    # a freeze point continues from the run its `after` names: that is the chain
+    assert any("${item.p.after}" in d for d in stages["cache"]["deps"])
+    assert any("${item.p.after}" in d for d in stages["train_suffix"]["deps"])
 
 
-@pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILES.glob("*.yaml")))
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def _imported_modules(script: Path) -> list[str]:
+    """Project modules in sys.modules after importing a stage script (its top-level imports)."""
+    code = (
+        "import runpy, sys, json; sys.argv = ['x', '--help'];"
+        f"sys.path.insert(0, {str(script.parent)!r});"
+        f"runpy.run_path({str(script)!r}, run_name='not_main');"
+        "print(json.dumps([getattr(m, '__file__', None) for n, m in sys.modules.items()"
+        " if n == 'freezecache' or n.startswith('freezecache.')]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    files = [Path(f).resolve() for f in json.loads(out.stdout.splitlines()[-1]) if f]
+    return [f.relative_to(ROOT).as_posix() for f in files]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_code_deps_cover_every_module_the_stage_imports(name):
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]["deps"]
+    deps = [d.replace("${lib}", "src/freezecache") for d in deps]
+    for module in _imported_modules(ROOT / STAGES[name].script):
+        assert _covered(module, deps), f"{name} imports {module}, which its deps do not list"
+
+
+def test_code_deps_follow_imports_including_lazy_ones():
+    deps = {n: code_deps(ROOT / s.script) for n, s in STAGES.items()}
+    assert "src/freezecache/profiling.py" in deps["train_suffix"]
+    assert "src/freezecache/costs.py" in deps["baseline"]
+    assert "src/freezecache/models" in deps["check"]  # config builds the model lazily
+    assert "src/freezecache/store.py" in deps["cache"]
+    assert "src/freezecache/train.py" not in deps["report"]
+    assert "src/freezecache/store.py" not in deps["baseline"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
 def test_every_param_a_stage_lists_is_in_the_profile(profile):
     # DVC refuses to run a stage whose listed param key is missing from params.yaml.
     raw = load_profile(profile)
-    for name, stage in pipeline.render(parse_config(raw, check_model=False))["stages"].items():
-        for key in stage["params"]:
+    for name, stage in STAGES.items():
+        for key in stage.params:
             node = raw
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"{profile}: {name} lists {key}"
                 node = node[part]
 
 
-def test_check_detects_a_stale_dvc_yaml(tmp_path):
-    cfg = parse_config(load_profile("smoke"))
-    target = tmp_path / "dvc.yaml"
-    assert pipeline.write(cfg, target) and not pipeline.write(cfg, target)
-    pipeline.check(cfg, target)
-    raw = load_profile("smoke")
-    raw["seeds"] = [0, 1]
-    with pytest.raises(FreezecacheError, match="run `freezecache pipeline`"):
-        pipeline.check(parse_config(raw), target)
+def test_no_output_file_name_is_spelled_outside_the_declarations():
+    names = {Path(out.path).name for s in STAGES.values() for out in s.outs.values()}
+    names = {n for n in names if "{" not in n and n != "metrics"}
+    offenders = []
+    for folder in ("src", "stages", "benchmarks"):
+        for f in (ROOT / folder).rglob("*.py"):
+            if f.name == "pipeline.py":
+                continue
+            text = f.read_text()
+            offenders += [f"{f.relative_to(ROOT)}: {n}" for n in names if f'"{n}"' in text]
+    assert not offenders, offenders
+
+
+def test_a_stage_without_the_venv_says_so_in_one_line(tmp_path):
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    if not base.is_file():
+        pytest.skip("no base interpreter")
+    done = subprocess.run(
+        [str(base), "-s", str(ROOT / "stages/check.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "activate the project's venv" in done.stderr and "Traceback" not in done.stderr
 
 
 def _status_stages(repo) -> set[str]:
@@ -77,33 +122,31 @@ def _status_stages(repo) -> set[str]:
     return set(json.loads(out or "{}"))
 
 
-def _set(repo, key: str, value) -> None:
+def _edit(repo, key: str, value) -> None:
     raw = yaml.safe_load((repo / "params.yaml").read_text())
-    section, name = key.split(".")
-    raw[section][name] = value
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def _experiment_ratios(shown) -> dict[float, float]:
-    """cache.tolerance -> the first point's compression ratio, per experiment in `dvc exp show`."""
-    found = {}
+def _points(*pairs) -> list[dict]:
+    return [
+        {"block": b, "epoch": e, "after": "../prefix" if i == 0 else f"b{pairs[i - 1][0]}"}
+        for i, (b, e) in enumerate(pairs)
+    ]
 
-    def walk(node):
-        if isinstance(node, dict):
-            params = node.get("params", {}).get("params.yaml", {}).get("data", {})
-            metrics = node.get("metrics", {})
-            tol = params.get("cache", {}).get("tolerance") if isinstance(params, dict) else None
-            stats = metrics.get("runs/s0/discard/p1/cache.json", {}).get("data", {})
-            if tol is not None and "compression_ratio" in stats:
-                found[tol] = stats["compression_ratio"]
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
 
-    walk(shown)
-    return found
+def _hydra(points: list[dict]) -> str:
+    return (
+        "["
+        + ",".join(
+            f"{{block:{p['block']},epoch:{p['epoch']},after:'{p['after']}'}}" for p in points
+        )
+        + "]"
+    )
 
 
 @pytest.mark.slow
@@ -115,54 +158,109 @@ def test_smoke_pipeline_in_a_fresh_git_repo(tmp_path):
     run("git add -A && git commit -qm smoke", repo)
 
     out = run(["dvc", "repro"], repo).stdout
+    assert "Running stage 'train_prefix@0'" in out
     report = json.loads((repo / "results/report.json").read_text())
     assert set(report["methods"]) == {"normal", "freezeout", "discard", "discard_aug"}
-    for r in report["methods"].values():
-        assert 0.0 <= r["accuracy_mean"] <= 100.0 and r["train_flops"] > 0
     m = report["methods"]
-    assert (
-        m["discard_aug"]["min_memory_mb"]
-        < m["freezeout"]["min_memory_mb"]
-        < m["normal"]["min_memory_mb"]
-    )
-    assert m["discard"]["train_flops"] < m["freezeout"]["train_flops"] < m["normal"]["train_flops"]
+    for r in m.values():
+        assert 0.0 <= r["accuracy_mean"] <= 100.0 and r["train_flops"] > 0 and r["peak_rss_mb"] > 0
+    assert m["discard_aug"]["min_memory_mb"] < m["freezeout"]["min_memory_mb"]
+    assert m["freezeout"]["min_memory_mb"] < m["normal"]["min_memory_mb"]
+    assert m["discard"]["train_flops"] < m["normal"]["train_flops"]
     for c in report["cache"]:
         assert c["max_abs_error"] <= c["tolerance"] and 0 < c["compression_ratio"] < 1
-    assert (repo / "data/cache/s0/discard_aug/p2.h5").is_file()
-    assert "Running stage 'train_prefix_s0'" in out
+    assert (repo / "data/cache/s0/discard_aug/b5.h5").is_file()
+    headline = json.loads((repo / "results/metrics.json").read_text())
+    assert set(headline["acc"]) == set(m)
+    shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
+    assert "results/metrics.json" in shown and "live" not in shown  # the headline only
+    run("git add -A && git commit -qm ran", repo)
 
-    again = run(["dvc", "repro"], repo).stdout
-    assert "Running stage" not in again
+    assert "Running stage" not in run(["dvc", "repro"], repo).stdout
     run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
     assert (tmp_path / "plots/index.html").is_file()
 
-    _set(repo, "cache.tolerance", 0.05)
+    # editing a module reruns exactly the stages that import it
+    profiling = repo / "src/freezecache/profiling.py"
+    profiling.write_text(profiling.read_text() + "\n# a comment\n")
+    importers = {
+        n
+        for n, s in STAGES.items()
+        if "src/freezecache/profiling.py" in code_deps(repo / s.script, repo)
+    }
+    stale = {s.split("@")[0] for s in _status_stages(repo)}
+    assert stale == importers and "report" not in stale, (stale, importers)
+    run("git checkout -q src", repo)
+
+    # one param reruns only what reads it
+    _edit(repo, "cache.tolerance", 0.05)
     stale = _status_stages(repo)
-    assert stale and all(re.match(r"(cache_|train_suffix_|report)", s) for s in stale), stale
+    assert stale and all(re.match(r"(check|cache@)", s) for s in stale), stale
+    run("git checkout -q params.yaml", repo)
+    _edit(repo, "augment.noise_std", 0.1)
+    stale = _status_stages(repo)
+    assert {s for s in stale if s != "check"} == {
+        f"train_suffix@0-{m}-p{i}" for m in ("discard", "discard_aug") for i in (0, 1)
+    }, stale
     run("git checkout -q params.yaml", repo)
 
-    _set(repo, "augment.noise_std", 0.1)
-    stale = _status_stages(repo)
-    assert stale and all(s.startswith("train_suffix_") for s in stale), stale
-    assert any("discard_aug" in s for s in stale) and any("discard_s0" in s for s in stale)
+    # bad params stop the run before any output is deleted
+    before = sorted(p.relative_to(repo) for p in (repo / "runs").rglob("*") if p.is_file())
+    _edit(repo, "train.epochs", -1)
+    done = run(["dvc", "repro"], repo, check=False)
+    assert done.returncode != 0 and "train.epochs" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr + done.stdout
+    after = sorted(p.relative_to(repo) for p in (repo / "runs").rglob("*") if p.is_file())
+    assert set(before) - {Path("runs/params.ok")} <= set(after)
     run("git checkout -q params.yaml", repo)
 
-    _set(repo, "augment.gamma", 0.5)
-    stale = _status_stages(repo)
-    assert stale == {"cache_discard_aug_s0_p1", "cache_discard_aug_s0_p2"}, stale
-    run("git checkout -q params.yaml", repo)
+    # three freeze points: plain `dvc repro`, no render step
+    _edit(repo, "train.epochs", 4)
+    _edit(repo, "freeze.points", _points((2, 1), (4, 2), (6, 3)))
+    _edit(repo, "cache.tolerance", 0.1)
+    out = run(["dvc", "repro"], repo).stdout
+    assert "Running stage 'train_suffix@0-discard_aug-p2'" in out
+    assert (repo / "data/cache/s0/discard_aug/b6.h5").is_file()
+    run("git checkout -q params.yaml dvc.lock", repo)
 
-    run(["dvc", "exp", "run", "-S", "cache.tolerance=0.05"], repo)
-    run(["dvc", "exp", "run", "--queue", "-S", "cache.tolerance=0.02,0.1"], repo)
+    # a queue of experiments with two and three points
+    run(
+        ["dvc", "exp", "run", "--queue", "-S", f"freeze.points={_hydra(_points((3, 1), (5, 2)))}"],
+        repo,
+    )
+    run(
+        ["dvc", "exp", "run", "--queue", "-S", "train.epochs=4",
+         "-S", f"freeze.points={_hydra(_points((2, 1), (4, 2), (6, 3)))}"],
+        repo,
+    )  # fmt: skip
     run(["dvc", "queue", "start"], repo)
-    deadline = time.time() + 900
+    deadline = time.time() + 1200
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], repo).stdout
         if not re.search(r"\b(Queued|Running)\b", status):
             break
         time.sleep(5)
-    assert "Failed" not in status, status
+    assert "Failed" not in status and status.count("Success") == 2, status
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    ratios = _experiment_ratios(shown)
-    assert {0.05, 0.02, 0.1} <= set(ratios), ratios
-    assert ratios[0.1] < ratios[0.02]  # a looser tolerance compresses better (lower ratio)
+    assert {2, 3} <= set(_experiment_points(shown)), _experiment_points(shown)
+
+
+def _experiment_points(shown) -> dict[int, dict]:
+    """Number of freeze points -> headline accuracies, per experiment in `dvc exp show`."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            params = node.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = node.get("metrics", {}).get("results/metrics.json", {}).get("data", {})
+            points = params.get("freeze", {}).get("points") if isinstance(params, dict) else None
+            if points and "acc" in metrics:
+                found[len(points)] = metrics["acc"]
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(shown)
+    return found

@@ -7,7 +7,7 @@ import pytest
 from conftest import load_profile
 from freezecache.config import parse_config
 from freezecache.errors import FreezecacheError
-from freezecache.layout import COSTS, METRICS, Layout
+from freezecache.pipeline import STAGES
 from freezecache.report import README_MARK, update_readme, write_report
 
 ACC = {
@@ -27,20 +27,17 @@ MEM = {
 def _states(method: str, low: float) -> list[dict]:
     """Smoke schedule: 3 epochs, points at epochs 1 and 2."""
     if method == "normal":
-        return [
-            {
-                "state": "full",
-                "position": 0,
-                "epochs": 3,
-                "accounted_memory_mb": low,
-                "cuda_peak_mb": None,
-            }
-        ]
+        return [{"state": "full", "position": 0, "epochs": 3, "accounted_memory_mb": low}]
     kind = "freeze" if method == "freezeout" else "discard"
     return [
-        {"state": s, "position": p, "epochs": 1, "accounted_memory_mb": mb, "cuda_peak_mb": None}
+        {"state": s, "position": p, "epochs": 1, "accounted_memory_mb": mb, "cache_in_ram_mb": 1.0}
         for s, p, mb in (("full", 0, 100.0), (kind, 2, 50.0), (kind, 5, low))
     ]
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
 
 
 def _fixture(tmp_path):
@@ -48,37 +45,52 @@ def _fixture(tmp_path):
     raw["paths"] = {k: str(tmp_path / k) for k in raw["paths"]}
     raw["seeds"] = [0, 1]
     cfg = parse_config(raw)
-    L = Layout(cfg.paths)
     for i, seed in enumerate(cfg.seeds):
-        for m in cfg.methods:
-            folder = tmp_path.joinpath(L.method_result(seed, m, 2))
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / METRICS).write_text(json.dumps({"test_acc": ACC[m][i], "wall_time_s": 10.0}))
+        _write(
+            STAGES["train_prefix"].path("costs", cfg, seed=seed),
+            {"stage_wall_s": 4.0, "peak_rss_mb": 900.0},
+        )
+        for m in cfg.methods.all:
+            item = {"seed": seed, "method": m}
+            if m in cfg.methods.baselines:
+                folder = STAGES["baseline"].path("state", cfg, **item).parent
+            else:
+                folder = STAGES["train_suffix"].path("state", cfg, **item, p=cfg.points[-1]).parent
+            _write(folder / "live/metrics.json", {"test_acc": ACC[m][i], "step": 3})
+            tsv = folder / "live/plots/metrics/val_acc.tsv"
+            tsv.parent.mkdir(parents=True, exist_ok=True)
+            tsv.write_text("step\tval_acc\n1\t0.5\n2\t0.6\n3\t" + str(ACC[m][i]) + "\n")
             avg, low = MEM[m]
             costs = {
                 "avg_memory_mb": avg,
                 "min_memory_mb": low,
+                "avg_host_memory_mb": avg + 1.0,
+                "min_host_memory_mb": low + 1.0,
                 "train_flops": 1e12 * avg / 100,
                 "states": _states(m, low),
+                "stage_wall_s": 10.0,
+                "peak_rss_mb": 1000.0 + i,
             }
-            (folder / COSTS).write_text(json.dumps(costs))
-        for v in cfg.discard_methods:
-            for k in (1, 2):
-                stats = {
-                    "build_s": 2.0,
-                    "block": 2 * k,
-                    "codec": "zfp",
-                    "tolerance": 0.01,
-                    "chunk_size": 1,
-                    "compression_ratio": 0.2 * k,
-                    "max_abs_error": 0.004,
-                    "encode_mb_s": 100.0,
-                    "decode_mb_s": 300.0,
-                    "stored_channels": 4,
-                }
-                path = tmp_path.joinpath(L.cache_stats(seed, v, k))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(stats))
+            _write(folder / "costs.json", costs)
+            if m in cfg.methods.discard:
+                _write(STAGES["train_suffix"].path("costs", cfg, **item, p=cfg.points[0]), costs)
+                for k, p in enumerate(cfg.points, start=1):
+                    stats = {
+                        "point": k,
+                        "stage_wall_s": 2.0,
+                        "peak_rss_mb": 800.0,
+                        "block": p.block,
+                        "codec": "zfp",
+                        "tolerance": 0.01,
+                        "chunk_size": 1,
+                        "compression_ratio": 0.2 * k,
+                        "max_abs_error": 0.004,
+                        "encode_mb_s": 100.0,
+                        "decode_mb_s": 300.0,
+                        "stored_bytes": 2e6,
+                        "stored_channels": 4,
+                    }
+                    _write(STAGES["cache"].path("stats", cfg, **item, p=p), stats)
     return cfg
 
 
@@ -100,16 +112,30 @@ def test_report_json_shape_and_statistics(tmp_path):
             "wall_time_s",
         ):
             assert key in r, (m, key)
-    assert report["methods"]["discard"]["wall_time_s"] == pytest.approx(10.0 + 2 * 2.0)
+    # every stage process of the method: the shared prefix, two suffixes, two cache builds
+    assert report["methods"]["discard"]["wall_time_s"] == pytest.approx(4.0 + 2 * 10.0 + 2 * 2.0)
+    assert report["methods"]["normal"]["wall_time_s"] == pytest.approx(4.0 + 10.0)
+    assert report["methods"]["discard"]["peak_rss_mb"] == 1001.0
+    # paired per seed: discard - normal = -2.0 and -2.0
+    assert report["methods"]["discard"]["gap_to_normal"] == pytest.approx(-2.0)
+    assert report["methods"]["discard"]["gap_to_normal_std"] == pytest.approx(0.0, abs=1e-9)
+    # Discard lost 2 points, Discard & Aug. won back 0 of them on average
+    assert report["summary"]["discard_gap_won_back"] == pytest.approx(0.0, abs=1e-9)
     assert len(report["cache"]) == 4
     memory = (tmp_path / "results/memory.csv").read_text().splitlines()
-    assert memory == [
-        "epoch,normal,freezeout,discard,discard_aug",
-        "1,100.0,100.0,100.0,100.0",
-        "2,100.0,50.0,50.0,50.0",
-        "3,100.0,40.0,20.0,20.0",
-    ]
-    assert (tmp_path / "results/cache.csv").read_text().startswith("method,point,tolerance,")
+    assert memory[0] == "epoch,method,memory_mb"
+    assert (
+        "3,normal,100.0" in memory and "3,discard,20.0" in memory and "2,freezeout,50.0" in memory
+    )
+    curves = (tmp_path / "results/curves.csv").read_text().splitlines()
+    assert curves[0] == "epoch,method,val_acc" and "3,normal,0.91" in curves
+    headline = json.loads((tmp_path / "results/metrics.json").read_text())
+    assert headline["acc"]["normal"] == pytest.approx(91.0)
+    assert headline["flops_saved"]["discard"] == pytest.approx(0.4)
+    assert all(
+        isinstance(v, float) for d in headline.values() if isinstance(d, dict) for v in d.values()
+    )
+    assert (tmp_path / "results/cache.csv").read_text().startswith("method,point,block,tolerance,")
     for key in (
         "point",
         "tolerance",
@@ -124,15 +150,20 @@ def test_report_json_shape_and_statistics(tmp_path):
 def test_report_markdown_has_savings_against_normal(tmp_path):
     write_report(_fixture(tmp_path))
     text = (tmp_path / "results/report.md").read_text()
-    assert "| Normal | 91.00 ± 1.41 | 100.0 | 100.0 |" in text
-    assert "| Ours w/ Discard | 89.00 ± 1.41 | 60.0 (-40.0%) | 20.0 (-80.0%) |" in text
-    assert "| Ours w/ Discard & Aug. | 2 (4) | zfp | 0.01 | 1 | 0.400 |" in text
+    assert "| Normal | 91.00 ± 1.41 | – | –0" not in text
+    assert "| Normal | 91.00 ± 1.41 | – | +1.00 ± 0.00 | 100.0 | 100.0 |" in text
+    assert (
+        "| Ours w/ Discard | 89.00 ± 1.41 | -2.00 ± 0.00 | -1.00 ± 0.00 | 60.0 (-40.0%) | 20.0 (-80.0%) |"
+        in text
+    )
+    assert "| Ours w/ Discard & Aug. | 2 (5) | zfp | 0.01 | 0.400 | 2.0 |" in text
+    assert "wins back 0% of Discard's gap" in text
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):
     cfg = _fixture(tmp_path)
-    (tmp_path / "runs/s1/freezeout/metrics.json").unlink()
-    with pytest.raises(FreezecacheError, match="runs/s1/freezeout/metrics.json: missing"):
+    (tmp_path / "runs/s1/freezeout/live/metrics.json").unlink()
+    with pytest.raises(FreezecacheError, match="runs/s1/freezeout/live/metrics.json: missing"):
         write_report(cfg)
 
 

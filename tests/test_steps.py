@@ -1,60 +1,79 @@
 """The method's steps end to end without DVC: every model, chained freeze points, cache checks."""
 
+import json
+
 import pytest
 import torch
-import yaml
 
 from conftest import load_profile, needs_fashion
-from freezecache import steps, store
+from freezecache import store
 from freezecache.config import parse_config
 from freezecache.errors import FreezecacheError
+from freezecache.guard import stage
 from freezecache.models import split
+from freezecache.pipeline import STAGES
+from freezecache.steps.baselines import baseline, train_prefix
+from freezecache.steps.cache import cache_point, frozen_model, prefix_hash
+from freezecache.steps.context import Context
+from freezecache.steps.prepare import prepare
+from freezecache.steps.pretrain import pretrain
+from freezecache.steps.suffix import train_suffix
 from freezecache.train import RunState
 
 
 def _config(tmp_path, **changes):
     raw = load_profile("smoke")
     raw["paths"] = {k: str(tmp_path / k) for k in raw["paths"]}
-    raw["data"].update(train_size=96, test_size=48)
+    raw["data"].update(train_size=96, val_size=32, test_size=48)
+    raw["pretrain"] = None
     raw["rank"]["samples"] = 32
     for section, values in changes.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    return parse_config(raw)
+    return parse_config(raw, check_model=False)
 
 
-def _run_chain(cfg, variant):
-    steps.prepare(cfg)
-    steps.train_prefix(cfg, 0)
-    for k in range(1, len(cfg.points) + 1):
-        if variant == "discard_aug":
-            steps.rank_point(cfg, 0, variant, k)
-        steps.cache_point(cfg, 0, variant, k)
-        steps.train_suffix(cfg, 0, variant, k)
+def _run_chain(cfg, method):
+    prepare(cfg)
+    pretrain(cfg)
+    train_prefix(cfg, 0)
+    for p in cfg.points:
+        cache_point(cfg, 0, method, p.block)
+        train_suffix(cfg, 0, method, p.block)
+
+
+def _points(*blocks):
+    return [
+        {"block": b, "epoch": i + 1, "after": "../prefix" if i == 0 else f"b{blocks[i - 1]}"}
+        for i, b in enumerate(blocks)
+    ]
 
 
 @pytest.mark.slow
 @needs_fashion
 @pytest.mark.parametrize(
-    "model,kwargs,points",
+    "model,kwargs,blocks",
     [
-        ("resnet32", {}, [{"block": 5, "epoch": 1}, {"block": 10, "epoch": 2}]),
-        ("resnet50", {}, [{"block": 3, "epoch": 1}, {"block": 7, "epoch": 2}]),
-        ("deit_tiny", {"patch_size": 4}, [{"block": 4, "epoch": 1}, {"block": 8, "epoch": 2}]),
+        ("resnet32", {}, (5, 10)),
+        ("resnet50", {}, (3, 7)),
+        ("deit_tiny", {"patch_size": 4}, (4, 8)),
     ],
 )
-def test_every_model_runs_the_discard_chain(tmp_path, model, kwargs, points):
+def test_every_model_runs_the_discard_chain(tmp_path, model, kwargs, blocks):
     cfg = _config(
         tmp_path,
         data={"img_size": 32, "channels": 3},
         model={"name": model, "kwargs": kwargs},
-        freeze={"points": points},
+        freeze={"points": _points(*blocks)},
         train={"batch_size": 32},
     )
     _run_chain(cfg, "discard_aug")
-    state = RunState.load(tmp_path / "runs/s0/discard_aug/p2/suffix/state.pt")
+    folder = tmp_path / f"runs/s0/discard_aug/b{blocks[1]}"
+    state = RunState.load(folder / "state.pt")
     assert state.epoch == cfg.train.epochs
     assert [r["state"] for r in state.history] == ["full", "discard", "discard"]
-    info = store.open_cache(tmp_path / "cache/s0/discard_aug/p2.h5")
+    metrics = json.loads((folder / "live/metrics.json").read_text())
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["step"] == cfg.train.epochs
+    info = store.open_cache(tmp_path / f"cache/s0/discard_aug/b{blocks[1]}.h5")
     assert info.num_samples == 96 and info.extra_shape is not None
     if model == "deit_tiny":
         assert info.has_extra_pos  # token replacement stores positions per sample
@@ -62,50 +81,80 @@ def test_every_model_runs_the_discard_chain(tmp_path, model, kwargs, points):
 
 @pytest.mark.slow
 @needs_fashion
-def test_second_cache_matches_second_prefix_on_raw_images(tmp_path):
-    cfg = _config(tmp_path, cache={"tolerance": [1e-3, 1e-3], "codec": "quant"})
-    _run_chain(cfg, "discard")
-    ctx = steps.Context(cfg, 0)
-    state = RunState.load(tmp_path / "runs/s0/discard/p1/suffix/state.pt")
-    model = steps._model_at(ctx, state)
-    prefix, _ = split(model, cfg.points[1].block)
-    info = store.open_cache(
-        tmp_path / "cache/s0/discard/p2.h5",
-        expect_prefix_hash=steps.prefix_hash(model, cfg.points[1].block),
-    )
-    cached = torch.cat([b["x"] for b in store.iter_cache(info.path, info)])
+def test_the_second_cache_holds_exact_flipped_features(tmp_path):
+    """At point 2 the stored channels are F(flip(x)) of the raw images through the whole frozen
+    prefix, within the codec's bound (not a previous cache's flipped view pushed further)."""
+    tol = 1e-3
+    cfg = _config(tmp_path, cache={"tolerance": tol, "codec": "quant"})
+    _run_chain(cfg, "discard_aug")
+    point = cfg.points[1]
+    ctx = Context(cfg, 0, "cache", method="discard_aug", p=point)
+    model = frozen_model(ctx, point)
+    prefix, _ = split(model, point.block)
+    path = ctx.out("cache")
+    info = store.open_cache(path, expect_prefix_hash=prefix_hash(model, point.block))
+    channels = torch.tensor(info.extra_index)
+    assert len(channels) == round(cfg.rank.gamma * info.sample_shape[0])
+    batches = list(store.iter_cache(path, info))
+    cached = torch.cat([b["x"] for b in batches])
+    stored = torch.cat([b["extra"] for b in batches])
     with torch.no_grad():
         direct = torch.cat([prefix(x) for x, _ in ctx.train.batches(64)])
-    err = (cached - direct).abs().max().item()
-    # point 1's error (<= 1e-3) passes through 3 blocks, point 2 adds its own 1e-3
-    assert err <= 2e-2, err
-    assert err > 0  # lossy for real: the chain did not re-read raw images
+        flipped = torch.cat([prefix(x.flip(-1)) for x, _ in ctx.train.batches(64)])
+    assert (cached - direct).abs().max().item() <= tol
+    assert (stored - flipped[:, channels]).abs().max().item() <= tol
+    # the stored view is what a flip alone cannot give: F(flip(x)) != flip(F(x)) there
+    assert (flipped[:, channels] - direct.flip(-1)[:, channels]).abs().max().item() > 10 * tol
 
 
 @pytest.mark.slow
 @needs_fashion
 def test_cache_of_another_prefix_is_refused(tmp_path):
     cfg = _config(tmp_path)
-    steps.prepare(cfg)
-    steps.train_prefix(cfg, 0)
-    steps.cache_point(cfg, 0, "discard", 1)
-    # retrain the prefix with another seed's weights in place: the cache no longer matches it
-    state_file = tmp_path / "runs/s0/prefix/state.pt"
+    prepare(cfg)
+    pretrain(cfg)
+    train_prefix(cfg, 0)
+    cache_point(cfg, 0, "discard", 2)
+    # change the prefix run's weights in place: the cache no longer matches them
+    state_file = STAGES["train_prefix"].path("state", cfg, seed=0)
     state = RunState.load(state_file)
     state.model = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.model.items()}
     state.save(state_file)
     with pytest.raises(FreezecacheError, match="prefix"):
-        steps.train_suffix(cfg, 0, "discard", 1)
-    assert not (tmp_path / "runs/s0/discard/p1/suffix/metrics.json").exists()
+        train_suffix(cfg, 0, "discard", 2)
+    assert not (tmp_path / "runs/s0/discard/b2/live/metrics.json").exists()
 
 
-def test_check_point_rejects_unknown_variant_and_point(tmp_path):
-    cfg = _config(tmp_path)
-    with pytest.raises(FreezecacheError, match="discard_noaug"):
-        steps.check_point(cfg, "discard_noaug", 1)
-    with pytest.raises(FreezecacheError, match="3"):
-        steps.check_point(cfg, "discard", 3)
-    assert yaml
+@pytest.mark.slow
+@needs_fashion
+def test_stages_record_time_and_peak_memory(tmp_path):
+    cfg = _config(tmp_path, methods={"baselines": ["normal_noflip"], "discard": []})
+    prepare(cfg)
+    pretrain(cfg)
+    baseline(cfg, 0, "normal_noflip")
+    costs = json.loads(
+        STAGES["baseline"].path("costs", cfg, seed=0, method="normal_noflip").read_text()
+    )
+    assert costs["peak_rss_mb"] > 50 and costs["stage_wall_s"] > 0
+    assert costs["avg_host_memory_mb"] == pytest.approx(costs["avg_memory_mb"])  # no cache
+    state = RunState.load(STAGES["baseline"].path("state", cfg, seed=0, method="normal_noflip"))
+    assert [r["epoch"] for r in state.history] == [1, 2, 3]  # its own run, not the prefix's
+
+
+def test_stage_arguments_are_checked(tmp_path):
+    cfg_path = tmp_path / "params.yaml"
+    import yaml
+
+    raw = load_profile("smoke")
+    cfg_path.write_text(yaml.safe_dump(raw))
+    for kwargs, message in (
+        ({"seed": 7}, "--seed 7"),
+        ({"method": ("discard_noaug", "discard")}, "methods.discard"),
+        ({"block": 4}, "--block 4: params.yaml has freeze points at blocks [2, 5]"),
+    ):
+        with pytest.raises(SystemExit) as done, stage(cfg_path, **kwargs):
+            pass
+        assert done.value.code == 2, message
 
 
 def _imagefolder(root, classes=3, per_class=6, size=28):
@@ -133,12 +182,12 @@ def test_pretrain_stage_feeds_the_main_run_with_a_new_head(tmp_path):
             "lr": 0.05,
         },
     )
-    steps.pretrain(cfg)
+    prepare(cfg)
+    pretrain(cfg)
     pre = RunState.load(tmp_path / "runs/pretrain/state.pt")
-    assert pre.epoch == 1 and pre.model["head.fc.weight"].shape[0] == 3
-    steps.prepare(cfg)
-    model = steps.Context(cfg, 0).new_model()
+    assert pre.epoch == 1 and not any(k.startswith("head.") for k in pre.model)
+    model = Context(cfg, 0, "train_prefix").new_model()
     for name, value in model.state_dict().items():
         if name.startswith("stem."):
             assert torch.equal(value, pre.model[name]), name
-    assert model.state_dict()["head.fc.weight"].shape[0] == 10  # Fashion-MNIST classes
+    assert model.state_dict()["head.fc.weight"].shape[0] == 5  # the five target classes

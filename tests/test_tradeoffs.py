@@ -12,7 +12,8 @@ import yaml
 from torch import nn
 
 from conftest import load_profile, needs_fashion
-from freezecache import pipeline, steps
+from freezecache import pipeline
+from freezecache.steps.prepare import prepare
 from freezecache.config import Train, parse_config
 from freezecache.models import BlockModel, create_model
 from freezecache.profiling import accounted_memory
@@ -205,7 +206,7 @@ def tiny_cfg(tmp_path_factory):
     raw["data"].update(train_size=64, test_size=32, img_size=16)
     raw["train"]["batch_size"] = 16
     cfg = parse_config(raw)
-    steps.prepare(cfg)
+    prepare(cfg)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return cfg
 
@@ -233,7 +234,8 @@ def test_measure_tradeoffs_rows_on_a_tiny_config(tiny_cfg, tmp_path):
     bf16, fp32 = (by[(p, False, "full")]["activation_memory_mb"] for p in ("bf16", "fp32"))
     assert 0.5 * fp32 < bf16 < 0.7 * fp32
 
-    json_path, md_path = write(rows, tmp_path)
+    json_path, md_path = tmp_path / "t.json", tmp_path / "t.md"
+    write(rows, json_path, md_path)
     assert json.loads(json_path.read_text()) == rows
     table = [line for line in md_path.read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 8 and md_path.read_text() == render_markdown(rows)
@@ -247,11 +249,11 @@ def test_measure_tradeoffs_rejects_zero_steps(tiny_cfg):
 
 
 def test_pipeline_has_the_tradeoffs_stage_before_the_report():
-    stages = pipeline.render(parse_config(load_profile("smoke")))["stages"]
+    stages = pipeline.render()["stages"]
     stage = stages["tradeoffs"]
     assert stage["cmd"] == "python stages/tradeoffs.py"
-    assert "${paths.runs}/s0/prefix/state.pt" in stage["deps"]
-    assert stage["params"] == ["model", "train.batch_size", "freeze.points"]
+    assert "${paths.runs}/s${seeds[0]}/prefix/state.pt" in stage["deps"]
+    assert stage["params"] == ["model", "train", "runtime", "freeze"]
     outs = [next(iter(o)) for o in stage["outs"]]
     assert outs == ["${paths.results}/tradeoffs.json", "${paths.results}/tradeoffs.md"]
-    assert "${paths.results}/tradeoffs.md" in stages["report"]["deps"]
+    assert "${paths.results}/tradeoffs.json" in stages["report"]["deps"]

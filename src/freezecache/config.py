@@ -213,10 +213,6 @@ def _format_pydantic(err: ValidationError, source: str) -> list[str]:
     return lines
 
 
-# Class counts of the datasets whose classes are known before reading them.
-KNOWN_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
-
-
 def _schedule_problems(cfg: Config, num_blocks: int | None) -> list[str]:
     """The freeze schedule against epochs, the model depth and the chain DVC builds from it."""
     problems = []
@@ -235,7 +231,9 @@ def _schedule_problems(cfg: Config, num_blocks: int | None) -> list[str]:
                 f"{cfg.model.name} ({num_blocks} blocks)"
             )
         if i and (p.block <= points[i - 1].block or p.epoch <= points[i - 1].epoch):
-            problems.append(f"{key} must freeze more blocks at a later epoch than the point before it")
+            problems.append(
+                f"{key} must freeze more blocks at a later epoch than the point before it"
+            )
         want = FIRST_AFTER if i == 0 else points[i - 1].name
         if p.after != want:
             problems.append(
@@ -252,30 +250,22 @@ def _schedule_problems(cfg: Config, num_blocks: int | None) -> list[str]:
 
 
 def _class_problems(key: str, d: Data) -> list[str]:
-    if d.classes is None:
-        return []
-    if not d.classes:
-        return [f"{key}.classes is empty — list the class ids to keep, or null for all"]
-    problems = []
-    if len(set(d.classes)) != len(d.classes):
-        problems.append(f"{key}.classes has duplicates ({d.classes}) — list each class once")
-    known = KNOWN_NUM_CLASSES.get(d.name)
-    bad = [c for c in d.classes if known is not None and c >= known]
-    if bad:
-        problems.append(
-            f"{key}.classes: {bad} are not classes of {d.name} (ids 0..{known - 1}) — fix the ids"
-        )
-    return problems
+    from freezecache.data.classes import class_problems
+    from freezecache.data.sources import known_num_classes
+
+    return class_problems(
+        d.classes, known_num_classes(d.name), key=f"{key}.classes", dataset=d.name
+    )
 
 
-def _path_problems(cfg: Config) -> list[str]:
+def _path_problems(cfg: Config, repo: Path) -> list[str]:
     """Paths DVC tracks must lie inside the repository (DVC 3 cannot track external outputs)."""
     problems = []
     for name, value in cfg.paths.model_dump().items():
         if name == "checkpoints":
             continue
-        norm = os.path.normpath(os.path.expanduser(value))
-        if os.path.isabs(norm) or norm == ".." or norm.startswith("../"):
+        full = os.path.normpath(os.path.join(repo, os.path.expanduser(value)))
+        if os.path.commonpath([repo, full]) != str(repo):
             problems.append(
                 f"paths.{name} = {value!r} is outside the repository, where DVC cannot track "
                 "outputs — use a relative path inside it (a symlinked folder works for big disks)"
@@ -291,16 +281,20 @@ def _path_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _semantic_problems(cfg: Config, source: str, num_blocks: int | None) -> list[str]:
+def _semantic_problems(
+    cfg: Config, source: str, num_blocks: int | None, repo: Path | None
+) -> list[str]:
     """Checks that span several keys, each reported as one line."""
-    problems = _schedule_problems(cfg, num_blocks) + _path_problems(cfg)
+    problems = _schedule_problems(cfg, num_blocks)
+    if repo is not None:
+        problems += _path_problems(cfg, repo)
     problems += _class_problems("data", cfg.data)
     if cfg.pretrain is not None:
         problems += _class_problems("pretrain.data", cfg.pretrain.data)
         src, dst = cfg.pretrain.data, cfg.data
-        if src.name == dst.name and src.root == dst.root:
-            overlap = sorted(set(src.classes or range(1000)) & set(dst.classes or range(1000)))
-            if overlap and (src.classes is not None or dst.classes is not None):
+        if src.name == dst.name and src.root == dst.root and src.classes and dst.classes:
+            overlap = sorted(set(src.classes) & set(dst.classes))
+            if overlap:
                 problems.append(
                     f"pretrain.data.classes and data.classes overlap ({overlap}) — pre-train and "
                     "fine-tune on disjoint class sets"
@@ -336,8 +330,12 @@ def _num_blocks(model: Model, data: Data) -> int | None:
     return net.num_blocks
 
 
-def parse_config(raw: object, source: str = "params.yaml", check_model: bool = True) -> Config:
-    """Validates a params mapping; raises FreezecacheError listing every problem, one per line."""
+def parse_config(
+    raw: object, source: str = "params.yaml", check_model: bool = True, repo: Path | None = None
+) -> Config:
+    """Validates a params mapping; raises FreezecacheError listing every problem, one per line.
+
+    ``repo``: the repository the params belong to; its paths must then lie inside it."""
     if not isinstance(raw, dict):
         raise FreezecacheError(
             f"{source}: expected a mapping of sections, got {type(raw).__name__}"
@@ -353,7 +351,7 @@ def parse_config(raw: object, source: str = "params.yaml", check_model: bool = T
             num_blocks = _num_blocks(cfg.model, cfg.data)
         except FreezecacheError as err:
             problems.append(f"{source}: model.name: {err}")
-    problems += _semantic_problems(cfg, source, num_blocks)
+    problems += _semantic_problems(cfg, source, num_blocks, repo)
     if problems:
         raise FreezecacheError("\n".join(problems))
     return cfg
@@ -372,7 +370,7 @@ def load_config(path: str | Path = "params.yaml", check_model: bool = True) -> C
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise FreezecacheError(f"{path}:{where}: not valid YAML — fix the syntax") from None
-    return parse_config(raw, str(path), check_model=check_model)
+    return parse_config(raw, str(path), check_model=check_model, repo=path.resolve().parent)
 
 
 def dump_config(cfg: Config) -> dict:

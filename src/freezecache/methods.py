@@ -33,8 +33,13 @@ METHODS: dict[str, Method] = {
         Method("freezeout", "FreezeOut", "baseline", freezes=True),
         # Control: does Normal gain from flips at all on this data? Trained without flips from
         # the starting weights, so no epoch of it saw a flip.
-        Method("normal_noflip", "Normal, no flips (control)", "baseline", hflip=False,
-               shared_prefix=False),  # fmt: skip
+        Method(
+            "normal_noflip",
+            "Normal, no flips (control)",
+            "baseline",
+            hflip=False,
+            shared_prefix=False,
+        ),  # fmt: skip
         Method("discard", "Ours w/ Discard", "discard", augment="standard"),
         Method("discard_aug", "Ours w/ Discard & Aug.", "discard", augment="similarity"),
         Method("discard_noaug", "Discard, no augmentation", "discard", augment="none"),

@@ -92,6 +92,11 @@ POINT = SEED + "/{method}/b{p.block}"
 START = SEED + "/{method}/{p.after}/state.pt"  # the run a freeze point continues from
 CACHE = "{paths.cache}/s{seed}/{method}/b{p.block}.h5"
 TRAIN = ("model", "train", "runtime", "freeze")
+PRETRAIN_TRAIN_KEYS = tuple(
+    f"train.{k}"
+    for k in ("batch_size", "momentum", "weight_decay", "crop_pad", "hflip", "eval_batch_size",
+              "precision", "grad_checkpointing", "micro_batch", "clip_grad_norm")
+)  # fmt: skip
 
 
 def _run_outs(folder: str) -> dict[str, Out]:
@@ -114,7 +119,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "pretrain",
             deps=(CHECKED, "{paths.weights}"),
-            params=("pretrain", "model", "train", "runtime"),
+            # fine-tuning's train settings, but its own epochs and lr (pretrain.epochs/lr)
+            params=("pretrain", "model", "runtime", *PRETRAIN_TRAIN_KEYS),
             outs={
                 "state": Out(WEIGHTS),
                 "costs": Out("{paths.runs}/pretrain/costs.json", cache=False),
@@ -223,7 +229,9 @@ def _imports(file: Path, src: Path) -> set[str]:
     modules named in strings such as a registry's ``"freezecache.models.vit:deit_tiny"``."""
     tree = ast.parse(file.read_text(), str(file))
     found: set[str] = set()
-    package = file.parent.relative_to(src).as_posix().replace("/", ".") if src in file.parents else ""
+    package = (
+        file.parent.relative_to(src).as_posix().replace("/", ".") if src in file.parents else ""
+    )
     for node in ast.walk(tree):
         names: list[str] = []
         if isinstance(node, ast.Import):
@@ -264,7 +272,18 @@ def code_deps(script: Path, root: Path = ROOT) -> list[str]:
             if f not in files:
                 files.add(f)
                 todo.append(f)
-    return sorted(f.relative_to(root.resolve()).as_posix() for f in files)
+    return _compact(sorted(f.relative_to(root.resolve()).as_posix() for f in files), root)
+
+
+def _compact(files: list[str], root: Path) -> list[str]:
+    """A subpackage whose every module is listed becomes its folder (shorter, same meaning)."""
+    out = list(files)
+    for pkg in sorted((root / "src" / PACKAGE).glob("*/__init__.py")):
+        folder = pkg.parent.relative_to(root).as_posix()
+        members = sorted(p.relative_to(root).as_posix() for p in pkg.parent.rglob("*.py"))
+        if all(m in out for m in members):
+            out = [f for f in out if f not in members] + [folder]
+    return sorted(out)
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -294,14 +313,15 @@ def _render_stage(stage: Stage, root: Path) -> dict:
     if stage.matrix:
         entry["matrix"] = {k.split(".")[0]: MATRIX[k][0] for k in stage.matrix}
     entry["cmd"] = f"python {stage.script}{args}"
-    entry["deps"] = [*code_deps(root / stage.script, root), *(_dvc(d) for d in stage.deps)]
-    entry["params"] = list(stage.params)
+    code = [d.replace(f"src/{PACKAGE}/", "${lib}/") for d in code_deps(root / stage.script, root)]
+    entry["deps"] = _Flow([*code, *(_dvc(d) for d in stage.deps)])
+    entry["params"] = _Flow(stage.params)
     for kind in ("outs", "metrics", "plots"):
         items = []
         for out in stage.outs.values():
             if (out.metric, out.plot is not None) != (kind == "metrics", kind == "plots"):
                 continue
-            props = {"cache": False} if not out.cache else {}
+            props = _FlowMap({"cache": False} if not out.cache else {})
             props.update(out.plot or {})
             path = _dvc(out.path)
             items.append({path: props} if props else path)
@@ -313,13 +333,35 @@ def _render_stage(stage: Stage, root: Path) -> dict:
 def render(root: Path = ROOT) -> dict:
     """The dvc.yaml mapping."""
     return {
+        "vars": [{"lib": f"src/{PACKAGE}"}],  # the library's folder, shortening the code deps
         "stages": {name: _render_stage(s, root) for name, s in STAGES.items()},
         "plots": PLOTS,
     }
 
 
+class _Flow(list):
+    """A list dvc.yaml writes on one (wrapped) line: deps and params read at a glance."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+class _FlowMap(dict):
+    """A mapping written on one line (an output's properties)."""
+
+
+_Dumper.add_representer(
+    _Flow, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, True)
+)
+_Dumper.add_representer(
+    _FlowMap, lambda dumper, data: dumper.represent_mapping("tag:yaml.org,2002:map", data, True)
+)
+
+
 def render_text(root: Path = ROOT) -> str:
-    return HEADER + yaml.safe_dump(render(root), sort_keys=False, width=100)
+    text = yaml.dump(render(root), Dumper=_Dumper, sort_keys=False, width=100)
+    return HEADER + text
 
 
 def write(path: Path = ROOT / "dvc.yaml") -> bool:

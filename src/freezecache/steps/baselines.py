@@ -24,7 +24,9 @@ def train_prefix(cfg: Config, seed: int) -> None:
     ctx = Context(cfg, seed, "train_prefix")
     model = ctx.new_model()
     until = cfg.prefix_epochs
-    trainer = ctx.trainer(model, None, ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state"))
+    trainer = ctx.trainer(
+        model, None, ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state")
+    )
     trainer.fit(
         state="full",
         position=0,

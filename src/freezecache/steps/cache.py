@@ -75,7 +75,12 @@ def ranking(ctx: Context, model: nn.Module, block: int) -> dict:
             count += f.shape[0]
         scores = (total / count).cpu()
     order = torch.argsort(scores, stable=True)
-    return {"kind": model.kind, "samples": count, "scores": scores.tolist(), "order": order.tolist()}
+    return {
+        "kind": model.kind,
+        "samples": count,
+        "scores": scores.tolist(),
+        "order": order.tolist(),
+    }
 
 
 def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
@@ -107,7 +112,13 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         prefix_hash=prefix_hash(model, block),
         extra_shape=extra_shape,
         extra_index=channels.tolist() if channels is not None else None,
-        meta={"method": name, "point": index, "block": block, "seed": seed, "model": cfg.model.name},
+        meta={
+            "method": name,
+            "point": index,
+            "block": block,
+            "seed": seed,
+            "model": cfg.model.name,
+        },
         workers=cfg.cache.encode_workers,
     )
     bar = progress(len(ctx.train), f"cache {ctx.name}")

@@ -42,7 +42,7 @@ class Context:
         self.data_dir = prepared or STAGES["prepare"].path("data", cfg)
         splits = data.load_prepared(self.data_dir)
         train, test, self.meta = splits[0], splits[1], splits[2]
-        val = data.load_val(self.data_dir) if hasattr(data, "load_val") else None
+        val = data.load_val(self.data_dir)
         self.train = Images.from_split(train, self.meta, self.device)
         self.test = Images.from_split(test, self.meta, self.device)
         self.val = Images.from_split(val, self.meta, self.device) if val is not None else None

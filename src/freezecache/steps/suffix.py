@@ -87,6 +87,10 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
     trainer.state.extra.setdefault("cache_in_ram_mb", {})[block] = held / 1e6
     costs = method_costs(
-        ctx, model, name, trainer.state.history, host_cache_mb=trainer.state.extra["cache_in_ram_mb"]
+        ctx,
+        model,
+        name,
+        trainer.state.history,
+        host_cache_mb=trainer.state.extra["cache_in_ram_mb"],
     )
     ctx.finish(trainer, model, costs, final=index == len(cfg.points))
