@@ -41,7 +41,9 @@ _REGISTRY: dict[str, str] = {
 # DataParallel/DDP and torch.compile.
 _WRAPPER_KEYS = ("state_dict", "model")
 _KEY_PREFIXES = ("module.", "_orig_mod.")
+_TIMM_PREFIX = "timm:"  # forces the timm model where a registered one has the same name
 _SHOW_KEYS = 5  # how many offending keys an error message names
+LAYOUTS = ("nchw", "nhwc", "tokens")
 
 
 @dataclasses.dataclass
@@ -54,8 +56,11 @@ class _CheckpointSetting:
 class BlockModel(nn.Module):
     """A classifier seen as ``stem -> blocks[0..n-1] -> head``.
 
-    ``kind`` is ``"cnn"`` (features ``(B, C, H, W)``) or ``"vit"`` (tokens ``(B, N, D)``).
-    Subclasses only override :meth:`adapt_state_dict` to read foreign checkpoints.
+    ``layout`` says how features are laid out between blocks: ``"nchw"`` (CNN maps
+    ``(B, C, H, W)``), ``"nhwc"`` (maps ``(B, H, W, C)``, e.g. Swin) or ``"tokens"``
+    (``(B, N, D)``, whose first ``num_prefix_tokens`` are class/distillation/register tokens).
+    ``kind`` (``"cnn"`` or ``"vit"``) is derived from it for older callers. Subclasses override
+    :meth:`adapt_state_dict` (and :meth:`is_classifier_key`) to read foreign checkpoints.
     """
 
     def __init__(
@@ -64,21 +69,35 @@ class BlockModel(nn.Module):
         blocks: Sequence[nn.Module],
         head: nn.Module,
         *,
-        kind: str,
         in_chans: int,
         img_size: int,
         num_classes: int,
+        layout: str | None = None,
+        kind: str | None = None,
+        num_prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = head
-        self.kind = kind
+        self.layout = _layout_of(layout, kind)
+        self.num_prefix_tokens = num_prefix_tokens if self.layout == "tokens" else 0
         self.name = type(self).__name__  # create_model sets the registry name
         self.in_chans = in_chans
         self.img_size = img_size
         self.num_classes = num_classes
+        self.block_names = [f"blocks.{i}" for i in range(len(self.blocks))]
         self._ckpt = _CheckpointSetting()
+
+    @property
+    def kind(self) -> str:
+        """``"vit"`` for token sequences, ``"cnn"`` for spatial maps (NCHW or NHWC)."""
+        return "vit" if self.layout == "tokens" else "cnn"
+
+    @property
+    def channel_axis(self) -> int:
+        """Axis of a feature batch that holds channels: 1 for NCHW, -1 for NHWC and tokens."""
+        return 1 if self.layout == "nchw" else -1
 
     @property
     def num_blocks(self) -> int:
@@ -110,6 +129,21 @@ class BlockModel(nn.Module):
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map a foreign checkpoint's keys/shapes onto this model's; identity by default."""
         return state_dict
+
+    def is_classifier_key(self, key: str) -> bool:
+        """Whether ``key`` belongs to the classifier, which a checkpoint may size differently."""
+        return key.startswith("head.")
+
+
+def _layout_of(layout: str | None, kind: str | None) -> str:
+    """The feature layout from ``layout`` or, for older callers, ``kind``."""
+    if layout is None and kind is not None:
+        layout = {"cnn": "nchw", "vit": "tokens"}.get(kind)
+        if layout is None:
+            raise FreezecacheError(f"model kind {kind!r} is unknown — use 'cnn' or 'vit'")
+    if layout not in LAYOUTS:
+        raise FreezecacheError(f"feature layout {layout!r} is unknown — use one of {LAYOUTS}")
+    return layout
 
 
 class BlockPrefix(nn.Module):
@@ -196,31 +230,52 @@ def _checkpointed(segment: list[nn.Module], x: Tensor) -> Tensor:
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
+    """Names registered here; :func:`create_model` also takes any timm model name."""
     return sorted(_REGISTRY)
 
 
 def create_model(
     name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 32, **kwargs: object
 ) -> BlockModel:
-    """Build a registered model (random init); extra ``kwargs`` go to its builder."""
-    if name not in _REGISTRY:
-        raise FreezecacheError(f"unknown model {name!r} — use one of: {', '.join(list_models())}")
+    """Build a model with random weights (never a download).
+
+    ``name`` is a registered model (:func:`list_models`), or any timm model name — also as
+    ``timm:NAME`` where a registered model has the same name, e.g. ``timm:resnet50``. Extra
+    ``kwargs`` go to the builder (for timm: ``timm.create_model``, e.g. ``depth``,
+    ``patch_size``, ``drop_path_rate``).
+    """
     sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
     for arg, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise FreezecacheError(f"model {name}: {arg}={value!r} — use a positive integer")
+    if name not in _REGISTRY:
+        return _create_timm(name, sizes, kwargs)
     module_name, builder_name = _REGISTRY[name].split(":")
     builder = getattr(importlib.import_module(module_name), builder_name)
     try:  # check the options before building, so typos are user errors, not tracebacks
-        inspect.signature(builder).bind(
-            num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
-        )
+        inspect.signature(builder).bind(**sizes, **kwargs)
     except TypeError as err:
         raise FreezecacheError(
             f"model {name}: unsupported options {sorted(kwargs)} ({err}) — remove them"
         ) from err
-    model = builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    model = builder(**sizes, **kwargs)
+    model.name = name
+    return model
+
+
+def _create_timm(name: str, sizes: dict[str, int], kwargs: dict[str, object]) -> BlockModel:
+    """A timm model through the generic block view (see :mod:`freezecache.models.timm_view`)."""
+    import timm
+
+    from freezecache.models.timm_view import timm_model
+
+    timm_name = name.removeprefix(_TIMM_PREFIX)
+    if not timm.is_model(timm_name):
+        raise FreezecacheError(
+            f"unknown model {name!r} — use one of: {', '.join(list_models())}, "
+            "or a timm model name (timm.list_models())"
+        )
+    model = timm_model(timm_name, **sizes, **kwargs)
     model.name = name
     return model
 
@@ -245,7 +300,7 @@ def split(model: BlockModel, position: int) -> tuple[nn.Module, nn.Module]:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Temporarily put every submodule in eval mode, then restore each one's own flag."""
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -264,9 +319,57 @@ def feature_shape(model: BlockModel, position: int) -> tuple[int, ...]:
         1, model.in_chans, model.img_size, model.img_size, device=param.device, dtype=param.dtype
     )
     # A dry run of one sample; eval + no_grad so BN running stats are not touched.
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         out = model.forward_features(x, end=position)
     return tuple(out.shape[1:])
+
+
+def feature_shapes(model: BlockModel) -> list[tuple[int, ...]]:
+    """Per-sample output shapes of the stem and of every block (one dry run of one sample)."""
+    shapes: list[tuple[int, ...]] = []
+
+    def record(_module: nn.Module, _args: tuple, out: Tensor) -> None:
+        shapes.append(tuple(out.shape[1:]))
+
+    param = next(model.parameters())
+    x = torch.zeros(
+        1, model.in_chans, model.img_size, model.img_size, device=param.device, dtype=param.dtype
+    )
+    handles = [m.register_forward_hook(record) for m in (model.stem, *model.blocks)]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model.forward_features(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def describe_blocks(model: BlockModel) -> list[dict[str, object]]:
+    """One row per freeze position, for ``freezecache blocks MODEL``.
+
+    ``position`` 0 is the stem's output, ``p`` the output of the first ``p`` blocks. Each row
+    has the ``name`` and ``type`` of the module ending there, what runs with it (``joins``: a
+    stage's downsample or norm), its parameter count and the per-sample output ``shape``.
+    """
+    joins = getattr(model, "block_joins", [[] for _ in model.blocks])
+    parts = [("stem", model.stem, []), *zip(model.block_names, model.blocks, joins)]
+    rows = []
+    for position, ((name, module, extra), shape) in enumerate(
+        zip(parts, feature_shapes(model), strict=True)
+    ):
+        inner = getattr(module, "block", module)  # a timm block inside its wrapper
+        rows.append(
+            {
+                "position": position,
+                "name": name,
+                "type": type(inner).__name__,
+                "joins": list(extra),
+                "params": sum(p.numel() for p in module.parameters()),
+                "shape": shape,
+            }
+        )
+    return rows
 
 
 def load_checkpoint(model: BlockModel, path: str) -> None:
@@ -352,9 +455,13 @@ def _drop_mismatched_head(
 
 
 __all__ = [
+    "LAYOUTS",
     "BlockModel",
     "create_model",
+    "describe_blocks",
+    "eval_mode",
     "feature_shape",
+    "feature_shapes",
     "list_models",
     "load_checkpoint",
     "segment_probe",
