@@ -37,12 +37,7 @@ _REGISTRY: dict[str, str] = {
     "deit_small": "freezecache.models.vit:deit_small",
 }
 
-# Wrapper keys that training scripts put around a state dict, and key prefixes added by
-# DataParallel/DDP and torch.compile.
-_WRAPPER_KEYS = ("state_dict", "model")
-_KEY_PREFIXES = ("module.", "_orig_mod.")
 _TIMM_PREFIX = "timm:"  # forces the timm model where a registered one has the same name
-_SHOW_KEYS = 5  # how many offending keys an error message names
 LAYOUTS = ("nchw", "nhwc", "tokens")
 
 
@@ -372,87 +367,7 @@ def describe_blocks(model: BlockModel) -> list[dict[str, object]]:
     return rows
 
 
-def load_checkpoint(model: BlockModel, path: str) -> None:
-    """Load a local checkpoint into ``model`` in place (no hub downloads).
-
-    Accepts a plain state dict, ``{'state_dict': ...}``/``{'model': ...}`` wrappers,
-    torchvision/timm key names (resnet50/deit) and ``.safetensors`` files. When the
-    classifier's class count differs, the fresh head is kept and a message is logged.
-    """
-    state_dict = model.adapt_state_dict(_unwrap(_read(path), path))
-    state_dict, dropped = _drop_mismatched_head(model, state_dict, path)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    body_missing = [k for k in missing if not k.startswith("head.")]
-    if body_missing or unexpected:
-        raise FreezecacheError(
-            f"checkpoint {path} does not fit model {model.name}: "
-            f"missing {body_missing[:_SHOW_KEYS]}, unexpected {unexpected[:_SHOW_KEYS]} — "
-            "load a checkpoint of the same architecture and options"
-        )
-    if set(missing) - set(dropped):
-        log.info("checkpoint %s has no classifier weights; keeping the fresh head", path)
-
-
-def _read(path: str) -> object:
-    """Read a checkpoint file: safetensors by suffix, else ``torch.load`` (tensors only)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FreezecacheError(f"checkpoint {path} does not exist — check the path")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(file), device="cpu")
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # the readers raise many types; all mean "not a checkpoint"
-        raise FreezecacheError(
-            f"checkpoint {path} could not be read ({type(err).__name__}: {err}) — "
-            "pass a torch state dict or a .safetensors file"
-        ) from err
-
-
-def _unwrap(obj: object, path: str) -> dict[str, Tensor]:
-    """Peel ``{'state_dict': ...}``/``{'model': ...}`` wrappers and DDP/compile key prefixes."""
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise FreezecacheError(
-            f"checkpoint {path} holds no state dict of tensors — save model.state_dict()"
-        )
-    state_dict = dict(obj)
-    for prefix in _KEY_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def _drop_mismatched_head(
-    model: BlockModel, state_dict: dict[str, Tensor], path: str
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Drop head tensors whose shape differs (other class count); reject other mismatches.
-
-    Returns the remaining state dict and the dropped keys.
-    """
-    own = model.state_dict()
-    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    body = [k for k in mismatched if not k.startswith("head.")]
-    if body:
-        shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in body]
-        raise FreezecacheError(
-            f"checkpoint {path} does not fit model {model.name}: shape mismatch "
-            f"{shapes[:_SHOW_KEYS]} — load a checkpoint of the same architecture and options"
-        )
-    if mismatched:
-        log.info(
-            "checkpoint %s has a classifier for another class count (%s); keeping the fresh head",
-            path,
-            ", ".join(mismatched),
-        )
-    return {k: v for k, v in state_dict.items() if k not in mismatched}, mismatched
-
+from freezecache.models.loading import load_checkpoint  # noqa: E402 (needs BlockModel)
 
 __all__ = [
     "LAYOUTS",
