@@ -14,8 +14,7 @@ import functools
 import importlib
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -348,7 +347,7 @@ def describe_blocks(model: BlockModel) -> list[dict[str, object]]:
     stage's downsample or norm), its parameter count and the per-sample output ``shape``.
     """
     joins = getattr(model, "block_joins", [[] for _ in model.blocks])
-    parts = [("stem", model.stem, []), *zip(model.block_names, model.blocks, joins)]
+    parts = [("stem", model.stem, []), *zip(model.block_names, model.blocks, joins, strict=True)]
     rows = []
     for position, ((name, module, extra), shape) in enumerate(
         zip(parts, feature_shapes(model), strict=True)

@@ -54,7 +54,9 @@ class ResNet50(BlockModel):
         )
         self.cifar_stem = cifar_stem
         self.stage_sizes = [len(getattr(tv, s)) for s in _STAGES]  # (3, 4, 6, 3)
-        self.block_names = [f"{s}.{i}" for s, n in zip(_STAGES, self.stage_sizes) for i in range(n)]
+        self.block_names = [
+            f"{s}.{i}" for s, n in zip(_STAGES, self.stage_sizes, strict=True) for i in range(n)
+        ]
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Rename torchvision/timm keys (``conv1``, ``layerS.I``, ``fc``) and fit the first conv."""

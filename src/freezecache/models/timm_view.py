@@ -95,7 +95,8 @@ class TimmStem(nn.Module):
         finally:
             handle.remove()
         raise FreezecacheError(
-            f"timm {type(net).__name__}.forward_features never reached its first block — {SUPPORTED}"
+            f"timm {type(net).__name__}.forward_features never reached its first block — "
+            f"{SUPPORTED}"
         )
 
 
@@ -191,9 +192,8 @@ def _stage(name: str, module: nn.Module) -> _Stage:
 def _holds_blocks(module: nn.Module) -> bool:
     """A stage container: a Sequential, or children all of one type (RegNet's RegStage)."""
     children = list(module.children())
-    return isinstance(module, nn.Sequential) or (
-        bool(children) and len({type(c) for c in children}) == 1 and any(c._modules for c in children)
-    )
+    one_type = len({type(c) for c in children}) == 1
+    return isinstance(module, nn.Sequential) or (one_type and any(c._modules for c in children))
 
 
 def _find_stages(net: nn.Module) -> tuple[list[_Stage], set[str]]:
@@ -262,8 +262,11 @@ def _assign(
             last.pre, last.call, pending = pending, call, []
         elif last is None and not pending and owner[call.name] is None:
             stem.append(call.name)
-        elif last is not None and not pending and stage_end[last.stage] is last and (
-            owner[call.name] == last.stage
+        elif (
+            last is not None
+            and not pending
+            and stage_end[last.stage] is last
+            and (owner[call.name] == last.stage)
         ):
             last.post.append(call.name)
         else:
