@@ -385,3 +385,38 @@ def test_grad_checkpointing_gives_same_gradients_on_a_timm_model() -> None:
     assert grads[0].keys() == grads[1].keys()
     for key, grad in grads[0].items():
         torch.testing.assert_close(grads[1][key], grad, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_builds_with_random_weights_only(monkeypatch) -> None:
+    import timm
+
+    seen: list[dict] = []
+    real = timm.create_model
+
+    def spy(name: str, **kwargs: object):
+        seen.append(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    _build("resnet")
+    assert seen and all(kw["pretrained"] is False for kw in seen)
+
+
+def test_copies_conversions_and_modes_reach_the_timm_code() -> None:
+    import copy
+
+    model = _build("eva02").eval()  # rotary-embedding arguments are buffers of the blocks
+    x = _images()
+    with torch.no_grad():
+        expected = model(x)
+        twin = copy.deepcopy(model)
+        for p in twin.blocks[0].parameters():
+            p.add_(1.0)
+        assert not torch.allclose(twin(x), expected)
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+        doubled = model.double()(x.double())
+    torch.testing.assert_close(doubled, expected.double(), atol=1e-5, rtol=1e-5)
+    model.train()(x.double())
+    assert model.timm_net.training
+    model.eval()(x.double())
+    assert not model.timm_net.training

@@ -1,8 +1,11 @@
-"""Model registry with one block-sequential view: ``model(x) == head(blocks(stem(x)))``.
+"""Models with one block-sequential view: ``model(x) == head(blocks(stem(x)))``.
 
+The registry holds the paper's CIFAR ResNets, a torchvision-based ResNet-50 and DeiT; any other
+timm model name goes through the generic view of :mod:`freezecache.models.timm_view`.
 Positions count blocks as the paper does: position ``p`` means "the first ``p`` blocks"
-(residual or attention blocks), ``0 <= p <= num_blocks``. ``split(model, p)`` cuts the model
-there into a prefix (to freeze and cache) and a suffix (to keep training).
+(residual, MBConv or attention blocks, across stages), ``0 <= p <= num_blocks``.
+``split(model, p)`` cuts the model there into a prefix (to freeze and cache) and a suffix (to
+keep training); :func:`describe_blocks` lists the positions.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from freezecache.errors import FreezecacheError
-from freezecache.models import BlockModel, eval_mode, feature_shapes
+from freezecache.models import BlockModel, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ class _Reached(BaseException):  # noqa: N818 - a control-flow signal, not an err
     def __init__(self, x: Tensor) -> None:
         super().__init__()
         self.x = x
+
+
+def _brief(err: BaseException) -> str:
+    """``Type: message`` of a timm/torch error on one line (their messages may span several)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _stop(_module: nn.Module, args: tuple) -> None:
@@ -313,7 +318,7 @@ def _traced(net: nn.Module, modules: dict[str, nn.Module], x: Tensor, model_name
     except Exception as err:  # timm raises many types for an input it cannot take
         raise FreezecacheError(
             f"timm model {model_name} cannot run a {tuple(x.shape[1:])} input "
-            f"({type(err).__name__}: {err}) — change img_size or the model options "
+            f"({_brief(err)}) — change img_size or the model options "
             "(e.g. patch_size, window_size)"
         ) from None
 
@@ -351,7 +356,7 @@ class TimmBlockModel(BlockModel):
         self.block_names = [u.name for u in units]
         self.block_joins = [[*u.pre, *u.post] for u in units]
         self._from_timm = _key_map(net, self, name)
-        self.layout = _layout(net, self, name)
+        self.layout = _layout(net, _check_same_forward(self, net, name), name)
         if self.layout == "tokens":
             self.num_prefix_tokens = int(getattr(net, "num_prefix_tokens", 0))
         self._classifier = _module_paths(net, self, _cfg_names(net, "classifier"))
@@ -360,7 +365,6 @@ class TimmBlockModel(BlockModel):
             for n in _cfg_names(net, "first_conv")
             if f"{n}.weight" in self._from_timm
         ]
-        _check_same_forward(self, net, name)
 
     def is_classifier_key(self, key: str) -> bool:
         """Keys of timm's classifier (``pretrained_cfg['classifier']``), as named in this view."""
@@ -421,9 +425,9 @@ def _key_map(net: nn.Module, model: nn.Module, name: str) -> dict[str, str]:
     return {k: ours[id(t)] for k, t in theirs.items()}
 
 
-def _layout(net: nn.Module, model: BlockModel, name: str) -> str:
+def _layout(net: nn.Module, shapes: list[tuple[int, ...]], name: str) -> str:
     """``tokens`` for (N, D) features, else ``nhwc`` where timm says so, else ``nchw``."""
-    ranks = {len(shape) for shape in feature_shapes(model)}
+    ranks = {len(shape) for shape in shapes}
     if ranks == {2}:
         return "tokens"
     if ranks == {3}:
@@ -452,16 +456,30 @@ def _module_paths(net: nn.Module, model: nn.Module, names: list[str]) -> list[st
     return found
 
 
-def _check_same_forward(model: BlockModel, net: nn.Module, name: str) -> None:
-    """The view must compute what the timm model computes (eval mode, two random images)."""
+def _check_same_forward(model: BlockModel, net: nn.Module, name: str) -> list[tuple[int, ...]]:
+    """The view must compute what the timm model computes (eval mode, two random images).
+
+    Returns the per-sample shapes of the stem's and each block's output on the way.
+    """
+    shapes: list[tuple[int, ...]] = []
+
+    def record(_module: nn.Module, _args: tuple, out: object) -> None:
+        shapes.append(tuple(out.shape[1:]) if isinstance(out, Tensor) else ())
+
     x = _random_input(model.in_chans, model.img_size, seed=3, batch=2)
-    with torch.no_grad(), eval_mode(net), eval_mode(model):
-        expected, got = net(x), model(x)
+    handles = [m.register_forward_hook(record) for m in (model.stem, *model.blocks)]
+    try:
+        with torch.no_grad(), eval_mode(net), eval_mode(model):
+            expected, got = net(x), model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         raise FreezecacheError(
             f"timm model {name}: the block view does not reproduce the model's forward — "
             f"{SUPPORTED}"
         )
+    return shapes
 
 
 def _timm_filtered(net: nn.Module, state_dict: dict[str, Tensor], name: str) -> dict:
@@ -474,8 +492,8 @@ def _timm_filtered(net: nn.Module, state_dict: dict[str, Tensor], name: str) -> 
         return filter_fn(state_dict, net)
     except Exception as err:  # the filters assume formats and raise many types
         raise FreezecacheError(
-            f"timm could not convert the checkpoint for model {name} "
-            f"({type(err).__name__}: {err}) — save it from the same architecture"
+            f"timm could not convert the checkpoint for model {name} ({_brief(err)}) — "
+            "save it from the same architecture"
         ) from None
 
 
@@ -524,11 +542,11 @@ def build_timm_net(
             return timm.create_model(name, **args)  # a CNN: no img_size option
     except TypeError as err:  # timm's way of rejecting an unknown option
         raise FreezecacheError(
-            f"model {name}: unsupported options {sorted(kwargs)} ({err}) — remove them"
+            f"model {name}: unsupported options {sorted(kwargs)} ({_brief(err)}) — remove them"
         ) from None
     except Exception as err:  # timm asserts and raises many types on bad option values
         raise FreezecacheError(
-            f"model {name}: timm cannot build it with {kwargs} ({type(err).__name__}: {err}) — "
+            f"model {name}: timm cannot build it with {kwargs} ({_brief(err)}) — "
             "change the model options"
         ) from None
 
