@@ -4,7 +4,10 @@ FLOPs: the paper counts per-sample forward cost with ptflops, which reports MACs
 FLOPs = 2 x ptflops MACs and cross-check against ``torch.utils.flop_counter.FlopCounterMode``.
 Both counters miss attention out of the box on this stack (ptflops drops the qkv/proj linears of
 timm's ``Attention`` and never sees ``F.scaled_dot_product_attention``; FlopCounterMode has no
-formula for the CPU flash-attention kernel), so this module adds the missing terms.
+formula for the CPU flash-attention kernel), so this module adds the missing terms. ptflops
+also misses timm layers that compute through functions (BEiT/EVA's ``F.linear`` qkv with a
+separate bias; ``StdConv2d``-like conv subclasses, since it maps exact types only) and counts
+broadcast products wrongly (EVA's rotary embedding): those are counted or fixed here too.
 
 Memory: counted from tensors (parameters, gradients, optimizer state, tensors saved for
 backward, the input batch, the frozen prefix's largest intermediate), not from the allocator,
@@ -194,7 +197,8 @@ def _modes_restored(module: nn.Module) -> Iterator[None]:
 
 
 def forward_macs_ptflops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Per-sample forward MACs of ``module`` by ptflops, with attention counted in full.
+    """Per-sample forward MACs of ``module`` by ptflops, with attention, functional linears
+    and convs (outside the modules ptflops counts) and broadcast products counted in full.
 
     ``input_shape`` has no batch dim: ``(3, 32, 32)`` for images, ``(N, D)`` for tokens.
     ptflops switches the model to eval(); every submodule's mode is restored afterwards.
