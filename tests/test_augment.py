@@ -111,3 +111,72 @@ def test_scaled_pad():
     assert augment.scaled_pad(4, 32, 32) == 4
     assert augment.scaled_pad(4, 8, 32) == 1
     assert augment.scaled_pad(0, 8, 32) == 0
+
+
+# --- layouts ---------------------------------------------------------------------------------
+
+
+def _nhwc(x):
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def test_nhwc_channel_replacement_touches_the_channel_axis():
+    x = torch.randn(3, 4, 5, 6)  # (B, H, W, C)
+    channels = torch.tensor([0, 4])
+    stored = torch.randn(3, 4, 5, 2)
+    out = augment.augmented_view(x, stored, channels, layout="nhwc")
+    assert torch.equal(out[..., channels], stored)
+    assert torch.equal(out[..., [1, 2, 3, 5]], x[..., [1, 2, 3, 5]].flip(2))  # flipped along W
+    assert torch.equal(augment.take_channels(x, channels, "nhwc"), x[..., channels])
+    assert augment.stored_channels_shape((4, 5, 6), 2, "nhwc") == (4, 5, 2)
+    assert augment.stored_channels_shape((6, 4, 5), 2, "nchw") == (2, 4, 5)
+    assert augment.map_width((4, 5, 6), "nhwc") == 5 and augment.map_width((6, 4, 5), "nchw") == 5
+
+
+def test_nhwc_augmentation_is_the_nchw_one_permuted():
+    x = torch.randn(8, 5, 6, 6)
+    channels = torch.tensor([1, 3])
+    stored = torch.randn(8, 2, 6, 6)
+    kw = dict(mode="similarity", flip_p=0.5, crop_pad=2, noise_std=0.1, blur_p=0.5)
+    nchw = augment.augment_features(
+        x, g=torch.Generator().manual_seed(5), extra=stored, where=channels, **kw
+    )
+    nhwc = augment.augment_features(
+        _nhwc(x),
+        g=torch.Generator().manual_seed(5),
+        extra=_nhwc(stored),
+        where=channels,
+        layout="nhwc",
+        **kw,
+    )
+    torch.testing.assert_close(nhwc, _nhwc(nchw))
+    assert not torch.equal(nchw, x)
+
+
+def test_token_layout_leaves_prefix_tokens_alone():
+    x = torch.randn(2, 6, 4)
+    pos, stored, _ = rank.select_tokens(x, torch.randn(2, 6, 4), alpha=0.5, num_prefix_tokens=2)
+    out = augment.augment_features(
+        x,
+        mode="similarity",
+        g=torch.Generator(),
+        flip_p=1.0,
+        crop_pad=3,
+        noise_std=0.0,
+        extra=stored,
+        where=pos,
+        layout="tokens",
+    )
+    assert torch.equal(out[:, :2], x[:, :2])
+    assert torch.equal(out.gather(1, pos.unsqueeze(-1).expand(-1, -1, 4)), stored)
+
+
+def test_layout_must_fit_the_features():
+    import pytest
+
+    from freezecache.errors import FreezecacheError
+
+    with pytest.raises(FreezecacheError, match="not tokens"):
+        augment.augmented_view(torch.randn(2, 3, 4, 4), None, None, layout="tokens")
+    with pytest.raises(FreezecacheError, match="unknown"):
+        augment.flip_width(torch.randn(2, 3, 4, 4), "nwhc")

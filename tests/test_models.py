@@ -14,6 +14,7 @@ from freezecache.errors import FreezecacheError
 from freezecache.models import (
     BlockModel,
     create_model,
+    describe_blocks,
     feature_shape,
     list_models,
     load_checkpoint,
@@ -341,3 +342,62 @@ def test_checkpoint_errors(tmp_path) -> None:
         FreezecacheError, match=r"missing \['blocks\.8\.conv2\.weight'\], unexpected \['extra"
     ):
         load_checkpoint(_fresh("resnet20", 0), str(tmp_path / "edited.pt"))
+
+
+# --- layout and block listing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "kind", "prefix_tokens"),
+    [
+        ("resnet20", "nchw", "cnn", 0),
+        ("resnet50", "nchw", "cnn", 0),
+        ("deit_tiny", "tokens", "vit", 1),
+    ],
+)
+def test_registered_models_declare_their_layout(name, layout, kind, prefix_tokens) -> None:
+    model = _shared_model(name)
+    assert (model.layout, model.kind, model.num_prefix_tokens) == (layout, kind, prefix_tokens)
+    assert model.channel_axis == (1 if layout == "nchw" else -1)
+
+
+def test_block_model_takes_kind_or_layout() -> None:
+    parts = (nn.Identity(), [nn.Identity()], nn.Identity())
+    sizes = {"in_chans": 3, "img_size": 4, "num_classes": 2}
+    assert BlockModel(*parts, kind="cnn", **sizes).layout == "nchw"
+    assert BlockModel(*parts, layout="nhwc", **sizes).kind == "cnn"
+    tokens = BlockModel(*parts, layout="tokens", num_prefix_tokens=2, **sizes)
+    assert (tokens.kind, tokens.num_prefix_tokens) == ("vit", 2)
+    with pytest.raises(FreezecacheError, match="layout"):
+        BlockModel(*parts, layout="nwhc", **sizes)
+    with pytest.raises(FreezecacheError, match="kind"):
+        BlockModel(*parts, kind="rnn", **sizes)
+
+
+def test_describe_blocks_of_registered_models() -> None:
+    model = _shared_model("resnet32")
+    rows = describe_blocks(model)
+    assert len(rows) == 16 and rows[0]["name"] == "stem"
+    assert [r["shape"] for r in rows] == [feature_shape(model, p) for p in range(16)]
+    assert rows[6] == {
+        "position": 6,
+        "name": "blocks.5",
+        "type": "BasicBlock",
+        "joins": [],
+        "params": sum(p.numel() for p in _shared_model("resnet32").blocks[5].parameters()),
+        "shape": (32, 16, 16),
+    }
+    resnet50 = describe_blocks(_shared_model("resnet50"))
+    assert [r["name"] for r in resnet50[1:5]] == ["layer1.0", "layer1.1", "layer1.2", "layer2.0"]
+
+
+def test_registered_state_dict_keys_are_unchanged() -> None:
+    keys = list(_shared_model("deit_tiny").state_dict())
+    assert keys[:4] == [
+        "stem.cls_token",
+        "stem.pos_embed",
+        "stem.patch_embed.proj.weight",
+        "stem.patch_embed.proj.bias",
+    ]
+    assert keys[-2:] == ["head.fc.weight", "head.fc.bias"]
+    assert "blocks.3.conv1.weight" in _shared_model("resnet20").state_dict()

@@ -324,3 +324,45 @@ def test_training_flops_rejects_bad_schedule() -> None:
         training_flops(parts, schedule=[("discard", 7, 1)], num_samples=1, extras={})
     with pytest.raises(FreezecacheError, match="epochs"):
         training_flops(parts, schedule=[("freeze", 5, -1)], num_samples=1, extras={})
+
+
+# --- what ptflops misses in timm layers -------------------------------------------------------
+
+
+class _FunctionalQkv(nn.Module):
+    """A projection called through F.linear with its own bias, as BEiT and EVA do for qkv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.bias = nn.Parameter(torch.zeros(24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qkv.weight, self.bias)
+
+
+def test_functional_linear_outside_a_counted_module_is_counted_once() -> None:
+    macs = forward_macs_ptflops(_FunctionalQkv(), (5, 8))
+    assert macs == 5 * (8 * 24 + 24)
+    plain = forward_macs_ptflops(nn.Linear(8, 24), (5, 8))  # nn.Linear's own F.linear: once
+    assert plain == 5 * (8 * 24 + 24)
+
+
+def test_conv_subclasses_with_their_own_forward_are_counted() -> None:
+    from timm.layers import Conv2dSame, StdConv2d
+
+    for conv in (StdConv2d(3, 8, 3, padding=1, bias=True), Conv2dSame(3, 8, 3)):
+        model = nn.Sequential(conv)
+        macs = forward_macs_ptflops(model, IMG)
+        assert macs == 32 * 32 * 8 * (3 * 9 + 1)  # + the bias add, ptflops' convention
+        assert forward_flops_counter(model, torch.randn(1, *IMG)) == 2 * 32 * 32 * 8 * 3 * 9
+
+
+class _Broadcast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mul(x, torch.ones(6))  # (1, 2, 3, 6) * (6,)
+
+
+def test_broadcast_elementwise_ops_count_the_output_elements() -> None:
+    # ptflops alone aligns leading axes: (1, 2, 3, 6) x (6,) -> 6 * 2 * 3 * 6 = 216.
+    assert forward_macs_ptflops(_Broadcast(), (2, 3, 6)) == 2 * 3 * 6

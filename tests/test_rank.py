@@ -43,3 +43,38 @@ def test_token_matching_follows_permutation_and_selects_least_similar():
     assert pos.shape == (2, 1) and pos[0, 0] == 3
     assert torch.equal(stored[0, 0], aug[0, best_j[0, 3]])
     assert sims[0, 0] < 0.9
+
+
+def test_nhwc_sensitivity_equals_nchw_on_the_same_maps():
+    torch.manual_seed(1)
+    f, f_flipped = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    nchw, nhwc = rank.ChannelSensitivity(), rank.ChannelSensitivity("nhwc")
+    nchw.update(f, f_flipped)
+    nhwc.update(f.permute(0, 2, 3, 1), f_flipped.permute(0, 2, 3, 1))
+    torch.testing.assert_close(nhwc.scores(), nchw.scores())
+
+
+def test_prefix_tokens_are_never_selected():
+    torch.manual_seed(0)
+    orig = torch.randn(3, 9, 8)
+    aug = torch.randn(3, 9, 8)
+    aug[:, :2] = -orig[:, :2]  # the prefix tokens would be the least similar
+    pos, stored, _ = rank.select_tokens(orig, aug, alpha=0.5, num_prefix_tokens=2)
+    assert pos.shape == (3, rank.num_selected_tokens(9, 0.5, 2)) == (3, 4)  # round(0.5 * 7)
+    assert int(pos.min()) >= 2
+    # the stored tokens come from the augmented patch tokens only
+    flat = aug[:, 2:].reshape(-1, 8)
+    assert all((flat == t).all(-1).any() for t in stored.reshape(-1, 8))
+    same_as_before = rank.select_tokens(orig, aug, alpha=0.5)  # default: every token counts
+    assert same_as_before[0].shape == (3, round(0.5 * 9))
+
+
+def test_bad_layout_or_prefix_is_a_user_error():
+    import pytest
+
+    from freezecache.errors import FreezecacheError
+
+    with pytest.raises(FreezecacheError, match="spatial layout"):
+        rank.ChannelSensitivity("tokens")
+    with pytest.raises(FreezecacheError, match="num_prefix_tokens"):
+        rank.select_tokens(torch.randn(1, 3, 4), torch.randn(1, 3, 4), 0.5, num_prefix_tokens=3)

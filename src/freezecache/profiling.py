@@ -4,7 +4,10 @@ FLOPs: the paper counts per-sample forward cost with ptflops, which reports MACs
 FLOPs = 2 x ptflops MACs and cross-check against ``torch.utils.flop_counter.FlopCounterMode``.
 Both counters miss attention out of the box on this stack (ptflops drops the qkv/proj linears of
 timm's ``Attention`` and never sees ``F.scaled_dot_product_attention``; FlopCounterMode has no
-formula for the CPU flash-attention kernel), so this module adds the missing terms.
+formula for the CPU flash-attention kernel), so this module adds the missing terms. ptflops
+also misses timm layers that compute through functions (BEiT/EVA's ``F.linear`` qkv with a
+separate bias; ``StdConv2d``-like conv subclasses, since it maps exact types only) and counts
+broadcast products wrongly (EVA's rotary embedding): those are counted or fixed here too.
 
 Memory: counted from tensors (parameters, gradients, optimizer state, tensors saved for
 backward, the input batch, the frozen prefix's largest intermediate), not from the allocator,
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from ptflops import get_model_complexity_info
+from ptflops import pytorch_ops as ptflops_ops
 from timm.layers import Attention as TimmAttention
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -65,20 +69,99 @@ def _sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence
     return batch_heads * n_q * n_k * (d_qk + d_v)
 
 
-class _SdpaMacCounter(TorchFunctionMode):
-    """Adds up the MACs of every ``F.scaled_dot_product_attention`` call (ptflops misses it)."""
+class _MissedMacCounter(TorchFunctionMode):
+    """Adds up the MACs of calls ptflops does not see, with ptflops' conventions.
+
+    - every ``F.scaled_dot_product_attention`` (timm's fused attention);
+    - ``F.linear`` and ``F.conv1d/2d/3d`` called outside a module ptflops counts: functional
+      projections (BEiT's and EVA's qkv with a separate bias) and subclasses of ``nn.Conv2d``
+      that run their own forward (timm's ``StdConv2d``, ``ScaledStdConv2d``, ``Conv2dSame``),
+      which ptflops skips because it maps exact types only.
+
+    ``inside`` counts the ptflops-counted modules currently running (see
+    :func:`_track_counted_modules`), so calls from their own forward are not counted twice.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.macs = 0
+        self.inside = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             names = ("query", "key", "value")
             q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
             self.macs += _sdpa_macs(q.shape, k.shape, v.shape)
-        return func(*args, **kwargs)
+        elif self.inside == 0 and func is F.linear:
+            self.macs += _functional_linear_macs(*args, **kwargs)
+        elif self.inside == 0 and func in _CONVS:
+            self.macs += _functional_conv_macs(out, *args, **kwargs)
+        return out
+
+
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _functional_linear_macs(input, weight, bias=None) -> int:  # noqa: A002 (torch's names)
+    """MACs of ``F.linear``: every row times (in x out, plus the bias adds)."""
+    rows = input.numel() // input.shape[-1]
+    return rows * (weight.shape[0] * weight.shape[1] + (weight.shape[0] if bias is not None else 0))
+
+
+def _functional_conv_macs(out: torch.Tensor, input, weight, bias=None, *args, **kwargs) -> int:  # noqa: A002
+    """MACs of ``F.convNd``: each output element costs (in/groups) x kernel, plus a bias add."""
+    per_output = weight[0].numel()  # (in_channels / groups) x kernel size
+    return out.numel() * (per_output + (1 if bias is not None else 0))
+
+
+def _broadcast_elementwise_flops(input, other, *args, **kwargs) -> int:  # noqa: A002
+    """ptflops' hook for ``torch.mul``/``torch.add`` with torch's broadcasting (trailing axes
+    aligned); ptflops aligns leading axes, which inflates e.g. EVA's rotary products 256x."""
+    shapes = [t.shape for t in (input, other) if isinstance(t, torch.Tensor)]
+    if not shapes:
+        return 1
+    return int(torch.Size(torch.broadcast_shapes(*shapes)).numel())
+
+
+@contextlib.contextmanager
+def _fixed_elementwise_hooks() -> Iterator[None]:
+    """Swap ptflops' elementwise hooks for :func:`_broadcast_elementwise_flops` while counting.
+
+    Same numbers where both shapes have the same rank (all the registered models), right ones
+    where a lower-rank operand broadcasts.
+    """
+    ops = (torch.mul, torch.Tensor.mul, torch.add, torch.Tensor.add)
+    saved = {op: ptflops_ops.TENSOR_OPS_MAPPING[op] for op in ops}
+    ptflops_ops.TENSOR_OPS_MAPPING.update(dict.fromkeys(ops, _broadcast_elementwise_flops))
+    try:
+        yield
+    finally:
+        ptflops_ops.TENSOR_OPS_MAPPING.update(saved)
+
+
+@contextlib.contextmanager
+def _track_counted_modules(module: nn.Module, counter: _MissedMacCounter) -> Iterator[None]:
+    """Keep ``counter.inside`` = the number of ptflops-counted modules running right now."""
+    counted = (*ptflops_ops.MODULES_MAPPING, *_CUSTOM_HOOKS)
+
+    def enter(*_: object) -> None:
+        counter.inside += 1
+
+    def leave(*_: object) -> None:
+        counter.inside -= 1
+
+    handles = []
+    for m in module.modules():
+        if type(m) in counted:
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _linear_macs(linear: nn.Linear, tokens: int) -> int:
@@ -99,6 +182,9 @@ def _timm_attention_hook(module: TimmAttention, inputs: tuple, output: torch.Ten
     module.__flops__ += sum(_linear_macs(m, batch * tokens) for m in linears)
 
 
+_CUSTOM_HOOKS = {TimmAttention: _timm_attention_hook}
+
+
 @contextlib.contextmanager
 def _modes_restored(module: nn.Module) -> Iterator[None]:
     """Restore every submodule's own train/eval flag on exit (a frozen BN may be in eval)."""
@@ -111,23 +197,30 @@ def _modes_restored(module: nn.Module) -> Iterator[None]:
 
 
 def forward_macs_ptflops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Per-sample forward MACs of ``module`` by ptflops, with attention counted in full.
+    """Per-sample forward MACs of ``module`` by ptflops, with attention, functional linears
+    and convs (outside the modules ptflops counts) and broadcast products counted in full.
 
     ``input_shape`` has no batch dim: ``(3, 32, 32)`` for images, ``(N, D)`` for tokens.
     ptflops switches the model to eval(); every submodule's mode is restored afterwards.
     Not thread-safe: ptflops patches torch functions globally while it counts.
     """
-    sdpa = _SdpaMacCounter()
+    missed = _MissedMacCounter()
     printed = io.StringIO()  # ptflops reports failures with print(); keep them for the log
     try:
-        with _modes_restored(module), contextlib.redirect_stdout(printed), sdpa:
+        with (
+            _modes_restored(module),
+            contextlib.redirect_stdout(printed),
+            _fixed_elementwise_hooks(),
+            _track_counted_modules(module, missed),
+            missed,
+        ):
             macs, _ = get_model_complexity_info(
                 module,
                 tuple(input_shape),
                 as_strings=False,
                 print_per_layer_stat=False,
                 backend="pytorch",
-                custom_modules_hooks={TimmAttention: _timm_attention_hook},
+                custom_modules_hooks=_CUSTOM_HOOKS,
             )
     finally:
         for name in _PTFLOPS_LEFTOVERS:
@@ -138,7 +231,7 @@ def forward_macs_ptflops(module: nn.Module, input_shape: tuple[int, ...]) -> int
             f"ptflops could not run {type(module).__name__} on input shape {tuple(input_shape)}"
             " — pass the per-sample shape without the batch dim"
         )
-    return int(macs) + sdpa.macs
+    return int(macs) + missed.macs
 
 
 def _cpu_flash_sdpa_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:

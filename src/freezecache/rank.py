@@ -1,10 +1,17 @@
-"""Which channels (CNN) or tokens (ViT) a flip changes most: the paper's sections 3.2 and 3.3."""
+"""Which channels (spatial maps) or tokens a flip changes most: the paper's sections 3.2 and 3.3.
+
+Maps may be NCHW or NHWC (``layout``, as on the model); tokens may start with class,
+distillation or register tokens (``num_prefix_tokens``), which are never selected.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from freezecache import augment
+from freezecache.errors import FreezecacheError
 
 
 def _gauss_window(size: int, sigma: float, device: torch.device) -> Tensor:
@@ -40,15 +47,24 @@ def ssim_per_channel(a: Tensor, b: Tensor, data_range: Tensor) -> Tensor:
 
 
 class ChannelSensitivity:
-    """Accumulates per-channel SSIM between flip(F(x)) and F(flip(x)) over batches."""
+    """Accumulates per-channel SSIM between flip(F(x)) and F(flip(x)) over batches.
 
-    def __init__(self) -> None:
+    ``layout`` is ``"nchw"`` (default) or ``"nhwc"``: where the channel and W axes are.
+    """
+
+    def __init__(self, layout: str = "nchw") -> None:
+        if layout not in ("nchw", "nhwc"):
+            raise FreezecacheError(
+                f"channel sensitivity needs a spatial layout, not {layout!r} — use nchw or nhwc"
+            )
+        self.layout = layout
         self.total: Tensor | None = None
         self.count = 0
 
     def update(self, feats: Tensor, feats_of_flipped: Tensor) -> None:
-        a = feats.flip(-1).float()
-        b = feats_of_flipped.float()
+        """Add a batch of F(x) and F(flip(x)), both in this sensitivity's layout."""
+        a = augment.to_nchw(augment.flip_width(feats, self.layout), self.layout).float()
+        b = augment.to_nchw(feats_of_flipped, self.layout).float()
         lo = torch.minimum(a.amin(dim=(0, 2, 3)), b.amin(dim=(0, 2, 3)))
         hi = torch.maximum(a.amax(dim=(0, 2, 3)), b.amax(dim=(0, 2, 3)))
         s = ssim_per_channel(a, b, hi - lo) * a.shape[0]
@@ -78,14 +94,27 @@ def match_tokens(orig: Tensor, aug: Tensor) -> tuple[Tensor, Tensor]:
     return best_j, best_sim
 
 
-def select_tokens(orig: Tensor, aug: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+def num_selected_tokens(num_tokens: int, alpha: float, num_prefix_tokens: int = 0) -> int:
+    """How many tokens :func:`select_tokens` stores per sample: alpha of the non-prefix ones."""
+    return round(alpha * (num_tokens - num_prefix_tokens))
+
+
+def select_tokens(
+    orig: Tensor, aug: Tensor, alpha: float, *, num_prefix_tokens: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per sample, the alpha fraction of original positions whose best match is least similar.
 
+    The first ``num_prefix_tokens`` (class/distillation/register tokens) are neither selected
+    nor matched: only patch tokens take part, and positions count in the whole sequence.
     Returns (positions (B,m), stored augmented tokens (B,m,D), their similarities (B,m)).
     """
-    best_j, best_sim = match_tokens(orig, aug)
-    m = round(alpha * orig.shape[1])
+    p = num_prefix_tokens
+    if not 0 <= p < orig.shape[1]:
+        n = orig.shape[1]
+        raise FreezecacheError(f"num_prefix_tokens={p} does not fit {n} tokens — use 0..{n - 1}")
+    best_j, best_sim = match_tokens(orig[:, p:], aug[:, p:])
+    m = num_selected_tokens(orig.shape[1], alpha, p)
     order = torch.argsort(best_sim, dim=1, stable=True)[:, :m]  # (B, m) least similar first
-    j = best_j.gather(1, order)
+    j = best_j.gather(1, order) + p
     stored = aug.gather(1, j.unsqueeze(-1).expand(-1, -1, aug.shape[-1]))
-    return order, stored, best_sim.gather(1, order)
+    return order + p, stored, best_sim.gather(1, order)

@@ -1,8 +1,11 @@
-"""Model registry with one block-sequential view: ``model(x) == head(blocks(stem(x)))``.
+"""Models with one block-sequential view: ``model(x) == head(blocks(stem(x)))``.
 
+The registry holds the paper's CIFAR ResNets, a torchvision-based ResNet-50 and DeiT; any other
+timm model name goes through the generic view of :mod:`freezecache.models.timm_view`.
 Positions count blocks as the paper does: position ``p`` means "the first ``p`` blocks"
-(residual or attention blocks), ``0 <= p <= num_blocks``. ``split(model, p)`` cuts the model
-there into a prefix (to freeze and cache) and a suffix (to keep training).
+(residual, MBConv or attention blocks, across stages), ``0 <= p <= num_blocks``.
+``split(model, p)`` cuts the model there into a prefix (to freeze and cache) and a suffix (to
+keep training); :func:`describe_blocks` lists the positions.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import functools
 import importlib
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,11 +39,8 @@ _REGISTRY: dict[str, str] = {
     "deit_small": "freezecache.models.vit:deit_small",
 }
 
-# Wrapper keys that training scripts put around a state dict, and key prefixes added by
-# DataParallel/DDP and torch.compile.
-_WRAPPER_KEYS = ("state_dict", "model")
-_KEY_PREFIXES = ("module.", "_orig_mod.")
-_SHOW_KEYS = 5  # how many offending keys an error message names
+_TIMM_PREFIX = "timm:"  # forces the timm model where a registered one has the same name
+LAYOUTS = ("nchw", "nhwc", "tokens")
 
 
 @dataclasses.dataclass
@@ -54,8 +53,11 @@ class _CheckpointSetting:
 class BlockModel(nn.Module):
     """A classifier seen as ``stem -> blocks[0..n-1] -> head``.
 
-    ``kind`` is ``"cnn"`` (features ``(B, C, H, W)``) or ``"vit"`` (tokens ``(B, N, D)``).
-    Subclasses only override :meth:`adapt_state_dict` to read foreign checkpoints.
+    ``layout`` says how features are laid out between blocks: ``"nchw"`` (CNN maps
+    ``(B, C, H, W)``), ``"nhwc"`` (maps ``(B, H, W, C)``, e.g. Swin) or ``"tokens"``
+    (``(B, N, D)``, whose first ``num_prefix_tokens`` are class/distillation/register tokens).
+    ``kind`` (``"cnn"`` or ``"vit"``) is derived from it for older callers. Subclasses override
+    :meth:`adapt_state_dict` (and :meth:`is_classifier_key`) to read foreign checkpoints.
     """
 
     def __init__(
@@ -64,21 +66,35 @@ class BlockModel(nn.Module):
         blocks: Sequence[nn.Module],
         head: nn.Module,
         *,
-        kind: str,
         in_chans: int,
         img_size: int,
         num_classes: int,
+        layout: str | None = None,
+        kind: str | None = None,
+        num_prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = head
-        self.kind = kind
+        self.layout = _layout_of(layout, kind)
+        self.num_prefix_tokens = num_prefix_tokens if self.layout == "tokens" else 0
         self.name = type(self).__name__  # create_model sets the registry name
         self.in_chans = in_chans
         self.img_size = img_size
         self.num_classes = num_classes
+        self.block_names = [f"blocks.{i}" for i in range(len(self.blocks))]
         self._ckpt = _CheckpointSetting()
+
+    @property
+    def kind(self) -> str:
+        """``"vit"`` for token sequences, ``"cnn"`` for spatial maps (NCHW or NHWC)."""
+        return "vit" if self.layout == "tokens" else "cnn"
+
+    @property
+    def channel_axis(self) -> int:
+        """Axis of a feature batch that holds channels: 1 for NCHW, -1 for NHWC and tokens."""
+        return 1 if self.layout == "nchw" else -1
 
     @property
     def num_blocks(self) -> int:
@@ -110,6 +126,21 @@ class BlockModel(nn.Module):
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map a foreign checkpoint's keys/shapes onto this model's; identity by default."""
         return state_dict
+
+    def is_classifier_key(self, key: str) -> bool:
+        """Whether ``key`` belongs to the classifier, which a checkpoint may size differently."""
+        return key.startswith("head.")
+
+
+def _layout_of(layout: str | None, kind: str | None) -> str:
+    """The feature layout from ``layout`` or, for older callers, ``kind``."""
+    if layout is None and kind is not None:
+        layout = {"cnn": "nchw", "vit": "tokens"}.get(kind)
+        if layout is None:
+            raise FreezecacheError(f"model kind {kind!r} is unknown — use 'cnn' or 'vit'")
+    if layout not in LAYOUTS:
+        raise FreezecacheError(f"feature layout {layout!r} is unknown — use one of {LAYOUTS}")
+    return layout
 
 
 class BlockPrefix(nn.Module):
@@ -196,31 +227,52 @@ def _checkpointed(segment: list[nn.Module], x: Tensor) -> Tensor:
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
+    """Names registered here; :func:`create_model` also takes any timm model name."""
     return sorted(_REGISTRY)
 
 
 def create_model(
     name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 32, **kwargs: object
 ) -> BlockModel:
-    """Build a registered model (random init); extra ``kwargs`` go to its builder."""
-    if name not in _REGISTRY:
-        raise FreezecacheError(f"unknown model {name!r} — use one of: {', '.join(list_models())}")
+    """Build a model with random weights (never a download).
+
+    ``name`` is a registered model (:func:`list_models`), or any timm model name — also as
+    ``timm:NAME`` where a registered model has the same name, e.g. ``timm:resnet50``. Extra
+    ``kwargs`` go to the builder (for timm: ``timm.create_model``, e.g. ``depth``,
+    ``patch_size``, ``drop_path_rate``).
+    """
     sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
     for arg, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise FreezecacheError(f"model {name}: {arg}={value!r} — use a positive integer")
+    if name not in _REGISTRY:
+        return _create_timm(name, sizes, kwargs)
     module_name, builder_name = _REGISTRY[name].split(":")
     builder = getattr(importlib.import_module(module_name), builder_name)
     try:  # check the options before building, so typos are user errors, not tracebacks
-        inspect.signature(builder).bind(
-            num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
-        )
+        inspect.signature(builder).bind(**sizes, **kwargs)
     except TypeError as err:
         raise FreezecacheError(
             f"model {name}: unsupported options {sorted(kwargs)} ({err}) — remove them"
         ) from err
-    model = builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    model = builder(**sizes, **kwargs)
+    model.name = name
+    return model
+
+
+def _create_timm(name: str, sizes: dict[str, int], kwargs: dict[str, object]) -> BlockModel:
+    """A timm model through the generic block view (see :mod:`freezecache.models.timm_view`)."""
+    import timm
+
+    from freezecache.models.timm_view import timm_model
+
+    timm_name = name.removeprefix(_TIMM_PREFIX)
+    if not timm.is_model(timm_name):
+        raise FreezecacheError(
+            f"unknown model {name!r} — use one of: {', '.join(list_models())}, "
+            "or a timm model name (timm.list_models())"
+        )
+    model = timm_model(timm_name, **sizes, **kwargs)
     model.name = name
     return model
 
@@ -245,7 +297,7 @@ def split(model: BlockModel, position: int) -> tuple[nn.Module, nn.Module]:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Temporarily put every submodule in eval mode, then restore each one's own flag."""
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -264,97 +316,69 @@ def feature_shape(model: BlockModel, position: int) -> tuple[int, ...]:
         1, model.in_chans, model.img_size, model.img_size, device=param.device, dtype=param.dtype
     )
     # A dry run of one sample; eval + no_grad so BN running stats are not touched.
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         out = model.forward_features(x, end=position)
     return tuple(out.shape[1:])
 
 
-def load_checkpoint(model: BlockModel, path: str) -> None:
-    """Load a local checkpoint into ``model`` in place (no hub downloads).
+def feature_shapes(model: BlockModel) -> list[tuple[int, ...]]:
+    """Per-sample output shapes of the stem and of every block (one dry run of one sample)."""
+    shapes: list[tuple[int, ...]] = []
 
-    Accepts a plain state dict, ``{'state_dict': ...}``/``{'model': ...}`` wrappers,
-    torchvision/timm key names (resnet50/deit) and ``.safetensors`` files. When the
-    classifier's class count differs, the fresh head is kept and a message is logged.
-    """
-    state_dict = model.adapt_state_dict(_unwrap(_read(path), path))
-    state_dict, dropped = _drop_mismatched_head(model, state_dict, path)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    body_missing = [k for k in missing if not k.startswith("head.")]
-    if body_missing or unexpected:
-        raise FreezecacheError(
-            f"checkpoint {path} does not fit model {model.name}: "
-            f"missing {body_missing[:_SHOW_KEYS]}, unexpected {unexpected[:_SHOW_KEYS]} — "
-            "load a checkpoint of the same architecture and options"
-        )
-    if set(missing) - set(dropped):
-        log.info("checkpoint %s has no classifier weights; keeping the fresh head", path)
+    def record(_module: nn.Module, _args: tuple, out: Tensor) -> None:
+        shapes.append(tuple(out.shape[1:]))
 
-
-def _read(path: str) -> object:
-    """Read a checkpoint file: safetensors by suffix, else ``torch.load`` (tensors only)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FreezecacheError(f"checkpoint {path} does not exist — check the path")
+    param = next(model.parameters())
+    x = torch.zeros(
+        1, model.in_chans, model.img_size, model.img_size, device=param.device, dtype=param.dtype
+    )
+    handles = [m.register_forward_hook(record) for m in (model.stem, *model.blocks)]
     try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(file), device="cpu")
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # the readers raise many types; all mean "not a checkpoint"
-        raise FreezecacheError(
-            f"checkpoint {path} could not be read ({type(err).__name__}: {err}) — "
-            "pass a torch state dict or a .safetensors file"
-        ) from err
+        with torch.no_grad(), eval_mode(model):
+            model.forward_features(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
-def _unwrap(obj: object, path: str) -> dict[str, Tensor]:
-    """Peel ``{'state_dict': ...}``/``{'model': ...}`` wrappers and DDP/compile key prefixes."""
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise FreezecacheError(
-            f"checkpoint {path} holds no state dict of tensors — save model.state_dict()"
-        )
-    state_dict = dict(obj)
-    for prefix in _KEY_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return state_dict
+def describe_blocks(model: BlockModel) -> list[dict[str, object]]:
+    """One row per freeze position, for ``freezecache blocks MODEL``.
 
-
-def _drop_mismatched_head(
-    model: BlockModel, state_dict: dict[str, Tensor], path: str
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Drop head tensors whose shape differs (other class count); reject other mismatches.
-
-    Returns the remaining state dict and the dropped keys.
+    ``position`` 0 is the stem's output, ``p`` the output of the first ``p`` blocks. Each row
+    has the ``name`` and ``type`` of the module ending there, what runs with it (``joins``: a
+    stage's downsample or norm), its parameter count and the per-sample output ``shape``.
     """
-    own = model.state_dict()
-    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    body = [k for k in mismatched if not k.startswith("head.")]
-    if body:
-        shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in body]
-        raise FreezecacheError(
-            f"checkpoint {path} does not fit model {model.name}: shape mismatch "
-            f"{shapes[:_SHOW_KEYS]} — load a checkpoint of the same architecture and options"
+    joins = getattr(model, "block_joins", [[] for _ in model.blocks])
+    parts = [("stem", model.stem, []), *zip(model.block_names, model.blocks, joins, strict=True)]
+    rows = []
+    for position, ((name, module, extra), shape) in enumerate(
+        zip(parts, feature_shapes(model), strict=True)
+    ):
+        inner = getattr(module, "block", module)  # a timm block inside its wrapper
+        rows.append(
+            {
+                "position": position,
+                "name": name,
+                "type": type(inner).__name__,
+                "joins": list(extra),
+                "params": sum(p.numel() for p in module.parameters()),
+                "shape": shape,
+            }
         )
-    if mismatched:
-        log.info(
-            "checkpoint %s has a classifier for another class count (%s); keeping the fresh head",
-            path,
-            ", ".join(mismatched),
-        )
-    return {k: v for k, v in state_dict.items() if k not in mismatched}, mismatched
+    return rows
 
+
+from freezecache.models.loading import load_checkpoint  # noqa: E402 (needs BlockModel)
 
 __all__ = [
+    "LAYOUTS",
     "BlockModel",
     "create_model",
+    "describe_blocks",
+    "eval_mode",
     "feature_shape",
+    "feature_shapes",
     "list_models",
     "load_checkpoint",
     "segment_probe",

@@ -47,13 +47,16 @@ class ResNet50(BlockModel):
             nn.Sequential(stem),
             [block for s in _STAGES for block in getattr(tv, s)],
             head,
-            kind="cnn",
+            layout="nchw",
             in_chans=in_chans,
             img_size=img_size,
             num_classes=num_classes,
         )
         self.cifar_stem = cifar_stem
         self.stage_sizes = [len(getattr(tv, s)) for s in _STAGES]  # (3, 4, 6, 3)
+        self.block_names = [
+            f"{s}.{i}" for s, n in zip(_STAGES, self.stage_sizes, strict=True) for i in range(n)
+        ]
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Rename torchvision/timm keys (``conv1``, ``layerS.I``, ``fc``) and fit the first conv."""

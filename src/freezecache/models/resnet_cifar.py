@@ -83,7 +83,7 @@ def cifar_resnet(
         _stem(in_chans),
         _blocks((depth - 2) // 6),
         PoolLinearHead(_STAGE_WIDTHS[-1], num_classes),
-        kind="cnn",
+        layout="nchw",
         in_chans=in_chans,
         img_size=img_size,
         num_classes=num_classes,
