@@ -17,6 +17,7 @@ so it is the same on CPU and CUDA; ``CudaPeak`` gives the allocator's view where
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -25,9 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ptflops import get_model_complexity_info
-from ptflops import pytorch_ops as ptflops_ops
-from timm.layers import Attention as TimmAttention
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -133,6 +131,8 @@ def _fixed_elementwise_hooks() -> Iterator[None]:
     where a lower-rank operand broadcasts.
     """
     ops = (torch.mul, torch.Tensor.mul, torch.add, torch.Tensor.add)
+    from ptflops import pytorch_ops as ptflops_ops
+
     saved = {op: ptflops_ops.TENSOR_OPS_MAPPING[op] for op in ops}
     ptflops_ops.TENSOR_OPS_MAPPING.update(dict.fromkeys(ops, _broadcast_elementwise_flops))
     try:
@@ -144,7 +144,9 @@ def _fixed_elementwise_hooks() -> Iterator[None]:
 @contextlib.contextmanager
 def _track_counted_modules(module: nn.Module, counter: _MissedMacCounter) -> Iterator[None]:
     """Keep ``counter.inside`` = the number of ptflops-counted modules running right now."""
-    counted = (*ptflops_ops.MODULES_MAPPING, *_CUSTOM_HOOKS)
+    from ptflops import pytorch_ops as ptflops_ops
+
+    counted = (*ptflops_ops.MODULES_MAPPING, *_custom_hooks())
 
     def enter(*_: object) -> None:
         counter.inside += 1
@@ -170,7 +172,7 @@ def _linear_macs(linear: nn.Linear, tokens: int) -> int:
     return tokens * (linear.in_features * linear.out_features + bias)
 
 
-def _timm_attention_hook(module: TimmAttention, inputs: tuple, output: torch.Tensor) -> None:
+def _timm_attention_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
     """ptflops hook for timm ``Attention``: the MACs of all its linears (qkv, proj, ...).
 
     ptflops treats a mapped module as a leaf, so its built-in timm hook loses qkv/proj. The
@@ -182,7 +184,13 @@ def _timm_attention_hook(module: TimmAttention, inputs: tuple, output: torch.Ten
     module.__flops__ += sum(_linear_macs(m, batch * tokens) for m in linears)
 
 
-_CUSTOM_HOOKS = {TimmAttention: _timm_attention_hook}
+@functools.cache
+def _custom_hooks() -> dict:
+    """Module hooks ptflops lacks (imported on first use: timm and ptflops load torchvision,
+    a second of start-up that a stage which counts no FLOPs should not pay)."""
+    from timm.layers import Attention as TimmAttention
+
+    return {TimmAttention: _timm_attention_hook}
 
 
 @contextlib.contextmanager
@@ -214,13 +222,15 @@ def forward_macs_ptflops(module: nn.Module, input_shape: tuple[int, ...]) -> int
             _track_counted_modules(module, missed),
             missed,
         ):
+            from ptflops import get_model_complexity_info
+
             macs, _ = get_model_complexity_info(
                 module,
                 tuple(input_shape),
                 as_strings=False,
                 print_per_layer_stat=False,
                 backend="pytorch",
-                custom_modules_hooks=_CUSTOM_HOOKS,
+                custom_modules_hooks=_custom_hooks(),
             )
     finally:
         for name in _PTFLOPS_LEFTOVERS:

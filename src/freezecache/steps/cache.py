@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from freezecache import rank, runtime, store
+from freezecache import augment, rank, runtime, store
 from freezecache.codec import make_codec
 from freezecache.config import Config
 from freezecache.io import atomic_write_json, tensors_digest
@@ -63,7 +63,7 @@ def ranking(ctx: Context, model: nn.Module, block: int) -> dict:
     r = ctx.cfg.rank
     pairs = feature_pairs(ctx, model, block, True, r.batch_size, r.samples)
     if model.kind == "cnn":
-        sens = rank.ChannelSensitivity()
+        sens = rank.ChannelSensitivity(model.layout)
         for f, fa, _ in pairs:
             sens.update(f, fa)
         scores, count = sens.scores(), sens.count
@@ -94,18 +94,22 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     atomic_write_json(ctx.out("ranking"), ranked)
     shape = feature_shape(model, block)
     channels = extra_shape = None
+    tokens = model.num_prefix_tokens
     if m.needs_ranking and model.kind == "cnn":
         channels = rank.most_sensitive(torch.tensor(ranked["scores"]), cfg.rank.gamma).sort().values
-        extra_shape = (len(channels), *shape[1:])
+        extra_shape = augment.stored_channels_shape(shape, len(channels), model.layout)
+        extra_shape = None if len(channels) == 0 else extra_shape
     elif m.needs_ranking:
-        extra_shape = (round(cfg.rank.alpha * shape[0]), shape[1])
-    if extra_shape is not None and extra_shape[0] == 0:
-        extra_shape = channels = None
+        count = rank.num_selected_tokens(shape[0], cfg.rank.alpha, tokens)
+        extra_shape = (count, shape[1]) if count else None
+    if extra_shape is None:
+        channels = None
     path = ctx.out("cache")
     tol = cfg.cache.tolerance_at(index)
+    options = {"channel_axis": model.channel_axis} if cfg.cache.codec == "quant" else {}
     writer = store.CacheWriter(
         path,
-        codec=make_codec(cfg.cache.codec, tol),
+        codec=make_codec(cfg.cache.codec, tol, **options),
         sample_shape=shape,
         chunk_size=cfg.cache.chunk_size,
         num_samples=len(ctx.train),
@@ -126,9 +130,9 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         for f, fa, y in feature_pairs(ctx, model, block, extra_shape is not None, 256, None):
             extra = extra_pos = None
             if channels is not None:
-                extra = fa[:, channels.to(fa.device)]
+                extra = augment.take_channels(fa, channels.to(fa.device), model.layout)
             elif extra_shape is not None:
-                pos, extra, _ = rank.select_tokens(f, fa, cfg.rank.alpha)
+                pos, extra, _ = rank.select_tokens(f, fa, cfg.rank.alpha, num_prefix_tokens=tokens)
                 extra_pos = pos.cpu().numpy().astype(np.int32)
             writer.add(
                 f.cpu().numpy(),

@@ -26,9 +26,11 @@ def extra_where(info: store.CacheInfo, batch: dict, device) -> Tensor | None:
     return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
 
 
-def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, pad: int):
+def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, layout: str):
     """Per-epoch batches from the cache, augmented on the training device."""
     a = ctx.cfg.augment
+    width = augment.map_width(info.sample_shape, layout)
+    pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         loader.sampler.set_epoch(epoch)
@@ -43,6 +45,7 @@ def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, pad: 
                 crop_pad=pad,
                 extra=b.get("extra"),
                 where=extra_where(info, b, ctx.device),
+                layout=layout,
             )
             yield x, b["y"]
 
@@ -59,7 +62,6 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     info = store.open_cache(path, expect_prefix_hash=prefix_hash(model, block))
     _, suffix = split(model, block)
     begin, end = cfg.point_epochs(index)
-    pad = augment.scaled_pad(cfg.augment.crop_pad, info.sample_shape[-1], ctx.meta["img_size"])
     loader = store.make_loader(
         path,
         info,
@@ -77,7 +79,7 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
         start=begin,
         end=end,
         total_epochs=cfg.train.epochs,
-        batches=cached_batches(ctx, info, loader, method(name).augment, pad),
+        batches=cached_batches(ctx, info, loader, method(name).augment, model.layout),
         forward=suffix,
         steps_per_epoch=len(loader),
         evaluate=lambda: ctx.evaluate(model),
