@@ -361,6 +361,12 @@ class QuantCodec:
         top = float(scale.max(initial=0.0))
         # All-zero features have no spread to be relative to: the tolerance is then absolute.
         self.channel_scale = np.maximum(scale, _SCALE_FLOOR * top) if top > 0 else scale + 1.0
+        if self.channel_tolerance.min(initial=1.0) < 1e-30:  # exact_step's grain would underflow
+            raise FreezecacheError(
+                f"quant relative tolerance {self.tolerance:g} gives channel tolerances down to "
+                f"{self.channel_tolerance.min():g}: the features have almost no spread — use an "
+                "absolute tolerance"
+            )
         steps = [exact_step(t) for t in self.channel_tolerance]
         self._steps = np.array([s for s, _ in steps])
         self._grains = np.array([g for _, g in steps])
@@ -480,7 +486,7 @@ class QuantCodec:
         planes = byte_planes(q, max(widths)).cpu().numpy()
         if self.coding == "rans" and self._tables_key is None:
             self._fit_tables(q, planes, max(widths))
-        steps = None if channels is None else np.asarray(step, np.float32)
+        steps = None if channels is None or not self.relative else np.asarray(step, np.float32)
         pack = self._payload_rans if self.coding == "rans" else self._payload_zstd
         payloads = [
             pack(lo_cpu[i], planes[i, :width], width, steps, x.shape[1:])
@@ -605,6 +611,15 @@ class QuantCodec:
 
     def _unpack_rans(self, buf: bytes, shape: tuple[int, ...]):
         """(planes, lo, steps) of an FCQ3 blob."""
+        try:
+            return self._parse_rans(buf, shape)
+        except (ValueError, struct.error):
+            raise FreezecacheError(
+                "quant blob is truncated — the cache is corrupt; rebuild it"
+            ) from None
+
+    def _parse_rans(self, buf: bytes, shape: tuple[int, ...]):
+        """:meth:`_unpack_rans` without the error translation."""
         _, flags, width, lanes, _, channels = _RANS_HEADER.unpack_from(buf)
         offset = _RANS_HEADER.size
         counts = np.frombuffer(buf, np.uint32, 2 * lanes, offset).astype(np.int64)
