@@ -539,3 +539,14 @@ def test_relative_cache_with_extra_channels_round_trips(tmp_path):
     batch = store.finish_batch(next(iter(loader)), info, "cpu")
     order = batch["index"].numpy()
     assert torch.equal(batch["x"], torch.from_numpy(got[order]))
+
+
+def test_calibrate_measures_per_channel_std_of_samples():
+    x = relu_maps(6, c=5, hw=4)
+    codec = make_codec("quant", 0.2, relative=True)
+    codec.calibrate(x)
+    assert np.allclose(codec.channel_scale, channel_std(x, 1))
+    tokens = normal_data((3, 7, 4)) * np.arange(1, 5, dtype=np.float32)
+    codec = make_codec("quant", 0.2, relative=True)
+    codec.calibrate(tokens)
+    assert np.allclose(codec.channel_scale, channel_std(tokens, 2))

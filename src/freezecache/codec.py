@@ -374,8 +374,8 @@ class QuantCodec:
     def calibrate(self, x: np.ndarray | torch.Tensor) -> None:
         """Measure ``channel_scale`` on samples ``x`` (n, *sample_shape) (relative mode only)."""
         if self.relative and self.channel_scale is None:
-            x = torch.as_tensor(x)
-            self._set_scale(channel_std(x, 1 + _channel_axis(x.ndim - 1, self.channel_axis)))
+            x = torch.as_tensor(x)  # samples (n, *sample_shape): laid out like one chunk
+            self._set_scale(channel_std(x, _channel_axis(x.ndim, self.channel_axis)))
 
     @property
     def channel_tolerance(self) -> np.ndarray | None:
