@@ -7,15 +7,21 @@ chunk into one ``bytes`` blob and back; the caller keeps the shape (the cache st
   sample is compressed as its own ``(C, H, W)`` / ``(N, D)`` array; padding a sample axis of
   length 1 to 4 would waste 3/4 of every block. ``k > 1`` compresses the paper's
   ``(k, C, H, W)`` / ``(k, N, D)`` array.
-- ``quant``: uniform quantisation per chunk and channel, then zstandard; the blob is
-  ``zstd(header | lo float32 (C,) | codes uint8/16/32)``. The step is 2 * tolerance * (1 - 1e-3)
-  cut to 4 significant bits, which makes the float32 decode exact (:func:`exact_step`).
-  Decoding is one multiply-add that can run on the training device (:func:`dequantize`).
+- ``quant``: uniform quantisation per chunk and channel, then a lossless stage. The step is
+  2 * tolerance * (1 - 1e-3) cut to 4 significant bits, which makes the float32 decode exact
+  (:func:`exact_step`). The tolerance is absolute, or with ``relative=True`` a fraction of each
+  channel's standard deviation measured on the first batch (one exact step per channel). The
+  lossless stage is context-modelled rANS (``coding="rans"``, default, :mod:`freezecache.rans`;
+  blob ``FCQ3 header | counts | lo | rANS words | escapes``) or zstd on byte planes
+  (``coding="zstd"``: ``zstd(FCQ2 header | lo float32 (C,) | codes)``, cache format 2 as before).
+  Decoding the codes runs on the CPU; ``q * step + lo`` can run on the training device
+  (:func:`dequantize`).
 - ``none``: raw float32 (exact) or float16 bytes. Not bounded by ``tolerance``: the float16
   error is whatever fp16 rounding gives, and the cache records the measured maximum.
 
-zfp and quant guarantee ``max|x - decode(encode(x))| <= tolerance``; the cache writer
-verifies it on every chunk.
+zfp and absolute quant guarantee ``max|x - decode(encode(x))| <= tolerance``, the cache writer
+verifies it on every chunk; relative quant guarantees ``tolerance * scale_c`` per channel c and
+checks it itself (:class:`QuantCodec`).
 """
 
 from __future__ import annotations
