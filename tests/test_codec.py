@@ -26,6 +26,7 @@ from freezecache.codec import (
 from freezecache.errors import FreezecacheError
 
 TOLERANCES = (1e-1, 1e-2, 1e-3)
+RANS = {"coding": "rans"}
 
 
 def relu_maps(n: int, c: int = 16, hw: int = 32, seed: int = 0) -> np.ndarray:
@@ -123,9 +124,9 @@ chunks = st.tuples(
 
 @settings(max_examples=150, deadline=None)
 @given(x=chunks, tol=st.sampled_from([1e-3, 3e-3, 1e-2, 0.07, 0.1, 0.5]))
-@pytest.mark.parametrize("name", ["zfp", "quant"])
-def test_error_bound_property(name, x, tol):
-    codec = make_codec(name, tol)
+@pytest.mark.parametrize(("name", "opts"), [("zfp", {}), ("quant", {}), ("quant", RANS)])
+def test_error_bound_property(name, opts, x, tol):
+    codec = make_codec(name, tol, **opts)
     out = codec.decode(codec.encode(x), x.shape)
     assert out.shape == x.shape
     assert max_error(x, out) <= tol
@@ -299,7 +300,7 @@ def test_relative_error_bound_property(coding, x, rel):
 def test_relative_bound_holds_for_tokens(x, rel):
     # Tokens (k, N, D): channels are the last axis.
     x = np.ascontiguousarray(x.reshape(*x.shape[:2], -1).transpose(0, 2, 1))
-    codec = make_codec("quant", rel, relative=True)
+    codec = make_codec("quant", rel, relative=True, **RANS)
     out = codec.decode(codec.encode(x), x.shape)
     assert (per_channel_error(x, out, 2) <= codec.channel_tolerance).all()
 
@@ -323,7 +324,7 @@ def test_relative_steps_follow_each_channel():
 
 def test_relative_calibration_travels_in_the_options():
     x = relu_maps(4, c=3, hw=8)
-    codec = make_codec("quant", 0.25, relative=True)
+    codec = make_codec("quant", 0.25, relative=True, **RANS)
     blob = codec.encode(x)
     again = make_codec("quant", 0.25, **json.loads(json.dumps(codec.options)))
     assert np.array_equal(again.channel_scale, codec.channel_scale)
@@ -418,7 +419,7 @@ def test_rans_tables_rows_sum_to_the_scale():
 
 
 def test_rans_truncated_blob_is_refused():
-    codec = make_codec("quant", 0.05)
+    codec = make_codec("quant", 0.05, **RANS)
     x = relu_maps(1, c=8, hw=16)
     blob = codec.encode(x)
     with pytest.raises(FreezecacheError, match="truncated|corrupt"):
@@ -437,7 +438,7 @@ def test_rans_beats_zstd_on_relu_maps():
 
 @pytest.mark.parametrize("span", [100.0, 2_000.0, 100_000.0])
 def test_rans_handles_wide_codes(span):
-    codec = make_codec("quant", 0.5)
+    codec = make_codec("quant", 0.5, **RANS)
     x = np.linspace(0, span, 64 * 4, dtype=np.float32).reshape(1, 4, 8, 8)
     out = codec.decode(codec.encode(x), x.shape)
     assert max_error(x, out) <= 0.5
@@ -445,7 +446,7 @@ def test_rans_handles_wide_codes(span):
 
 def test_rans_blobs_from_unaligned_memory_decode():
     # The in-memory cache hands out slices at any byte offset.
-    codec = make_codec("quant", 0.05)
+    codec = make_codec("quant", 0.05, **RANS)
     x = relu_maps(1, c=4, hw=8)
     blob = codec.encode(x)
     shifted = memoryview(b"\x00" + blob)[1:]
@@ -454,7 +455,7 @@ def test_rans_blobs_from_unaligned_memory_decode():
 
 # -- the old absolute path ------------------------------------------------------------------------
 def test_zstd_coding_writes_format_2_blobs():
-    codec = make_codec("quant", 0.1, coding="zstd")
+    codec = make_codec("quant", 0.1)  # the default: unchanged since format 2
     x = relu_maps(1, c=3, hw=8)
     step, grain = exact_step(0.1)
     lo = np.floor(x.min(axis=(0, 2, 3)) / grain) * grain
@@ -497,10 +498,10 @@ def _device_matches_cpu(device: str, codec_kwargs: dict) -> None:
 
 
 DEVICE_CASES = [
-    {"tolerance": 1e-3},
-    {"tolerance": 0.05, "coding": "zstd"},
-    {"tolerance": 0.1, "relative": True},
-    {"tolerance": 0.01, "relative": True, "coding": "zstd"},
+    {"tolerance": 1e-3, "coding": "rans"},
+    {"tolerance": 0.05},
+    {"tolerance": 0.1, "relative": True, "coding": "rans"},
+    {"tolerance": 0.01, "relative": True},
 ]
 
 
@@ -521,7 +522,7 @@ def test_relative_cache_with_extra_channels_round_trips(tmp_path):
     x = relu_maps(6, c=4, hw=8) * np.array([1, 5, 0.2, 2], np.float32)[None, :, None, None]
     extra = x[:, [3, 1]][:, :, :, ::-1].copy()  # flipped copies of channels 3 and 1
     path = tmp_path / "rel.h5"
-    codec = make_codec("quant", 0.2, relative=True)
+    codec = make_codec("quant", 0.2, relative=True, **RANS)
     with store.CacheWriter(
         path, codec=codec, sample_shape=x.shape[1:], chunk_size=1, num_samples=6,
         prefix_hash="h", extra_shape=extra.shape[1:], extra_index=[3, 1], workers=2,
@@ -550,3 +551,12 @@ def test_calibrate_measures_per_channel_std_of_samples():
     codec = make_codec("quant", 0.2, relative=True)
     codec.calibrate(tokens)
     assert np.allclose(codec.channel_scale, channel_std(tokens, 2))
+
+
+def test_rans_options_rebuild_the_same_codec():
+    codec = make_codec("quant", 0.05, **RANS)
+    x = relu_maps(2, c=4, hw=8)
+    blob = codec.encode(x)  # fits the tables
+    again = make_codec("quant", 0.05, **json.loads(json.dumps(codec.options)))
+    assert again.encode(x) == blob
+    assert np.array_equal(again.decode(blob, x.shape), codec.decode(blob, x.shape))

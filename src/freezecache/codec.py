@@ -11,9 +11,10 @@ chunk into one ``bytes`` blob and back; the caller keeps the shape (the cache st
   2 * tolerance * (1 - 1e-3) cut to 4 significant bits, which makes the float32 decode exact
   (:func:`exact_step`). The tolerance is absolute, or with ``relative=True`` a fraction of each
   channel's standard deviation measured on the first batch (one exact step per channel). The
-  lossless stage is context-modelled rANS (``coding="rans"``, default, :mod:`freezecache.rans`;
-  blob ``FCQ3 header | counts | lo | rANS words | escapes``) or zstd on byte planes
-  (``coding="zstd"``: ``zstd(FCQ2 header | lo float32 (C,) | codes)``, cache format 2 as before).
+  lossless stage is zstd on byte planes (``coding="zstd"``, default: ``zstd(FCQ2 header | lo
+  float32 (C,) | codes)``, cache format 2 as before) or context-modelled rANS (``coding="rans"``,
+  :mod:`freezecache.rans`: 20-45% smaller, 2-4x slower; blob ``FCQ3 header | counts | lo | rANS
+  words | escapes``; see benchmarks/bench_coding.py).
   Decoding the codes runs on the CPU; ``q * step + lo`` can run on the training device
   (:func:`dequantize`).
 - ``none``: raw float32 (exact) or float16 bytes. Not bounded by ``tolerance``: the float16
@@ -306,10 +307,12 @@ class QuantCodec:
     the proof is measured, and refused if it breaks the bound); ``bounded`` is False for it,
     because no single number bounds all channels.
 
-    Lossless stage (``coding``): ``rans`` (default) codes each code from its causal neighbours
-    with context-modelled rANS (:mod:`freezecache.rans`), tables fitted on the first batch and
-    kept in :attr:`options`; ``zstd`` splits codes into byte planes (:func:`byte_planes`) and
-    zstd-compresses them (cache format 2). The decoder reads either, whatever ``coding`` says.
+    Lossless stage (``coding``): ``zstd`` (default) splits codes into byte planes
+    (:func:`byte_planes`) and zstd-compresses them (cache format 2); ``rans`` codes each code
+    from its causal neighbours with context-modelled rANS (:mod:`freezecache.rans`), tables
+    fitted on the first batch and kept in :attr:`options`: 20-45% smaller, but it encodes at
+    about half and decodes at about a quarter of zstd's speed. The decoder reads either,
+    whatever ``coding`` says.
 
     :meth:`quantize` does the arithmetic for many chunks at once in torch (any device, all
     cores), and :meth:`compress` the lossless part (thread-safe, releases the GIL), so the cache
@@ -325,7 +328,7 @@ class QuantCodec:
         zstd_level: int = 1,
         channel_axis: int | None = None,
         *,
-        coding: str = "rans",
+        coding: str = "zstd",
         relative: bool = False,
         channel_scale: list[float] | np.ndarray | None = None,
         tables: str | None = None,
