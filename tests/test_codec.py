@@ -1,18 +1,32 @@
 """Codecs keep their error bound, pick sensible layouts, and decode the same on torch."""
 
+import json
+import struct
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import zfpy
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from freezecache.codec import QuantCodec, byte_planes, dequantize, join_planes, make_codec
+from freezecache import rans, store
+from freezecache.codec import (
+    QuantCodec,
+    byte_planes,
+    channel_std,
+    dequantize,
+    exact_step,
+    join_planes,
+    make_codec,
+)
 from freezecache.errors import FreezecacheError
 
 TOLERANCES = (1e-1, 1e-2, 1e-3)
+RANS = {"coding": "rans"}
 
 
 def relu_maps(n: int, c: int = 16, hw: int = 32, seed: int = 0) -> np.ndarray:
@@ -110,9 +124,9 @@ chunks = st.tuples(
 
 @settings(max_examples=150, deadline=None)
 @given(x=chunks, tol=st.sampled_from([1e-3, 3e-3, 1e-2, 0.07, 0.1, 0.5]))
-@pytest.mark.parametrize("name", ["zfp", "quant"])
-def test_error_bound_property(name, x, tol):
-    codec = make_codec(name, tol)
+@pytest.mark.parametrize(("name", "opts"), [("zfp", {}), ("quant", {}), ("quant", RANS)])
+def test_error_bound_property(name, opts, x, tol):
+    codec = make_codec(name, tol, **opts)
     out = codec.decode(codec.encode(x), x.shape)
     assert out.shape == x.shape
     assert max_error(x, out) <= tol
@@ -241,3 +255,308 @@ def test_dequantize_on_torch_equals_numpy_decode():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dequantize_on_cuda_equals_numpy_decode():
     _torch_matches_numpy("cuda")
+
+
+# -- relative tolerance ---------------------------------------------------------------------------
+def per_channel_error(x: np.ndarray, out: np.ndarray, axis: int) -> np.ndarray:
+    """Exact max abs difference per channel (float64)."""
+    diff = np.abs(x.astype(np.float64) - out.astype(np.float64))
+    return np.moveaxis(diff, axis, 0).reshape(diff.shape[axis], -1).max(axis=1)
+
+
+relative_chunks = st.tuples(
+    st.integers(1, 3),  # k
+    st.integers(1, 5),  # channels
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.floats(0.01, 300.0),  # spread of the data
+    st.integers(0, 2**16),
+).map(
+    lambda t: (
+        np.random.default_rng(t[5]).standard_normal((t[0], t[1], t[2], t[3]))
+        * np.random.default_rng(t[5] + 1).uniform(0.05, 1.0, (1, t[1], 1, 1))
+        * t[4]
+    ).astype(np.float32)
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(x=relative_chunks, rel=st.sampled_from([0.01, 0.05, 0.1, 0.25, 0.5, 1.0]))
+@pytest.mark.parametrize("coding", ["rans", "zstd"])
+def test_relative_error_bound_property(coding, x, rel):
+    codec = make_codec("quant", rel, relative=True, coding=coding)
+    out = codec.decode(codec.encode(x), x.shape)
+    bounds = codec.channel_tolerance
+    scale = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1).std(axis=1)
+    assert np.allclose(bounds, rel * np.maximum(scale, 1e-3 * scale.max()), rtol=1e-5) or (
+        scale.max() == 0
+    )
+    assert (per_channel_error(x, out, 1) <= bounds).all()
+    assert codec.max_bound == pytest.approx(bounds.max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=relative_chunks, rel=st.sampled_from([0.02, 0.1, 0.5]))
+def test_relative_bound_holds_for_tokens(x, rel):
+    # Tokens (k, N, D): channels are the last axis.
+    x = np.ascontiguousarray(x.reshape(*x.shape[:2], -1).transpose(0, 2, 1))
+    codec = make_codec("quant", rel, relative=True, **RANS)
+    out = codec.decode(codec.encode(x), x.shape)
+    assert (per_channel_error(x, out, 2) <= codec.channel_tolerance).all()
+
+
+def test_relative_steps_follow_each_channel():
+    x = relu_maps(8, c=4, hw=8)
+    x[:, 2] *= 50.0  # one channel 50x wider: its tolerance (and step) 50x larger
+    codec = make_codec("quant", 0.1, relative=True)
+    q = codec.quantize(x.reshape(4, 2, 4, 8, 8))
+    scale = codec.channel_scale
+    assert np.allclose(scale, x.transpose(1, 0, 2, 3).reshape(4, -1).std(axis=1), rtol=1e-5)
+    assert scale[2] > 10 * scale[[0, 1, 3]].max()
+    steps = codec.steps(4)
+    for c in range(4):
+        tol = 0.1 * scale[c]
+        assert 2 * tol * (1 - 1e-3) * 7 / 8 < steps[c] <= 2 * tol * (1 - 1e-3)
+        assert (q.channel_errors[:, c] <= tol).all()
+    assert q.errors == pytest.approx(q.channel_errors.max(axis=1).tolist())
+    assert not codec.bounded  # no single number bounds every channel
+
+
+def test_relative_calibration_travels_in_the_options():
+    x = relu_maps(4, c=3, hw=8)
+    codec = make_codec("quant", 0.25, relative=True, **RANS)
+    blob = codec.encode(x)
+    again = make_codec("quant", 0.25, **json.loads(json.dumps(codec.options)))
+    assert np.array_equal(again.channel_scale, codec.channel_scale)
+    assert np.array_equal(again.decode(blob, x.shape), codec.decode(blob, x.shape))
+    assert again.encode(x) == blob
+    # A scale given up front is used as it is, not measured again.
+    given = make_codec("quant", 0.25, relative=True, channel_scale=[1.0, 2.0, 4.0])
+    given.encode(x)
+    assert given.channel_tolerance.tolist() == [0.25, 0.5, 1.0]
+
+
+def test_relative_dead_channel_gets_a_floor():
+    x = relu_maps(2, c=3, hw=8)
+    x[:, 1] = 0.0  # a dead channel: its spread is 0
+    codec = make_codec("quant", 0.1, relative=True)
+    out = codec.decode(codec.encode(x), x.shape)
+    assert codec.channel_tolerance[1] == pytest.approx(1e-3 * codec.channel_tolerance.max())
+    assert (per_channel_error(x, out, 1) <= codec.channel_tolerance).all()
+
+
+@pytest.mark.parametrize("coding", ["rans", "zstd"])
+def test_relative_channel_subset_carries_its_steps(coding):
+    # Stored flipped channels (k, m, H, W) are channels [2, 0] of x: their steps travel along.
+    x = relu_maps(4, c=3, hw=8)
+    x[:, 2] *= 20.0
+    codec = make_codec("quant", 0.1, relative=True, coding=coding)
+    codec.quantize(x[None])  # x first: calibrates the scale
+    extra = x[:, [2, 0]][None]
+    q = codec.quantize(extra, channels=[2, 0])
+    blob = codec.compress(q.payloads[0])
+    out = codec.decode(blob, extra.shape[1:])
+    assert (per_channel_error(extra[0], out, 1) <= codec.channel_tolerance[[2, 0]]).all()
+    rebuilt = make_codec("quant", 0.1, **codec.options)  # a reader knows no channel indices
+    assert np.array_equal(rebuilt.decode(blob, extra.shape[1:]), out)
+
+
+def test_relative_input_errors():
+    tiny = np.full((1, 2, 3, 3), 1e-36, np.float32)
+    tiny[..., 0] = 3e-36
+    with pytest.raises(FreezecacheError, match="almost no spread"):
+        make_codec("quant", 0.1, relative=True).encode(tiny)
+    with pytest.raises(FreezecacheError, match="needs relative: true"):
+        make_codec("quant", 0.1, channel_scale=[1.0])
+    with pytest.raises(FreezecacheError, match="channel_scale must be finite"):
+        make_codec("quant", 0.1, relative=True, channel_scale=[1.0, -2.0])
+    codec = make_codec("quant", 0.1, relative=True, channel_scale=[1.0, 2.0])
+    with pytest.raises(FreezecacheError, match="for 2 channels, the data has 3"):
+        codec.encode(relu_maps(1, c=3, hw=4))
+    fresh = make_codec("quant", 0.1, relative=True)
+    with pytest.raises(FreezecacheError, match="whole features before a channel subset"):
+        fresh.quantize(relu_maps(1, c=3, hw=4)[None], channels=[0, 1, 2])
+    with pytest.raises(FreezecacheError, match="coding 'lz4'"):
+        make_codec("quant", 0.1, coding="lz4")
+
+
+def test_channel_std_matches_numpy():
+    x = normal_data((5, 3, 4, 4)) * np.array([1.0, 2.0, 3.0], np.float32)[None, :, None, None]
+    want = x.transpose(1, 0, 2, 3).reshape(3, -1).std(axis=1)
+    assert np.allclose(channel_std(x, 1), want, rtol=1e-6)
+
+
+# -- the rANS stage -------------------------------------------------------------------------------
+code_arrays = st.tuples(
+    st.sampled_from([(1, 1, 1, 1), (1, 4, 3, 5), (2, 3, 7, 2), (1, 9, 2, 2), (3, 1, 8)]),
+    st.integers(1, 3000),  # code range
+    st.integers(0, 2**16),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=code_arrays, fit_on_other=st.booleans())
+def test_rans_round_trip_any_codes(spec, fit_on_other):
+    shape, top, seed = spec
+    rng = np.random.default_rng(seed)
+    q = np.minimum(rng.geometric(0.3, shape) - 1, top).astype(np.int32)
+    q[rng.random(shape) < 0.02] = top  # outliers: escapes
+    train = np.minimum(rng.geometric(0.6, shape) - 1, 3) if fit_on_other else q
+    tables = rans.Tables(rans.fit_tables(train))
+    words, escapes, lane_words, lane_escapes = tables.encode(q)
+    width = 1 if top < 256 else 2
+    out = np.empty((width, q.size), np.uint8)
+    assert tables.decode_into(words, escapes, lane_words, lane_escapes, shape, out)
+    got = join_planes(torch.from_numpy(out[None].copy()))[0].numpy().reshape(shape)
+    assert np.array_equal(got, q)
+
+
+def test_rans_tables_rows_sum_to_the_scale():
+    freq = rans.fit_tables(np.random.default_rng(0).integers(0, 40, (4, 3, 9, 9)))
+    assert freq.shape[0] == rans.N_CTX
+    assert (freq.astype(np.int64).sum(axis=1) == rans.PROB_SCALE).all()
+    assert (freq[:, -1] > 0).all()  # the escape is always possible
+
+
+def test_rans_truncated_blob_is_refused():
+    codec = make_codec("quant", 0.05, **RANS)
+    x = relu_maps(1, c=8, hw=16)
+    blob = codec.encode(x)
+    with pytest.raises(FreezecacheError, match="truncated|corrupt"):
+        codec.decode(blob[: len(blob) // 2], x.shape)
+
+
+def test_rans_beats_zstd_on_relu_maps():
+    x = relu_maps(16, c=8, hw=16)
+    sizes = {}
+    for coding in ("rans", "zstd"):
+        codec = make_codec("quant", 0.05, coding=coding)
+        q = codec.quantize(x[:, None])
+        sizes[coding] = sum(len(codec.compress(p)) for p in q.payloads)
+    assert sizes["rans"] < 0.9 * sizes["zstd"]
+
+
+@pytest.mark.parametrize("span", [100.0, 2_000.0, 100_000.0])
+def test_rans_handles_wide_codes(span):
+    codec = make_codec("quant", 0.5, **RANS)
+    x = np.linspace(0, span, 64 * 4, dtype=np.float32).reshape(1, 4, 8, 8)
+    out = codec.decode(codec.encode(x), x.shape)
+    assert max_error(x, out) <= 0.5
+
+
+def test_rans_blobs_from_unaligned_memory_decode():
+    # The in-memory cache hands out slices at any byte offset.
+    codec = make_codec("quant", 0.05, **RANS)
+    x = relu_maps(1, c=4, hw=8)
+    blob = codec.encode(x)
+    shifted = memoryview(b"\x00" + blob)[1:]
+    assert np.array_equal(codec.decode(shifted, x.shape), codec.decode(blob, x.shape))
+
+
+# -- the old absolute path ------------------------------------------------------------------------
+def test_zstd_coding_writes_format_2_blobs():
+    codec = make_codec("quant", 0.1)  # the default: unchanged since format 2
+    x = relu_maps(1, c=3, hw=8)
+    step, grain = exact_step(0.1)
+    lo = np.floor(x.min(axis=(0, 2, 3)) / grain) * grain
+    q = np.round((x - lo[None, :, None, None]) / step).astype(np.uint8)
+    header = struct.pack("<4sBI", b"FCQ2", 1, 3)
+    want = zstandard.ZstdCompressor(level=1).compress(
+        header + lo.astype(np.float32).tobytes() + q.tobytes()
+    )
+    assert codec.encode(x) == want
+    assert codec.options == {"zstd_level": 1, "channel_axis": None}
+
+
+def test_format_2_blobs_decode_with_a_default_codec():
+    # Caches written before rANS record {"zstd_level": 1, "channel_axis": None}.
+    old = make_codec("quant", 0.1, coding="zstd")
+    x = relu_maps(2, c=3, hw=8)
+    blob = old.encode(x)
+    reader = make_codec("quant", 0.1, **old.options)
+    assert np.array_equal(reader.decode(blob, x.shape), old.decode(blob, x.shape))
+
+
+# -- device decode --------------------------------------------------------------------------------
+def _device_matches_cpu(device: str, codec_kwargs: dict) -> None:
+    codec = make_codec("quant", **codec_kwargs)
+    x = relu_maps(3, c=4, hw=8) * 5 + normal_data((3, 4, 8, 8))
+    blobs = [codec.encode(x[i : i + 1]) for i in range(3)]
+    shape = x.shape[1:]
+    planes, los = zip(*(codec.unpack(b, (1, *shape)) for b in blobs), strict=True)
+    step = codec.step_for((1, *shape))
+    step = step if isinstance(step, float) else torch.from_numpy(step).to(device)
+    got = dequantize(
+        torch.from_numpy(np.stack(planes)).to(device),
+        torch.from_numpy(np.concatenate(los)).to(device),
+        step,
+        shape,
+    )
+    want = np.concatenate([codec.decode(b, (1, *shape)) for b in blobs])
+    assert got.dtype == torch.float32
+    assert torch.equal(got.cpu(), torch.from_numpy(want))
+
+
+DEVICE_CASES = [
+    {"tolerance": 1e-3, "coding": "rans"},
+    {"tolerance": 0.05},
+    {"tolerance": 0.1, "relative": True, "coding": "rans"},
+    {"tolerance": 0.01, "relative": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", DEVICE_CASES)
+def test_device_path_equals_cpu_decode(kwargs):
+    _device_matches_cpu("cpu", kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kwargs", DEVICE_CASES)
+def test_device_path_on_cuda_equals_cpu_decode(kwargs):
+    _device_matches_cpu("cuda", kwargs)
+
+
+# -- through the cache ----------------------------------------------------------------------------
+def test_relative_cache_with_extra_channels_round_trips(tmp_path):
+    x = relu_maps(6, c=4, hw=8) * np.array([1, 5, 0.2, 2], np.float32)[None, :, None, None]
+    extra = x[:, [3, 1]][:, :, :, ::-1].copy()  # flipped copies of channels 3 and 1
+    path = tmp_path / "rel.h5"
+    codec = make_codec("quant", 0.2, relative=True, **RANS)
+    with store.CacheWriter(
+        path, codec=codec, sample_shape=x.shape[1:], chunk_size=1, num_samples=6,
+        prefix_hash="h", extra_shape=extra.shape[1:], extra_index=[3, 1], workers=2,
+    ) as writer:  # fmt: skip
+        writer.add(x, np.arange(6), extra=extra)
+    info = store.open_cache(path)
+    bounds = np.asarray(info.codec_options["channel_scale"]) * 0.2
+    items = [store.CacheDataset(path, info)[i] for i in range(6)]
+    got = np.concatenate([it["x"].numpy() for it in items])
+    got_extra = np.concatenate([it["extra"].numpy() for it in items])
+    assert (per_channel_error(x, got, 1) <= bounds).all()
+    assert (per_channel_error(extra, got_extra, 1) <= bounds[[3, 1]]).all()
+    assert info.stats["max_abs_error"] <= bounds.max()
+    loader = store.make_loader(path, info, batch_size=6, seed=0, workers=0, device_decode=True)
+    batch = store.finish_batch(next(iter(loader)), info, "cpu")
+    order = batch["index"].numpy()
+    assert torch.equal(batch["x"], torch.from_numpy(got[order]))
+
+
+def test_calibrate_measures_per_channel_std_of_samples():
+    x = relu_maps(6, c=5, hw=4)
+    codec = make_codec("quant", 0.2, relative=True)
+    codec.calibrate(x)
+    assert np.allclose(codec.channel_scale, channel_std(x, 1))
+    tokens = normal_data((3, 7, 4)) * np.arange(1, 5, dtype=np.float32)
+    codec = make_codec("quant", 0.2, relative=True)
+    codec.calibrate(tokens)
+    assert np.allclose(codec.channel_scale, channel_std(tokens, 2))
+
+
+def test_rans_options_rebuild_the_same_codec():
+    codec = make_codec("quant", 0.05, **RANS)
+    x = relu_maps(2, c=4, hw=8)
+    blob = codec.encode(x)  # fits the tables
+    again = make_codec("quant", 0.05, **json.loads(json.dumps(codec.options)))
+    assert again.encode(x) == blob
+    assert np.array_equal(again.decode(blob, x.shape), codec.decode(blob, x.shape))

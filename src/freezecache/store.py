@@ -309,7 +309,9 @@ class CacheWriter:
         if isinstance(self.codec, QuantCodec):
             start = time.perf_counter()
             quant_x = self.codec.quantize(xs)
-            quant_extra = None if extras is None else self.codec.quantize(extras)
+            # Stored flipped channels are a subset of x's: a relative codec needs their indices.
+            channels = self.extra_index or None
+            quant_extra = None if extras is None else self.codec.quantize(extras, channels)
             per_chunk = (time.perf_counter() - start) / len(xs)
             tasks = [
                 (_compress_group, self.codec, first + lo, quant_x[lo : lo + _TASK_CHUNKS],
@@ -770,7 +772,9 @@ def finish_batch(batch: dict, info: CacheInfo, device: torch.device | str) -> di
     """Move a batch to ``device`` and dequantize ``x`` there if it is still packed."""
     out = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     if "x_lo" in out:
-        step = info.codec().step
+        step = info.codec().step_for((1, *info.sample_shape))  # float, or (1, C, 1, 1) steps
+        if not isinstance(step, float):
+            step = torch.from_numpy(step).to(device, non_blocking=True)
         out["x"] = dequantize(out["x"], out.pop("x_lo"), step, info.sample_shape)
     return out
 
