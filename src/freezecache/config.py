@@ -131,6 +131,10 @@ class Rank(Section):
 class Cache(Section):
     codec: Literal["zfp", "quant", "none"] = "zfp"
     tolerance: PosFloat | list[PosFloat] = 1e-2
+    # quant: the tolerance as a fraction of each channel's std at build time (one setting
+    # carries over between depths and models); the absolute bound per channel is recorded.
+    relative: bool = False
+    coding: Literal["zstd", "rans"] = "zstd"  # quant's lossless stage (rans: smaller, slower)
     chunk_size: PosInt = 1
     encode_workers: PosInt = 2
 
@@ -240,6 +244,12 @@ def _schedule_problems(cfg: Config, num_blocks: int | None) -> list[str]:
                 f"{key}.after = {p.after!r}: write {want!r} — each point names the run it "
                 "continues from (the shared prefix, then the point before it)"
             )
+    c = cfg.cache
+    if c.codec != "quant" and (c.relative or c.coding != "zstd"):
+        problems.append(
+            f"cache.relative and cache.coding apply to the quant codec, not {c.codec} — "
+            "set cache.codec: quant or drop them"
+        )
     tol = cfg.cache.tolerance
     if isinstance(tol, list) and len(tol) != len(points):
         problems.append(

@@ -52,7 +52,9 @@ class Out:
     """One output of a stage; ``path`` is a template (see :meth:`Stage.path`)."""
 
     path: str
-    cache: bool = True  # False: small files git tracks (metrics, tables) so `dvc exp` sees them
+    # True: DVC caches it, so its run cache can restore the stage in a queued experiment's
+    # workspace instead of rerunning it. False (the report's tables): git tracks it.
+    cache: bool = True
     plot: dict | None = None  # declared as a DVC plot with these properties
     metric: bool = False  # declared as a DVC metrics file (only the report's headline)
 
@@ -103,9 +105,9 @@ def _run_outs(folder: str) -> dict[str, Out]:
     """What every training stage writes: weights, costs, DVCLive's metrics and curves."""
     return {
         "state": Out(f"{folder}/state.pt"),
-        "costs": Out(f"{folder}/costs.json", cache=False),
-        "metrics": Out(f"{folder}/live/metrics.json", cache=False),
-        "plots": Out(f"{folder}/live/plots/metrics", cache=False, plot={"x": "step"}),
+        "costs": Out(f"{folder}/costs.json"),
+        "metrics": Out(f"{folder}/live/metrics.json"),
+        "plots": Out(f"{folder}/live/plots/metrics", plot={"x": "step"}),
     }
 
 
@@ -113,7 +115,7 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         # Validates params.yaml before any stage deletes its outputs (every stage depends on it).
-        Stage("check", params=SECTIONS, outs={"ok": Out(CHECKED, cache=False)}),
+        Stage("check", params=SECTIONS, outs={"ok": Out(CHECKED)}),
         Stage("prepare", deps=(CHECKED,), params=("data",), outs={"data": Out(DATA)}),
         # The starting weights: pre-trained on the source split, a local file, or none.
         Stage(
@@ -123,8 +125,8 @@ STAGES: dict[str, Stage] = {
             params=("pretrain", "model", "runtime", *PRETRAIN_TRAIN_KEYS),
             outs={
                 "state": Out(WEIGHTS),
-                "costs": Out("{paths.runs}/pretrain/costs.json", cache=False),
-                "metrics": Out("{paths.runs}/pretrain/live/metrics.json", cache=False),
+                "costs": Out("{paths.runs}/pretrain/costs.json"),
+                "metrics": Out("{paths.runs}/pretrain/live/metrics.json"),
             },
         ),
         Stage(
@@ -148,8 +150,8 @@ STAGES: dict[str, Stage] = {
             params=("model", "runtime", "freeze", "rank", "cache", "train.precision"),
             outs={
                 "cache": Out(CACHE),
-                "ranking": Out(POINT + "/ranking.json", cache=False),
-                "stats": Out(POINT + "/cache.json", cache=False),
+                "ranking": Out(POINT + "/ranking.json"),
+                "stats": Out(POINT + "/cache.json"),
             },
         ),
         Stage(
@@ -164,8 +166,8 @@ STAGES: dict[str, Stage] = {
             deps=(CHECKED, DATA, "{paths.runs}/s{first_seed}/prefix/state.pt"),
             params=("model", "train", "runtime", "freeze"),
             outs={
-                "json": Out("{paths.results}/tradeoffs.json", cache=False),
-                "md": Out("{paths.results}/tradeoffs.md", cache=False),
+                "json": Out("{paths.results}/tradeoffs.json"),
+                "md": Out("{paths.results}/tradeoffs.md"),
             },
         ),
         Stage(

@@ -106,7 +106,10 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         channels = None
     path = ctx.out("cache")
     tol = cfg.cache.tolerance_at(index)
-    options = {"channel_axis": model.channel_axis} if cfg.cache.codec == "quant" else {}
+    c = cfg.cache
+    options = {}
+    if c.codec == "quant":
+        options = {"channel_axis": model.channel_axis, "relative": c.relative, "coding": c.coding}
     writer = store.CacheWriter(
         path,
         codec=make_codec(cfg.cache.codec, tol, **options),
