@@ -1,11 +1,12 @@
 # Quick start: `make repro` runs the pipeline, `make test` runs the tests. Both set up first.
+# Every other target also works without activating the venv (it puts .venv/bin first on PATH).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test test-fast bench lint clean
+.PHONY: setup repro scratch plan sweep bench plots readme test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -17,10 +18,33 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 	@$(PY) -m freezecache.cli ensure-data
 
-## repro: render dvc.yaml from params.yaml and run the pipeline
+## repro: run the pipeline of params.yaml (the fine-tuning default unless you chose a profile)
 repro: setup
-	$(PY) -m freezecache.cli pipeline
 	dvc repro
+
+## scratch: the from-scratch profile (results in results/scratch/), then back to the default
+scratch: setup
+	freezecache profile scratch && dvc repro; status=$$?; freezecache profile default; exit $$status
+
+## plan: cache size and savings per candidate freeze block (results/plan.md)
+plan: setup
+	dvc repro plan
+
+## sweep: the default over a grid of codecs and tolerances, 3 seeds each (results/codec_sweep.*)
+sweep: setup
+	freezecache sweep
+
+## bench: cache speed/size benchmarks, ratios measured side by side (results/bench.*)
+bench: setup
+	$(PY) benchmarks/bench_cache.py
+
+## plots: `dvc plots show` as HTML that works offline (results/plots/index.html)
+plots: setup
+	freezecache plots
+
+## readme: regenerate the README's result sections from results/
+readme: setup
+	freezecache readme
 
 ## test: the whole test suite (the smoke pipeline included)
 test: setup
@@ -29,12 +53,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-## bench: cache speed/size benchmarks, ratios measured side by side (writes results/bench.json)
-bench: setup
-	$(PY) benchmarks/bench_cache.py
-
 lint: setup
 	$(PY) -m ruff check src stages tests benchmarks
 
 clean:
-	rm -rf runs data/prepared data/cache results/*.json .ckpt
+	rm -rf runs data/prepared data/cache .ckpt results/plots

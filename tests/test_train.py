@@ -1,5 +1,6 @@
 """The training loop: resume after a kill gives the same metrics; FreezeOut really freezes."""
 
+import json
 import signal
 import subprocess
 import time
@@ -71,27 +72,35 @@ def _resume_project(tmp_path, name):
     d = tmp_path / name
     d.mkdir()
     raw = load_profile("smoke")
+    raw["pretrain"] = None
     raw["train"]["epochs"] = 5
-    raw["freeze"]["points"] = [{"block": 2, "epoch": 4}]
-    raw["methods"] = ["normal"]
+    raw["freeze"]["points"] = [{"block": 2, "epoch": 4, "after": "../prefix"}]
+    raw["methods"] = {"baselines": ["normal"], "discard": []}
     (d / "params.yaml").write_text(yaml.safe_dump(raw))
-    run(["freezecache", "pipeline"], d)
-    run(["python", str(ROOT / "stages/prepare.py")], d)
+    for script in ("prepare", "pretrain"):
+        run(["python", str(ROOT / f"stages/{script}.py")], d)
     return d
+
+
+def _tsv(path) -> list[tuple[str, str]]:
+    """DVCLive's rows without the timestamp column (step and value)."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    keep = [i for i, name in enumerate(rows[0]) if name != "timestamp"]
+    return [tuple(r[i] for i in keep) for r in rows]
 
 
 @pytest.mark.slow
 @needs_fashion
 def test_resume_after_kill_gives_identical_metrics(tmp_path):
+    cmd = ["python", str(ROOT / "stages/train_prefix.py"), "--seed", "0"]
     whole = _resume_project(tmp_path, "whole")
-    run(["python", str(ROOT / "stages/train_prefix.py"), "--seed", "0"], whole)
+    run(cmd, whole)
 
     killed = _resume_project(tmp_path, "killed")
-    cmd = ["python", str(ROOT / "stages/train_prefix.py"), "--seed", "0"]
     proc = subprocess.Popen(
         cmd, cwd=killed, env=env_with_venv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    ckpt_dir = killed / ".ckpt" / "train_prefix_s0"
+    ckpt_dir = killed / ".ckpt" / "train_prefix@0"
     deadline = time.time() + 300
     while not list(ckpt_dir.glob("*.pt")) and time.time() < deadline:
         time.sleep(0.2)
@@ -100,15 +109,44 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
     proc.wait()
     partial = RunState.load(next(ckpt_dir.glob("*.pt")))
     assert 1 <= partial.epoch < 4, "the kill must land mid-run"
-    assert not (killed / "runs/s0/prefix/metrics.json").exists()
+    assert not (killed / "runs/s0/prefix/state.pt").exists()
     run(cmd, killed)
 
     a = RunState.load(whole / "runs/s0/prefix/state.pt")
     b = RunState.load(killed / "runs/s0/prefix/state.pt")
     assert b.epoch == a.epoch == 4
     for ra, rb in zip(a.history, b.history, strict=True):
-        assert ra["test_acc"] == rb["test_acc"]
+        assert ra["val_acc"] == rb["val_acc"]
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
     for k in a.model:
         assert torch.allclose(a.model[k].float(), b.model[k].float(), atol=1e-6), k
     assert not list(ckpt_dir.glob("*.pt")), "a finished stage removes its checkpoint"
+    # DVCLive's curves and metrics: the resumed stage replays its history, so they match
+    curves = sorted((whole / "runs/s0/prefix/live/plots/metrics").glob("*.tsv"))
+    assert [c.name for c in curves] == sorted(
+        c.name for c in (killed / "runs/s0/prefix/live/plots/metrics").glob("*.tsv")
+    )
+    for c in curves:
+        if c.stem != "epoch_time_s":
+            assert _tsv(c) == _tsv(killed / "runs/s0/prefix/live/plots/metrics" / c.name), c.name
+    ma, mb = (
+        json.loads((d / "runs/s0/prefix/live/metrics.json").read_text()) for d in (whole, killed)
+    )
+    for key in ("val_acc", "val_loss", "train_loss", "step", "epochs"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-6), key
+
+
+def test_raw_image_crops_pad_with_the_background_not_the_mean():
+    """A crop's border is a black pixel (0), which normalises to -mean/std, not 0."""
+    from freezecache.train import Images
+
+    images = torch.full((4, 1, 6, 6), 200, dtype=torch.uint8)
+    mean, std = torch.tensor([0.3]), torch.tensor([0.2])
+    split = Images(images, torch.zeros(4, dtype=torch.long), mean, std)
+    g = torch.Generator().manual_seed(1)
+    x, _ = next(split.batches(4, g=g, train_aug=Train(crop_pad=2, hflip=False)))
+    background = (0.0 - 0.3) / 0.2
+    inside = (200 / 255 - 0.3) / 0.2
+    values = set(torch.round(x * 1e4).unique().tolist())
+    assert values <= {round(background * 1e4), round(inside * 1e4)}
+    assert round(background * 1e4) in values  # some crop shifted the image: its pad shows

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import setup_logging, fail, stage
+from freezecache.guard import fail, setup_logging, stage, stage_free
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 PROFILES = Path("configs")
@@ -53,6 +53,52 @@ def render_pipeline(
         print("dvc.yaml: " + ("rendered" if pipeline.write() else "up to date"))
 
 
+@app.command()
+def blocks(
+    name: str = typer.Argument(..., help="a registered model or any timm model name"),
+    img_size: int = typer.Option(32, help="input size"),
+    in_chans: int = typer.Option(3, help="input channels"),
+    num_classes: int = typer.Option(10, help="classes"),
+) -> None:
+    """List a model's freeze positions: block name, index and output shape."""
+    from freezecache.models import create_model, describe_blocks
+
+    with stage_free():
+        model = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+        print(f"{name}: {model.num_blocks} blocks, layout {model.layout}")
+        print(f"{'position':>8}  {'name':<28} {'type':<24} output shape")
+        for r in describe_blocks(model):
+            shape = "x".join(map(str, r["shape"]))
+            print(f"{r['position']:>8}  {r['name']:<28} {r['type']:<24} {shape}")
+
+
+@app.command()
+def plan(params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
+    """Where to freeze: cache size and savings per block, for the configured schedule."""
+    from freezecache.steps.plan import plan as make
+
+    with stage(params) as cfg:
+        print(make(cfg))
+
+
+@app.command()
+def sweep(
+    collect_only: bool = typer.Option(False, "--collect", help="only gather finished runs"),
+    results: Path = typer.Option(Path("results"), help="where codec_sweep.* go"),
+) -> None:
+    """Run the default over a grid of codecs and tolerances (queued DVC experiments, 3 seeds
+    each) and write results/codec_sweep.{csv,json,md}."""
+    from freezecache import sweep as sw
+
+    with stage_free():
+        if not collect_only:
+            print("queued: " + ", ".join(sw.queue()))
+            sw.run_queue()
+        rows = sw.collect()
+        sw.write(rows, results)
+        print(sw.render_markdown(rows))
+
+
 @app.command(name="ensure-data")
 def ensure_data(params: Path = typer.Option(Path("params.yaml"))) -> None:
     """Make sure the embedded dataset is present (installs Debian's package when root)."""
@@ -64,17 +110,32 @@ def ensure_data(params: Path = typer.Option(Path("params.yaml"))) -> None:
 
 
 @app.command()
-def readme(
-    report: Path = typer.Option(Path("results/report.md")),
-    bench: Path = typer.Option(Path("results/bench.md")),
-    target: Path = typer.Option(Path("README.md")),
-) -> None:
-    """Regenerate the README's results and benchmark sections from results/*.md."""
+def plots(out: Path = typer.Option(Path("results/plots"), help="folder for index.html")) -> None:
+    """Render `dvc plots show` to HTML that works offline (Vega bundled, no CDN)."""
+    from freezecache.plots import render
+
+    with stage_free():
+        print(f"{render(out)}: open it in a browser (no network needed)")
+
+
+# README section -> the generated file it shows (between `<!-- name:start -->` markers).
+README_SECTIONS = {
+    "results": "results/report.md",
+    "scratch": "results/scratch/report.md",
+    "plan": "results/plan.md",
+    "sweep": "results/codec_sweep.md",
+    "bench": "results/bench.md",
+}
+
+
+@app.command()
+def readme(target: Path = typer.Option(Path("README.md"))) -> None:
+    """Regenerate the README's generated sections from the results/ files."""
     from freezecache.report import update_readme
 
-    with stage():
-        update_readme({"results": report, "bench": bench}, target)
-        print(f"{target}: sections updated from {report} and {bench}")
+    with stage_free():
+        update_readme({k: Path(v) for k, v in README_SECTIONS.items()}, target)
+        print(f"{target}: sections updated from " + ", ".join(README_SECTIONS.values()))
 
 
 if __name__ == "__main__":

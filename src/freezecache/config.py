@@ -160,6 +160,19 @@ class Augment(Section):
     blur_sigma: PosFloat = 0.5
 
 
+class Distributed(Section):
+    """torchrun data parallelism: processes per node and nodes; one process runs as before."""
+
+    nproc_per_node: PosInt = 1
+    nnodes: PosInt = 1
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    sync_batchnorm: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
 class Config(Section):
     paths: Paths = Field(default_factory=Paths)
     seeds: Annotated[list[NonNegInt], Field(min_length=1)] = Field(default_factory=lambda: [0])
@@ -174,6 +187,7 @@ class Config(Section):
     cache: Cache = Field(default_factory=Cache)
     loader: Loader = Field(default_factory=Loader)
     augment: Augment = Field(default_factory=Augment)
+    distributed: Distributed = Field(default_factory=Distributed)
 
     @property
     def points(self) -> list[FreezePoint]:

@@ -67,3 +67,13 @@ def stage(
         fail(str(err))
     except OSError as err:  # a full disk, a read-only folder: say which file, no traceback
         fail(f"{err.filename or ''}: {err.strerror} — free space or fix permissions, then rerun")
+
+
+@contextlib.contextmanager
+def stage_free() -> Iterator[None]:
+    """The same error handling for commands that read no params."""
+    setup_logging()
+    try:
+        yield
+    except FreezecacheError as err:
+        fail(str(err))

@@ -43,7 +43,7 @@ MATRIX = {
 }
 SECTIONS = (
     "paths", "seeds", "methods", "data", "pretrain", "model", "train", "runtime", "freeze",
-    "rank", "cache", "loader", "augment",
+    "rank", "cache", "loader", "augment", "distributed",
 )  # fmt: skip
 
 
@@ -86,6 +86,7 @@ def fill(template: str, cfg, **item) -> Path:
 
 # -- the declarations ---------------------------------------------------------------------------
 CHECKED = "{paths.runs}/params.ok"
+PLANNED = "{paths.runs}/plan.ok"
 DATA = "{paths.data}"
 WEIGHTS = "{paths.runs}/pretrain/state.pt"
 SEED = "{paths.runs}/s{seed}"
@@ -129,10 +130,22 @@ STAGES: dict[str, Stage] = {
                 "metrics": Out("{paths.runs}/pretrain/live/metrics.json"),
             },
         ),
+        # Cache sizes and savings per block, before any training; stops a schedule whose
+        # caches would not fit (its marker, like check's, never changes content).
+        Stage(
+            "plan",
+            deps=(CHECKED, DATA, WEIGHTS),
+            params=("seeds", "methods", "model", "train", "runtime", "freeze", "rank", "cache"),
+            outs={
+                "ok": Out(PLANNED),
+                "json": Out("{paths.results}/plan.json", cache=False),
+                "md": Out("{paths.results}/plan.md", cache=False),
+            },
+        ),
         Stage(
             "train_prefix",
             matrix=("seed",),
-            deps=(CHECKED, DATA, WEIGHTS),
+            deps=(CHECKED, PLANNED, DATA, WEIGHTS),
             params=TRAIN,
             outs=_run_outs(SEED + "/prefix"),
         ),

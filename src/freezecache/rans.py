@@ -188,27 +188,19 @@ def _decode(
             base = first * size + i * w
             for j in range(w):
                 pr, ctx = _context(cur[0, j], prev[0, j + 1], prev[0, j], act_lut)
-                x0, p0, e0, r = _symbol(
-                    x0, ctx, p0, e0, packed, words, last_word, escapes, escape
-                )
+                x0, p0, e0, r = _symbol(x0, ctx, p0, e0, packed, words, last_word, escapes, escape)
                 cur[0, j + 1] = v = pr + r
                 out[0, base + j] = v & 0xFF
                 pr, ctx = _context(cur[1, j], prev[1, j + 1], prev[1, j], act_lut)
-                x1, p1, e1, r = _symbol(
-                    x1, ctx, p1, e1, packed, words, last_word, escapes, escape
-                )
+                x1, p1, e1, r = _symbol(x1, ctx, p1, e1, packed, words, last_word, escapes, escape)
                 cur[1, j + 1] = v = pr + r
                 out[0, base + size + j] = v & 0xFF
                 pr, ctx = _context(cur[2, j], prev[2, j + 1], prev[2, j], act_lut)
-                x2, p2, e2, r = _symbol(
-                    x2, ctx, p2, e2, packed, words, last_word, escapes, escape
-                )
+                x2, p2, e2, r = _symbol(x2, ctx, p2, e2, packed, words, last_word, escapes, escape)
                 cur[2, j + 1] = v = pr + r
                 out[0, base + 2 * size + j] = v & 0xFF
                 pr, ctx = _context(cur[3, j], prev[3, j + 1], prev[3, j], act_lut)
-                x3, p3, e3, r = _symbol(
-                    x3, ctx, p3, e3, packed, words, last_word, escapes, escape
-                )
+                x3, p3, e3, r = _symbol(x3, ctx, p3, e3, packed, words, last_word, escapes, escape)
                 cur[3, j + 1] = v = pr + r
                 out[0, base + 3 * size + j] = v & 0xFF
     x[0], x[1], x[2], x[3] = x0, x1, x2, x3
@@ -223,9 +215,7 @@ def _decode(
             prev, cur = rows[(i + 1) % 2], rows[i % 2]
             for j in range(w):
                 pr, ctx = _context(cur[0, j], prev[0, j + 1], prev[0, j], act_lut)
-                xl, pl, el, r = _symbol(
-                    xl, ctx, pl, el, packed, words, last_word, escapes, escape
-                )
+                xl, pl, el, r = _symbol(xl, ctx, pl, el, packed, words, last_word, escapes, escape)
                 cur[0, j + 1] = v = pr + r
                 n = p * size + i * w + j
                 for k in range(width):

@@ -322,11 +322,14 @@ def update_readme(sources: dict[str, Path], target: Path) -> None:
     """Replaces each generated README section (between its markers) with its source file."""
     text = target.read_text()
     for name, source in sources.items():
-        if not source.is_file():
-            raise FreezecacheError(f"{source}: missing — run `make repro` / `make bench` first")
         begin, end = (README_MARK.format(name=name, edge=e) for e in ("start", "end"))
         if begin not in text or end not in text:
             raise FreezecacheError(f"{target}: no {name} markers — add {begin} ... {end}")
+        if not source.is_file():
+            raise FreezecacheError(
+                f"{source}: missing — run `make repro`, `make scratch`, `make sweep` or "
+                "`make bench` first"
+            )
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{source.read_text()}{end}{tail}"

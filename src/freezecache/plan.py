@@ -1,0 +1,183 @@
+"""Where to freeze, before any training: per candidate block, what a cache there costs on disk
+and what the rest of the model costs to train, plus the configured schedule's savings.
+
+Sizes are measured, not guessed: a real batch of the training set goes through the model (its
+starting weights: pre-trained, a local checkpoint or the random init) and the configured codec
+at the configured tolerance; the whole cache is that batch's bytes per sample times the
+training set. Savings use the same FLOPs and memory accounting as the training stages.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from freezecache import augment, rank, store
+from freezecache.codec import make_codec
+from freezecache.config import Config
+from freezecache.costs import method_costs
+from freezecache.errors import FreezecacheError
+from freezecache.methods import method
+from freezecache.models import split
+from freezecache.profiling import part_flops
+
+SAMPLE = 256  # samples measured per candidate block
+MARGIN = 1.10  # the caches must fit in the free disk space with 10% to spare
+
+
+def codec_for(cfg: Config, model: nn.Module, index: int):
+    """The codec the cache stage builds the cache of freeze point ``index`` with."""
+    c = cfg.cache
+    options = {}
+    if c.codec == "quant":
+        options = {"channel_axis": model.channel_axis, "relative": c.relative, "coding": c.coding}
+    return make_codec(c.codec, c.tolerance_at(index), **options)
+
+
+def _extra(cfg: Config, model: nn.Module, feats: torch.Tensor, flipped: torch.Tensor):
+    """What a ranking method stores next to the features: some channels or tokens of the
+    flipped view (the sizes only depend on how many)."""
+    if model.kind == "cnn":
+        c = feats.shape[1 if model.layout == "nchw" else -1]
+        k = round(cfg.rank.gamma * c)
+        return augment.take_channels(flipped, torch.arange(k), model.layout) if k else None
+    k = rank.num_selected_tokens(feats.shape[1], cfg.rank.alpha, model.num_prefix_tokens)
+    return flipped[:, :k] if k else None
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free space of the filesystem ``folder`` is (or will be) on."""
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def candidates(ctx, model: nn.Module) -> list[dict]:
+    """One row per block position: shape, bytes per sample, cache size, suffix FLOPs share."""
+    cfg = ctx.cfg
+    x, _ = next(iter(ctx.train.batches(min(SAMPLE, len(ctx.train)))))
+    meta = ctx.meta
+    input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
+    points = {p.block: i for i, p in enumerate(cfg.points, start=1)}
+    ranked = any(method(m).needs_ranking for m in cfg.methods.discard)
+    n = len(ctx.train)
+    rows = []
+    for pos in range(1, model.num_blocks):
+        prefix, _ = split(model, pos)
+        with torch.no_grad():
+            feats = prefix(x).float()
+            extra = _extra(cfg, model, feats, prefix(x.flip(-1)).float()) if ranked else None
+        codec = codec_for(cfg, model, points.get(pos, 1))
+        size = store.estimate_cache_bytes(
+            codec,
+            feats.cpu().numpy(),
+            n,
+            chunk_size=cfg.cache.chunk_size,
+            extra_batch=None if extra is None else extra.cpu().numpy(),
+        )
+        fp32 = 4 * math.prod(feats.shape[1:])
+        flops = part_flops(model, pos, input_shape)
+        rows.append(
+            {
+                "block": pos,
+                "point": points.get(pos),
+                "shape": list(feats.shape[1:]),
+                "fp32_bytes_per_sample": fp32,
+                "bytes_per_sample": size["x"] / n,
+                "extra_bytes_per_sample": size["extra"] / n,
+                "ratio": size["x"] / (n * fp32),
+                "cache_bytes": size["x"],
+                "cache_bytes_with_extra": size["x"] + size["extra"],
+                "suffix_flops_share": flops["suffix_fwd"] / flops["full_fwd"],
+            }
+        )
+    return rows
+
+
+def make_plan(ctx, model: nn.Module) -> dict:
+    """The plan for the configured model, data and schedule; refuses caches that cannot fit."""
+    cfg = ctx.cfg
+    rows = candidates(ctx, model)
+    by_block = {r["block"]: r for r in rows}
+    need = 0
+    for name in cfg.methods.discard:
+        key = "cache_bytes_with_extra" if method(name).needs_ranking else "cache_bytes"
+        need += len(cfg.seeds) * sum(by_block[p.block][key] for p in cfg.points)
+    free = _free_bytes(Path(cfg.paths.cache))
+    normal = method_costs(ctx, model, "normal", [])
+    schedule = {}
+    for name in (*cfg.methods.baselines, *cfg.methods.discard):
+        if name == "normal" or not (method(name).freezes or method(name).kind == "discard"):
+            continue
+        costs = method_costs(ctx, model, name, [])
+        schedule[name] = {
+            "train_flops": costs["train_flops"],
+            "flops_saved": 1 - costs["train_flops"] / normal["train_flops"],
+            "avg_memory_mb": costs["avg_memory_mb"],
+            "memory_saved": 1 - costs["avg_memory_mb"] / normal["avg_memory_mb"],
+        }
+    plan = {
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "train_samples": len(ctx.train),
+        "codec": cfg.cache.codec,
+        "tolerance": cfg.cache.tolerance,
+        "relative": cfg.cache.relative,
+        "points": [p.block for p in cfg.points],
+        "blocks": rows,
+        "normal": {"train_flops": normal["train_flops"], "avg_memory_mb": normal["avg_memory_mb"]},
+        "schedule": schedule,
+        "caches_bytes": need,
+        "free_bytes": free,
+    }
+    if need * MARGIN > free:
+        raise FreezecacheError(
+            f"the freeze schedule's caches need {need / 1e9:.2f} GB (+10%) but "
+            f"{cfg.paths.cache} has {free / 1e9:.2f} GB free — free space, point paths.cache "
+            "elsewhere (a symlink inside the repo), or freeze fewer points"
+        )
+    return plan
+
+
+def render_markdown(plan: dict) -> str:
+    mb = 1e6
+    lines = [
+        f"### Freeze plan: {plan['model']} on {plan['dataset']}, {plan['train_samples']} "
+        f"training samples, {plan['codec']} at tolerance {plan['tolerance']}"
+        f"{' (relative)' if plan['relative'] else ''}",
+        "",
+        "| Block | Output shape | fp32 B/sample | Cache B/sample | Ratio | Cache MB | "
+        "+ stored flips MB | Suffix share of forward FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in plan["blocks"]:
+        mark = f" (point {r['point']})" if r["point"] else ""
+        lines.append(
+            f"| {r['block']}{mark} | {'x'.join(map(str, r['shape']))} | "
+            f"{r['fp32_bytes_per_sample']} | {r['bytes_per_sample']:.0f} | {r['ratio']:.3f} | "
+            f"{r['cache_bytes'] / mb:.1f} | {r['cache_bytes_with_extra'] / mb:.1f} | "
+            f"{r['suffix_flops_share']:.2f} |"
+        )
+    lines += [
+        "",
+        "The configured schedule (blocks " + str(plan["points"]) + ") against Normal:",
+        "",
+    ]
+    lines += ["| Method | Training FLOPs saved | Avg. accounted memory saved |", "|---|---|---|"]
+    for name, s in plan["schedule"].items():
+        lines.append(
+            f"| {method(name).label} | {100 * s['flops_saved']:.1f}% | "
+            f"{100 * s['memory_saved']:.1f}% |"
+        )
+    lines += [
+        "",
+        f"All caches of the schedule (every seed and discard method): "
+        f"{plan['caches_bytes'] / 1e9:.3f} GB; free where they are written: "
+        f"{plan['free_bytes'] / 1e9:.1f} GB.",
+        "",
+    ]
+    return "\n".join(lines)

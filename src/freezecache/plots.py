@@ -1,0 +1,50 @@
+"""`dvc plots show` without a network: DVC's HTML loads vega from a CDN, so its plots are blank
+offline. This writes an HTML template with Vega, Vega-Lite and Vega-Embed inlined (bundled by
+the vl-convert package, no download) and renders DVC's plots through it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from freezecache.errors import FreezecacheError
+from freezecache.io import atomic_write_text
+
+PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>freezecache plots</title>
+<script type="text/javascript">
+{bundle}
+</script>
+<style>table {{ border-spacing: 15px; }}</style>
+</head>
+<body>
+{{plot_divs}}
+</body>
+</html>
+"""
+
+
+def template() -> str:
+    """The page, with the libraries inline (window.vegaEmbed is what DVC's divs call)."""
+    import vl_convert
+
+    bundle = vl_convert.javascript_bundle().replace("</script", "<\\/script")
+    return PAGE.format(bundle=bundle)
+
+
+def render(out: Path) -> Path:
+    """Writes out/index.html from `dvc plots show` through the offline template."""
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "template.html"
+    atomic_write_text(page, template())
+    done = subprocess.run(
+        ["dvc", "plots", "show", "--html-template", str(page), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise FreezecacheError(f"dvc plots show failed: {done.stderr.strip()[-300:]}")
+    return out / "index.html"

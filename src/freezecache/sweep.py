@@ -1,0 +1,172 @@
+"""The codec sweep: the default profile run again over a grid of codecs and tolerances (lossless
+included) as queued DVC experiments, then every experiment's report gathered into one table.
+
+Only the caches and what trains from them rerun in each experiment; the rest comes from DVC's
+run cache. Each queued experiment commits its git-tracked report (results/report.json), which
+is where the per-seed accuracies are read from.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from freezecache.errors import FreezecacheError
+from freezecache.io import atomic_write_json, atomic_write_text
+from freezecache.methods import label
+
+log = logging.getLogger(__name__)
+
+# (name, codec, tolerance, relative): the grid `make sweep` runs; lossless first.
+GRID = (
+    ("lossless", "none", 0.1, False),
+    ("abs-0.1", "quant", 0.1, False),
+    ("rel-0.1", "quant", 0.1, True),
+    ("rel-0.25", "quant", 0.25, True),
+    ("rel-0.5", "quant", 0.5, True),
+    ("rel-1.0", "quant", 1.0, True),
+)
+PREFIX = "sweep-"
+COLUMNS = ("codec", "tolerance", "relative", "bits_per_value", "seed", "method", "accuracy")
+
+
+def _dvc(*args: str) -> str:
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise FreezecacheError(f"dvc {' '.join(args)} failed: {done.stderr.strip()[-300:]}")
+    return done.stdout
+
+
+def queue(grid=GRID) -> list[str]:
+    """Queues one experiment per grid entry; returns their names."""
+    names = []
+    for name, codec, tol, relative in grid:
+        exp = PREFIX + name
+        _dvc(
+            "exp", "run", "--queue", "--name", exp,
+            "-S", f"cache.codec={codec}", "-S", f"cache.tolerance={tol}",
+            "-S", f"cache.relative={str(relative).lower()}",
+        )  # fmt: skip
+        names.append(exp)
+    return names
+
+
+def run_queue(poll_s: float = 10.0) -> None:
+    """Runs the queue one experiment at a time (two would fight over the cores) to its end."""
+    _dvc("queue", "start", "-j", "1")
+    while re.search(r"\b(Queued|Running)\b", _dvc("queue", "status")):
+        time.sleep(poll_s)
+    if "Failed" in (status := _dvc("queue", "status")):
+        raise FreezecacheError(f"a sweep experiment failed — see `dvc queue logs`:\n{status}")
+
+
+def _experiments(shown: list) -> dict[str, str]:
+    """name -> commit of every experiment in `dvc exp show --json` whose name starts PREFIX."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            name, rev = node.get("name"), node.get("rev")
+            if isinstance(name, str) and name.startswith(PREFIX) and rev:
+                found[name] = rev
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(shown)
+    return found
+
+
+def _bits_per_value(cache_rows: list[dict], method: str) -> float:
+    """Stored bits per cached float32 value over every freeze point of a method."""
+    rows = [c for c in cache_rows if c["method"] == method]
+    stored = sum(c["stored_mb"] for c in rows)
+    raw = sum(c["stored_mb"] / c["compression_ratio"] for c in rows)
+    return 32.0 * stored / raw
+
+
+def rows_of(report: dict, codec: str, tolerance: float, relative: bool) -> list[dict]:
+    """One row per seed and discard method of one experiment's report."""
+    out = []
+    for m, r in report["methods"].items():
+        if not any(c["method"] == m for c in report["cache"]):
+            continue
+        bits = _bits_per_value(report["cache"], m)
+        for seed, acc in zip(report["seeds"], r["accuracy_per_seed"], strict=True):
+            out.append(
+                {
+                    "codec": codec,
+                    "tolerance": tolerance,
+                    "relative": relative,
+                    "bits_per_value": round(bits, 4),
+                    "seed": seed,
+                    "method": m,
+                    "accuracy": round(acc, 3),
+                }
+            )
+    return out
+
+
+def collect(grid=GRID) -> list[dict]:
+    """Rows of every finished sweep experiment, in grid order."""
+    exps = _experiments(json.loads(_dvc("exp", "show", "--json")))
+    rows = []
+    for name, codec, tol, relative in grid:
+        rev = exps.get(PREFIX + name)
+        if rev is None:
+            raise FreezecacheError(f"no experiment {PREFIX + name} — run `make sweep`")
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:results/report.json"], capture_output=True, text=True
+        )
+        if shown.returncode != 0:
+            raise FreezecacheError(f"experiment {PREFIX + name} has no results/report.json")
+        rows += rows_of(json.loads(shown.stdout), codec, tol, relative)
+    return rows
+
+
+def render_markdown(rows: list[dict]) -> str:
+    """Mean ± std over seeds per codec setting and method, against the lossless cache."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["codec"], r["tolerance"], r["relative"], r["method"]), []).append(r)
+    base = {
+        k[3]: statistics.fmean(x["accuracy"] for x in v)
+        for k, v in groups.items()
+        if k[0] == "none"
+    }
+    lines = [
+        "| Codec | Tolerance | Bits per value | Method | Accuracy (%) | vs lossless |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (codec, tol, relative, m), v in groups.items():
+        accs = [x["accuracy"] for x in v]
+        mean = statistics.fmean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        tol_text = "–" if codec == "none" else f"{tol:g}{' × channel std' if relative else ''}"
+        gap = f"{mean - base[m]:+.2f}" if m in base else "–"
+        lines.append(
+            f"| {codec} | {tol_text} | {v[0]['bits_per_value']:.2f} | {label(m)} | "
+            f"{mean:.2f} ± {std:.2f} | {gap} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], results: Path) -> None:
+    """results/codec_sweep.csv, .json and .md."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(results / "codec_sweep.csv", buf.getvalue())
+    atomic_write_json(results / "codec_sweep.json", rows)
+    atomic_write_text(results / "codec_sweep.md", render_markdown(rows))
