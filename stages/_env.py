@@ -5,8 +5,9 @@ where DVC runs `python` from PATH)."""
 import sys
 
 try:
-    import freezecache  # noqa: F401
     import torch  # noqa: F401
+
+    import freezecache  # noqa: F401
 except ModuleNotFoundError as err:
     sys.exit(
         f"error: {sys.executable} has no module {err.name!r} — activate the project's venv "

@@ -3,9 +3,9 @@ training set once through the frozen prefix into a compressed HDF5 cache."""
 
 from pathlib import Path
 
-import _env  # noqa: F401
 import typer
 
+import _env  # noqa: F401
 from freezecache.guard import Block, Method, Params, Seed, stage
 from freezecache.steps.cache import cache_point
 

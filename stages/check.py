@@ -7,9 +7,9 @@ never changes, so a passing check reruns nothing downstream.
 
 from pathlib import Path
 
-import _env  # noqa: F401
 import typer
 
+import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.io import atomic_write_text
 from freezecache.pipeline import STAGES

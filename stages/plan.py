@@ -3,9 +3,9 @@ freeze schedule whose caches would not fit on the disk, before any training."""
 
 from pathlib import Path
 
-import _env  # noqa: F401
 import typer
 
+import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.steps.plan import plan
 

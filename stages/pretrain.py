@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-import _env  # noqa: F401
 import typer
 
+import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.steps.pretrain import pretrain
 

@@ -3,9 +3,9 @@ last freeze point}, measured side by side in one run."""
 
 from pathlib import Path
 
-import _env  # noqa: F401
 import typer
 
+import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.pipeline import STAGES
 from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write

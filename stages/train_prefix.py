@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-import _env  # noqa: F401
 import typer
 
+import _env  # noqa: F401
 from freezecache.guard import Params, Seed, stage
 from freezecache.steps.baselines import train_prefix
 

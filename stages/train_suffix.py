@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-import _env  # noqa: F401
 import typer
 
+import _env  # noqa: F401
 from freezecache.guard import Block, Method, Params, Seed, stage
 from freezecache.steps.suffix import train_suffix
 

@@ -13,10 +13,10 @@ from torch import nn
 
 from conftest import load_profile, needs_fashion
 from freezecache import pipeline
-from freezecache.steps.prepare import prepare
 from freezecache.config import Train, parse_config
 from freezecache.models import BlockModel, create_model
 from freezecache.profiling import accounted_memory
+from freezecache.steps.prepare import prepare
 from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
 from freezecache.train import Trainer
 

@@ -45,9 +45,7 @@ def render_pipeline(
     setup_logging()
     if check_only:
         if pipeline.render_text() != (pipeline.ROOT / "dvc.yaml").read_text():
-            fail(
-                "dvc.yaml is out of date with src/freezecache/pipeline.py — run `freezecache pipeline`"
-            )
+            fail("dvc.yaml is older than src/freezecache/pipeline.py — run `freezecache pipeline`")
         print("dvc.yaml: up to date")
     else:
         print("dvc.yaml: " + ("rendered" if pipeline.write() else "up to date"))

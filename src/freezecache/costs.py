@@ -9,7 +9,6 @@ overheads of the discard methods (cache builds, the flipped pass for stored chan
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -19,7 +19,7 @@ from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_json, file_digest
 from freezecache.live import EpochLog
 from freezecache.models import create_model
-from freezecache.pipeline import START, STAGES, Stage, fill
+from freezecache.pipeline import STAGES, START, Stage, fill
 from freezecache.train import Images, RunState, Trainer, evaluate
 
 log = logging.getLogger(__name__)
