@@ -43,15 +43,33 @@ def _stage_files(cfg: Config, seed: int, name: str) -> tuple[dict[str, Path], li
     return final, stats
 
 
+def _host_memory(costs: dict, stages: list[dict]) -> tuple[float, float]:
+    """Average and minimum of accounted memory plus the compressed cache each freezing state
+    holds in RAM (each suffix stage knows its own point's cache)."""
+    held: dict[int, float] = {}
+    for s in stages:
+        for state in s.get("states", []):
+            if state.get("cache_in_ram_mb"):
+                held[state["position"]] = state["cache_in_ram_mb"]
+    rows = [
+        (s["accounted_memory_mb"] + held.get(s["position"], 0.0), s["epochs"])
+        for s in costs["states"]
+    ]
+    total = sum(e for _, e in rows)
+    return sum(m * e for m, e in rows) / total, rows[-1][0]
+
+
 def _seed_row(cfg: Config, seed: int, name: str) -> dict:
     final, stats = _stage_files(cfg, seed, name)
     metrics = read_json(final["metrics"])
     if "test_acc" not in metrics:
         raise FreezecacheError(f"{final['metrics']} has no test_acc — rerun `dvc repro`")
     stages = [read_json(p) for p in stats]
+    costs = read_json(final["costs"])
+    costs["avg_host_memory_mb"], costs["min_host_memory_mb"] = _host_memory(costs, stages)
     return {
         "acc": 100.0 * metrics["test_acc"],
-        "costs": read_json(final["costs"]),
+        "costs": costs,
         "wall_s": sum(s["stage_wall_s"] for s in stages),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
         "curve": _curve(final["plots"] / "val_acc.tsv"),

@@ -87,12 +87,6 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     in_ram = cfg.loader.in_memory
     in_ram = store.fits_in_memory(info) if in_ram == "auto" else in_ram
     held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
-    trainer.state.extra.setdefault("cache_in_ram_mb", {})[block] = held / 1e6
-    costs = method_costs(
-        ctx,
-        model,
-        name,
-        trainer.state.history,
-        host_cache_mb=trainer.state.extra["cache_in_ram_mb"],
-    )
+    # this point's own cache in RAM; the report adds each point's figure to its state
+    costs = method_costs(ctx, model, name, trainer.state.history, host_cache_mb={block: held / 1e6})
     ctx.finish(trainer, model, costs, final=index == len(cfg.points))
