@@ -195,10 +195,14 @@ class Spool:
         self.first_chunk, self.end_chunk = chunk_range
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = self._take_lock()
-        index = self._load() if resume else None
-        if index is None:
-            self._reset()
-            index = SpoolIndex.empty()
+        try:
+            index = self._load() if resume else None
+            if index is None:
+                self._reset()
+                index = SpoolIndex.empty()
+        except BaseException:
+            self.close()
+            raise
         self._parts = [index]
         self._pending: list[tuple] = []
         self._pending_bytes = 0

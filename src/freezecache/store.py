@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import zlib
 from collections import deque
@@ -83,6 +84,23 @@ _SPACE_SAMPLE = 64  # samples of the first batch encoded for the disk-space esti
 _LIBVER = ("v110", "v110")  # fixed HDF5 object formats: the same bytes from any HDF5 >= 1.10
 _INDEX_DATASETS = ("y", "x_offsets", "crc", "extra_offsets", "extra_crc", "extra_pos")
 _CHECK_PIECE = 16 << 20  # bytes per read when checking every blob (open_cache full=True)
+# Root attributes in the order the writer creates them (the order is part of the file's bytes);
+# digests, complete and attrs_digest follow.
+ROOT_ATTRS = (
+    "format_version",
+    "codec",
+    "codec_options",
+    "tolerance",
+    "chunk_size",
+    "num_samples",
+    "num_chunks",
+    "sample_shape",
+    "extra_shape",
+    "extra_index",
+    "prefix_hash",
+    "meta",
+    "stats",
+)
 # What CacheWriter.close() returns beyond the file's stats: this run's timings, never in the file.
 RUN_KEYS = ("encode_s", "encode_mb_s", "assemble_s", "resumed_samples")
 
@@ -254,9 +272,7 @@ class CacheWriter:
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path.unlink(missing_ok=True)  # left by a build killed while assembling
-        self._spool = Spool(
-            self.spool_dir, self._identity(resume_key), (0, self.num_chunks), resume=self.resumable
-        )
+        self._spool = self._open_spool(resume_key)
         self.resume_from = self._resume_point()
         self._received = self.resume_from
         self._next_chunk = self._spool.num_chunks
@@ -266,6 +282,25 @@ class CacheWriter:
         self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
         if self.resume_from:
             log.info("cache %s: resuming at sample %d", self.path, self.resume_from)
+
+    def _open_spool(self, resume_key: str | None) -> Spool:
+        """The build's spool (resumed when the key matches); a full disk gives one line."""
+        try:
+            return Spool(
+                self.spool_dir,
+                self._identity(resume_key),
+                (0, self.num_chunks),
+                resume=self.resumable,
+            )
+        except OSError as err:
+            if not is_no_space(err):
+                raise
+            if not self.resumable:
+                shutil.rmtree(self.spool_dir, ignore_errors=True)
+            raise FreezecacheError(
+                f"cache {self.path}: the disk filled up while opening the build spool "
+                f"{self.spool_dir} ({self._free()}); nothing was published — free space and rerun"
+            ) from None
 
     def _identity(self, resume_key: str | None) -> str:
         """What a spool must have been built for to be resumed: the key and the layout."""
@@ -496,7 +531,10 @@ class CacheWriter:
             self._check_complete(index)
             stats = self._file_stats(index)
             start = time.perf_counter()
-            assemble_cache(self.path, [self._spool], self._attrs(stats))
+            try:
+                assemble_cache(self.path, [self._spool], self._attrs(stats))
+            except FreezecacheError as err:  # no room for the file: the spool can stay for it
+                raise FreezecacheError(f"{err}; {self._kept()}") from None
             assemble_s = time.perf_counter() - start
             self._spool.remove()
             self._closed = True
@@ -564,38 +602,43 @@ class CacheWriter:
         }
 
     def _attrs(self, stats: dict) -> dict:
-        """Root attributes in the order they are written (digests and complete follow)."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "codec": self.codec.name,
-            "codec_options": json.dumps(self.codec.options, sort_keys=True),
-            "tolerance": float(self.codec.tolerance),
-            "chunk_size": self.chunk_size,
-            "num_samples": self.num_samples,
-            "num_chunks": self.num_chunks,
-            "sample_shape": np.array(self.sample_shape, dtype=np.int64),
-            "extra_shape": np.array(self.extra_shape or (), dtype=np.int64),
-            "extra_index": np.array(self.extra_index, dtype=np.int64),
-            "prefix_hash": self.prefix_hash,
-            "meta": json.dumps(self.meta, sort_keys=True),
-            "stats": json.dumps(stats, sort_keys=True),
-        }
+        """Root attributes, in :data:`ROOT_ATTRS` order (digests and complete follow)."""
+        values = (
+            FORMAT_VERSION,
+            self.codec.name,
+            json.dumps(self.codec.options, sort_keys=True),
+            float(self.codec.tolerance),
+            self.chunk_size,
+            self.num_samples,
+            self.num_chunks,
+            np.array(self.sample_shape, dtype=np.int64),
+            np.array(self.extra_shape or (), dtype=np.int64),
+            np.array(self.extra_index, dtype=np.int64),
+            self.prefix_hash,
+            json.dumps(self.meta, sort_keys=True),
+            json.dumps(stats, sort_keys=True),
+        )
+        return dict(zip(ROOT_ATTRS, values, strict=True))
 
     def _no_space(self, err: BaseException) -> FreezecacheError:
         """The one line for a disk that filled up during the build (after cleaning up)."""
         self._abort()
-        kept = self._spool.num_samples if self.resumable else 0
-        places = {self.path.parent, self.spool_dir.parent}
-        free = ", ".join(f"{human(free_bytes(p))} free on the filesystem of {p}" for p in places)
-        saved = (
-            f"{kept} of {self.num_samples} samples stay in {self.spool_dir} for the rerun"
-            if kept
-            else "nothing was published"
-        )
         return FreezecacheError(
-            f"cache {self.path}: the disk filled up during the build ({free}); {saved} — "
-            "free space and rerun"
+            f"cache {self.path}: the disk filled up during the build ({self._free()}); "
+            f"{self._kept()} — free space and rerun"
         )
+
+    def _free(self) -> str:
+        """Free space where the file and the spool go, for error lines."""
+        places = sorted({self.path.parent, self.spool_dir.parent})
+        return ", ".join(f"{human(free_bytes(p))} free on the filesystem of {p}" for p in places)
+
+    def _kept(self) -> str:
+        """What of the build survives a failure, for the error line."""
+        kept = self._spool.num_samples if self.resumable else 0
+        if kept:
+            return f"{kept} of {self.num_samples} samples stay in {self.spool_dir} for the rerun"
+        return "nothing was published"
 
     def _shutdown(self) -> None:
         """Stop the encoder threads, dropping queued work."""
@@ -736,7 +779,7 @@ def _copy_blobs(tmp: Path, offsets: dict[str, int], spools: list[Spool]) -> None
                 if done != len(lengths):
                     raise FreezecacheError(
                         f"cache spool {spool.root}: chunk {spool.first_chunk + done} of '{name}' "
-                        "changed on disk during the build — delete the spool and rerun"
+                        "changed on disk during the build — rerun to encode it again"
                     )
         out.flush()
         os.fsync(out.fileno())
