@@ -521,6 +521,8 @@ class CacheWriter:
         """
         if self._stats_done is not None:
             return self._stats_done
+        if self._closed:
+            raise ValueError(f"cache writer for {self.path}: close() after the build failed")
         try:
             self._cut_chunks(final=True)
             while self._in_flight:
