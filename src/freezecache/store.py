@@ -73,7 +73,7 @@ from freezecache.disk import (
     is_no_space,
 )
 from freezecache.errors import FreezecacheError
-from freezecache.spool import Spool, SpoolIndex, fsync_dir, verified_pieces
+from freezecache.spool import Spool, SpoolIndex, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -767,24 +767,46 @@ def _write_skeleton(
     return offsets
 
 
+def _copy_range(src: int, dst: int, count: int, at: int) -> None:
+    """Copy ``count`` bytes from the start of fd ``src`` to offset ``at`` of fd ``dst``."""
+    done = 0
+    try:
+        while done < count:  # in the kernel: no pass through Python's memory
+            moved = os.copy_file_range(src, dst, count - done, done, at + done)
+            if moved == 0:
+                break
+            done += moved
+    except OSError as err:  # across filesystems on old kernels, or not supported there
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while done < count:
+        piece = os.pread(src, min(_CHECK_PIECE, count - done), done)
+        if not piece:
+            break
+        done += os.pwrite(dst, piece, at + done)
+    if done != count:
+        raise FreezecacheError(f"cache spool blob file is {done} bytes, expected {count} — rerun")
+
+
 def _copy_blobs(tmp: Path, offsets: dict[str, int], spools: list[Spool]) -> None:
-    """Copy every spool's blobs into their datasets' space, checking each blob's crc."""
-    with open(tmp, "r+b") as out:
+    """Copy every spool's blobs into the space reserved for their dataset, then fsync.
+
+    The blobs were crc-checked when a resumed spool was opened, or encoded by this process.
+    """
+    dst = os.open(tmp, os.O_WRONLY)
+    try:
         for name, at in offsets.items():
-            out.seek(at)
             for spool in spools:
-                cols = spool.index().columns
-                lengths, crcs = cols[f"{name}_len"], cols[f"{name}_crc"]
-                done = 0
-                for done, piece in verified_pieces(spool.data_path(name), lengths, crcs):  # noqa: B007
-                    out.write(piece)
-                if done != len(lengths):
-                    raise FreezecacheError(
-                        f"cache spool {spool.root}: chunk {spool.first_chunk + done} of '{name}' "
-                        "changed on disk during the build — rerun to encode it again"
-                    )
-        out.flush()
-        os.fsync(out.fileno())
+                count = spool.index().blob_bytes(name)
+                src = os.open(spool.data_path(name), os.O_RDONLY)
+                try:
+                    _copy_range(src, dst, count, at)
+                finally:
+                    os.close(src)
+                at += count
+        os.fsync(dst)
+    finally:
+        os.close(dst)
 
 
 def assemble_cache(path: Path, spools: list[Spool], attrs: dict) -> None:
