@@ -55,6 +55,7 @@ def build(
     kw = {}
     if spool is not None:  # the new writer's resume arguments
         kw = {"spool_dir": spool, "resume_key": "bench", "align": args.batch}
+        kw["commit_s"] = args.commit_s
     made = {}
     if ready:
         for lo in range(0, args.samples, args.batch):
@@ -104,7 +105,8 @@ def _child(args: argparse.Namespace, *extra: str) -> list[str]:
     cmd = [sys.executable, __file__, *extra, "--samples", str(args.samples), "--batch",
            str(args.batch), "--codec", args.codec, "--tol", str(args.tol), "--workers",
            str(args.workers), "--chunk-size", str(args.chunk_size), "--seed", str(args.seed),
-           "--shape", *map(str, args.shape), "--tmp", args.tmp]  # fmt: skip
+           "--shape", *map(str, args.shape), "--tmp", args.tmp,
+           "--commit-s", str(args.commit_s)]  # fmt: skip
     return cmd
 
 
@@ -139,7 +141,7 @@ def cmd_resume(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         load = loadavg()
-        full = _run_child(args, tmp / "ref.h5", None)
+        full = _run_child(args, src, tmp / "ref.h5", None)
         kill_at = int(args.at * args.samples)
         proc = subprocess.Popen(
             _child(args, "child", "--out", str(tmp / "c.h5"), "--spool", str(tmp / "ckpt")),
@@ -152,12 +154,13 @@ def cmd_resume(args: argparse.Namespace) -> None:
                 break
         proc.wait()
         killed_s = time.perf_counter() - t0
-        resumed = _run_child(args, tmp / "c.h5", tmp / "ckpt")
+        resumed = _run_child(args, src, tmp / "c.h5", tmp / "ckpt")
         same = (tmp / "ref.h5").read_bytes() == (tmp / "c.h5").read_bytes()
     print(
         json.dumps(
             {
                 "samples": args.samples,
+                "commit_s": args.commit_s,
                 "killed_at_samples": kill_at,
                 "killed_after_s": killed_s,
                 "uninterrupted_wall_s": full["wall_s"],
@@ -201,6 +204,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--at", type=float, default=0.9)
+    parser.add_argument("--commit-s", type=float, default=1.0, help="writer commit interval")
     parser.add_argument("--before", default="src")
     parser.add_argument("--after", default="src")
     parser.add_argument("--tmp", default=tempfile.gettempdir())

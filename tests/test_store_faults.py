@@ -324,8 +324,10 @@ INJECTIONS = {
     "spool blob write": lambda m: m.setattr(
         spool.Spool, "append", _fail_on_call(5, spool.Spool.append)
     ),
-    "spool open": lambda m: m.setattr(spool.os, "fsync", _fail_on_call(1, os.fsync)),
-    "spool fsync": lambda m: m.setattr(spool.os, "fsync", _fail_on_call(5, os.fsync)),
+    # os.fsync calls: 1-3 open the spool, 4 the finished file, 5 its directory after the rename
+    "spool open": lambda m: m.setattr(os, "fsync", _fail_on_call(1, os.fsync)),
+    "file fsync": lambda m: m.setattr(os, "fsync", _fail_on_call(4, os.fsync)),
+    "directory fsync": lambda m: m.setattr(os, "fsync", _fail_on_call(5, os.fsync)),
     "encoder thread": lambda m: m.setattr(
         QuantCodec, "compress", _fail_on_call(12, QuantCodec.compress)
     ),
@@ -350,17 +352,28 @@ def test_enospc_anywhere_stops_cleanly_and_a_rerun_succeeds(tmp_path, monkeypatc
     assert filecmp.cmp(reference, out / "c.h5", shallow=False)
 
 
-def test_enospc_in_a_resumable_build_keeps_the_committed_chunks(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("target", "name", "call", "kept"),
+    [
+        # one commit per batch of 6 (workers=0, commit_s=0): 5 commits before chunk 12
+        (spool.Spool, "append", 12, 30),
+        # os.fsync: 3 to open the spool, then 3 per commit (x, extra, journal): 3 commits
+        (os, "fsync", 13, 18),
+    ],
+)
+def test_enospc_in_a_resumable_build_keeps_the_committed_chunks(
+    tmp_path, monkeypatch, target, name, call, kept
+):
     reference = tmp_path / "ref.h5"
     build(reference, data(60), batch=6)
     kw = {"spool_dir": tmp_path / "ckpt", "resume_key": "k", "align": 6, "commit_s": 0.0}
     with monkeypatch.context() as m:
-        m.setattr(spool.Spool, "append", _fail_on_call(12, spool.Spool.append))
-        with pytest.raises(FreezecacheError, match=r"samples stay in .*ckpt for the rerun"):
+        m.setattr(target, name, _fail_on_call(call, getattr(target, name)))
+        with pytest.raises(FreezecacheError, match=rf"{kept} of 60 samples stay in .*ckpt"):
             build(tmp_path / "c.h5", data(60), batch=6, workers=0, **kw)
     writer = build(tmp_path / "c.h5", data(60), batch=6, **kw)
-    assert writer.resume_from == 30  # 11 chunks of 3 committed, cut to a multiple of 6
-    assert writer.close()["resumed_samples"] == 30
+    assert writer.resume_from == kept
+    assert writer.close()["resumed_samples"] == kept
     assert filecmp.cmp(reference, tmp_path / "c.h5", shallow=False)
     assert not (tmp_path / "ckpt").exists()  # removed once the file is published
 

@@ -186,11 +186,21 @@ class Spool:
     """
 
     def __init__(
-        self, root: Path, identity: str, chunk_range: tuple[int, int], *, resume: bool
+        self,
+        root: Path,
+        identity: str,
+        chunk_range: tuple[int, int],
+        *,
+        resume: bool,
+        durable: bool = True,
     ) -> None:
         """Open the spool at ``root``: with ``resume``, keep the verified chunks of an existing
-        spool of the same ``identity`` and range; otherwise (or when they differ) start empty."""
+        spool of the same ``identity`` and range; otherwise (or when they differ) start empty.
+
+        ``durable=False`` (a spool no one will resume): commits skip the fsyncs and the journal.
+        """
         self.root = Path(root)
+        self.durable = durable
         self.identity = identity
         self.first_chunk, self.end_chunk = chunk_range
         self.root.mkdir(parents=True, exist_ok=True)
@@ -262,23 +272,26 @@ class Spool:
         self._pending_bytes += len(blob) + len(extra_blob)
 
     def commit(self) -> None:
-        """Make the appended chunks durable: fsync the blobs, then journal them."""
+        """Make the appended chunks durable: fsync the blobs, then journal them (only the
+        first step when not ``durable``: the blob files then hold them for assembly)."""
         if not self._pending:
             return
         for f in self._files.values():
             f.flush()
-            os.fsync(f.fileno())
+            if self.durable:
+                os.fsync(f.fileno())
         rows = list(zip(*self._pending, strict=True))
         cols = {
             name: np.array(rows[i], dtype) for i, (name, dtype) in enumerate(CHUNK_COLUMNS.items())
         }
         part = SpoolIndex(cols, np.concatenate(rows[-2]).astype(np.int64),
                           np.concatenate(rows[-1]).astype(np.int64))  # fmt: skip
-        first = self.first_chunk + self.num_chunks
-        with open(self.root / "journal.bin", "ab") as journal:
-            journal.write(_record(first, part))
-            journal.flush()
-            os.fsync(journal.fileno())
+        if self.durable:
+            first = self.first_chunk + self.num_chunks
+            with open(self.root / "journal.bin", "ab") as journal:
+                journal.write(_record(first, part))
+                journal.flush()
+                os.fsync(journal.fileno())
         self._parts.append(part)
         self._pending.clear()
         self._pending_bytes = 0

@@ -291,6 +291,7 @@ class CacheWriter:
                 self._identity(resume_key),
                 (0, self.num_chunks),
                 resume=self.resumable,
+                durable=self.resumable,
             )
         except OSError as err:
             if not is_no_space(err):
@@ -830,14 +831,18 @@ def assemble_cache(path: Path, spools: list[Spool], attrs: dict) -> None:
         blob_sizes["extra"] = index.blob_bytes("extra")
     total = sum(blob_sizes.values()) + sum(a.nbytes for a in arrays.values()) + H5_OVERHEAD
     check_free_space({tmp: total}, what=f"cache {path}", margin=0.0)
+    published = False
     try:
         _reserve(tmp, total)
         offsets = _write_skeleton(tmp, arrays, blob_sizes, attrs)
         _copy_blobs(tmp, offsets, spools)
         os.replace(tmp, path)
+        published = True
         fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if published:  # the rename may not be durable: publish nothing rather than maybe
+            path.unlink(missing_ok=True)
         raise
 
 
