@@ -273,7 +273,11 @@ class CacheWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path.unlink(missing_ok=True)  # left by a build killed while assembling
         self._spool = self._open_spool(resume_key)
-        self.resume_from = self._resume_point()
+        try:
+            self.resume_from = self._resume_point()
+        except BaseException:
+            self._spool.close()
+            raise
         self._received = self.resume_from
         self._next_chunk = self._spool.num_chunks
         index = self._spool.index()
