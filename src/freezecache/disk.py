@@ -95,10 +95,11 @@ def check_free_space(needs: Mapping[Path, int], *, what: str, margin: float = 0.
         wanted = math.ceil(need * (1 + margin))
         free = free_bytes(where)
         if wanted > free:
+            detail = f" ({human(need)} estimated + {margin:.0%} margin)" if margin else ""
             raise FreezecacheError(
-                f"{what} needs about {human(wanted)} (estimate {human(need)} + "
-                f"{margin:.0%} margin) on the filesystem of {where}, which has "
-                f"{human(free)} free — free space or put the cache on a larger filesystem"
+                f"{what} needs about {human(wanted)}{detail} on the filesystem of {where}, "
+                f"which has {human(free)} free — free space or put the cache on a larger "
+                "filesystem"
             )
 
 

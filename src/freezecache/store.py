@@ -426,7 +426,7 @@ class CacheWriter:
         )
         todo = (self.num_samples - self.resume_from) / self.num_samples
         check_free_space(
-            {self.spool_dir: estimate * todo, self.path.parent: estimate},
+            {self.path.parent: estimate, self.spool_dir: estimate * todo},
             what=f"cache {self.path} (its build spool and the file)",
         )
         self._space_checked = True
