@@ -267,6 +267,14 @@ def test_iter_cache_reads_everything_in_order(cache):
     assert (got - torch.from_numpy(x)).abs().max() <= 1e-2
 
 
+def test_iter_cache_starts_at_a_chunk(cache):
+    path, _ = cache
+    info = store.open_cache(path)
+    whole = list(store.iter_cache(path, info, batch_chunks=2))
+    rest = list(store.iter_cache(path, info, batch_chunks=2, first_chunk=2))
+    assert len(rest) == 1 and all(torch.equal(rest[0][k], whole[1][k]) for k in whole[1])
+
+
 def test_exception_inside_writer_leaves_no_file(tmp_path):
     path = tmp_path / "c.h5"
     with pytest.raises(RuntimeError, match="boom"):

@@ -1294,15 +1294,18 @@ def make_loader(
 
 
 def iter_cache(
-    path: Path, info: CacheInfo, batch_chunks: int = 64, workers: int = 2
+    path: Path, info: CacheInfo, batch_chunks: int = 64, workers: int = 2, first_chunk: int = 0
 ) -> Iterator[dict]:
-    """Read the whole cache in order, decoded on CPU, ``batch_chunks`` chunks per batch.
+    """Read the cache in order from ``first_chunk`` on, decoded on CPU, ``batch_chunks`` chunks
+    per batch.
 
-    For pushing a cache through more blocks; decoding runs in ``workers`` threads.
+    For pushing a cache through more blocks; decoding runs in ``workers`` threads. A resumed
+    cache build starts at ``writer.resume_from // chunk_size`` (with ``align`` a multiple of
+    ``batch_chunks * chunk_size``, its batches are those of an uninterrupted build).
     """
     dataset = CacheDataset(path, info)
     with ThreadPoolExecutor(max(workers, 1)) as pool:
-        for first in range(0, info.num_chunks, batch_chunks):
+        for first in range(first_chunk, info.num_chunks, batch_chunks):
             raw = dataset.read(list(range(first, min(first + batch_chunks, info.num_chunks))))
             # h5py serialises reads behind one lock, so only decoding runs in the threads.
             yield collate_chunks(list(pool.map(lambda r: dataset.build(*r), raw)))
