@@ -1,6 +1,7 @@
 """Cache writer benchmarks (issue 14): build throughput, and the time a resumed build saves.
 
     python benchmarks/bench_store.py throughput            # one build, JSON on stdout
+    python benchmarks/bench_store.py throughput --resumable --commit-s 0.25
     python benchmarks/bench_store.py compare --before DIR  # builds alternating two source trees
     python benchmarks/bench_store.py resume --at 0.9       # SIGKILL at 90%, then resume
 
@@ -97,7 +98,8 @@ def build(
 def cmd_throughput(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         load = loadavg()
-        row = build(args, Path(tmp) / "c.h5", None, progress=False, ready=True)
+        spool = Path(tmp) / "ckpt" if args.resumable else None
+        row = build(args, Path(tmp) / "c.h5", spool, progress=False, ready=True)
     print(json.dumps({**row, "load_start": load, "load_end": loadavg()}))
 
 
@@ -211,6 +213,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--spool")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--resumable", action="store_true", help="throughput: with a spool")
     args = parser.parse_args()
     {"throughput": cmd_throughput, "compare": cmd_compare, "resume": cmd_resume,
      "child": cmd_child}[args.command](args)  # fmt: skip
