@@ -89,7 +89,7 @@ def test_the_second_cache_holds_exact_flipped_features(tmp_path):
     _run_chain(cfg, "discard_aug")
     point = cfg.points[1]
     ctx = Context(cfg, 0, "cache", method="discard_aug", p=point)
-    model = frozen_model(ctx, point)
+    model, _ = frozen_model(ctx, point)
     prefix, _ = split(model, point.block)
     path = ctx.out("cache")
     info = store.open_cache(path, expect_prefix_hash=prefix_hash(model, point.block))

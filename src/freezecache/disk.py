@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freezecache.codec import Codec
+from freezecache.codec import Codec, QuantCodec
 from freezecache.errors import FreezecacheError
 
 # HDF5 object headers, attributes and the superblock of a cache file: a few KB, claimed generously
@@ -29,13 +29,23 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _encoded_per_sample(codec: Codec, batch: np.ndarray, chunk_size: int) -> float:
-    """Mean blob bytes per sample of ``batch`` (n, ...) cut into chunks of ``chunk_size``."""
+def _encoded_per_sample(
+    codec: Codec, batch: np.ndarray, chunk_size: int, channels: list[int] | None = None
+) -> float:
+    """Mean blob bytes per sample of ``batch`` (n, ...) cut into chunks of ``chunk_size``;
+    ``channels``: the indices of a channel subset (stored flipped channels), which a relative
+    quant codec needs to pick their tolerances."""
     batch = np.ascontiguousarray(batch, np.float32)
     whole = len(batch) - len(batch) % chunk_size
     used = batch[:whole] if whole else batch  # a batch shorter than a chunk: one short chunk
     step = chunk_size if whole else len(batch)
-    stored = sum(len(codec.encode(used[i : i + step])) for i in range(0, len(used), step))
+
+    def encode(chunk: np.ndarray) -> bytes:
+        if channels and isinstance(codec, QuantCodec):
+            return codec.compress(codec.quantize(chunk[None], channels).payloads[0])
+        return codec.encode(chunk)
+
+    stored = sum(len(encode(used[i : i + step])) for i in range(0, len(used), step))
     return stored / len(used)
 
 
@@ -47,6 +57,7 @@ def estimate_cache_bytes(
     *,
     chunk_size: int = 1,
     pos_width: int = 0,
+    extra_index: list[int] | None = None,
 ) -> int:
     """Bytes a cache of ``num_samples`` will take, from a measured ``sample_batch`` (n, ...).
 
@@ -60,7 +71,7 @@ def estimate_cache_bytes(
     per_sample = _encoded_per_sample(codec, sample_batch, chunk_size)
     blob_sets = 1
     if extra_batch is not None:
-        per_sample += _encoded_per_sample(codec, extra_batch, chunk_size)
+        per_sample += _encoded_per_sample(codec, extra_batch, chunk_size, extra_index)
         blob_sets = 2
     chunks = math.ceil(num_samples / chunk_size)
     index = num_samples * 8 * (1 + pos_width) + blob_sets * chunks * (8 + 4) + 8

@@ -423,6 +423,7 @@ class CacheWriter:
             None if extra is None else extra[:n],
             chunk_size=self.chunk_size,
             pos_width=0 if pos is None else pos.shape[1],
+            extra_index=self.extra_index or None,
         )
         todo = (self.num_samples - self.resume_from) / self.num_samples
         check_free_space(

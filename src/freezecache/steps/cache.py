@@ -27,6 +27,8 @@ from freezecache.models import feature_shape, split
 from freezecache.steps.context import Context, start_of_point
 from freezecache.train import progress
 
+BUILD_BATCH = 256  # samples per forward pass of a cache build (and its resume granularity)
+
 
 def prefix_hash(model: nn.Module, position: int) -> str:
     """Content hash of the frozen prefix a cache was built with."""
@@ -34,25 +36,34 @@ def prefix_hash(model: nn.Module, position: int) -> str:
     return tensors_digest(prefix.state_dict())
 
 
-def frozen_model(ctx: Context, point) -> nn.Module:
-    """The model as it stands at a freeze point, in eval mode."""
-    _, state = start_of_point(ctx, point)
+def frozen_model(ctx: Context, point) -> tuple[nn.Module, Path]:
+    """The model as it stands at a freeze point, in eval mode, and the file it came from."""
+    path, state = start_of_point(ctx, point)
     model = ctx.new_model()
     model.load_state_dict(state.model)
-    return model.eval()
+    return model.eval(), path
 
 
 def feature_pairs(
-    ctx: Context, model: nn.Module, block: int, flipped: bool, batch_size: int, limit: int | None
+    ctx: Context,
+    model: nn.Module,
+    block: int,
+    flipped: bool,
+    batch_size: int,
+    limit: int | None,
+    start: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
-    """(F(x), F(flip(x)) or None, y) over the training set in order, raw images through the
-    frozen prefix at ``block``."""
+    """(F(x), F(flip(x)) or None, y) over the training set in order from sample ``start`` (a
+    multiple of ``batch_size``), raw images through the frozen prefix at ``block``."""
     prefix, _ = split(model, block)
     seen = 0
     with torch.no_grad(), runtime.autocast(ctx.cfg.train.precision, ctx.device):
         for x, y in ctx.train.batches(batch_size):
             if limit is not None and seen >= limit:
                 return
+            if seen < start:  # already in a resumed build's spool: skip without computing
+                seen += y.numel()
+                continue
             fa = prefix(x.flip(-1)).float() if flipped else None
             seen += y.numel()
             yield prefix(x).float(), fa, y
@@ -88,7 +99,7 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     index, point = cfg.point(block)
     ctx = Context(cfg, seed, "cache", method=name, p=point)
     t0 = time.perf_counter()
-    model = frozen_model(ctx, point)
+    model, start_file = frozen_model(ctx, point)
     m = method(name)
     ranked = ranking(ctx, model, block) if m.needs_ranking else {"kind": "none"}
     atomic_write_json(ctx.out("ranking"), ranked)
@@ -105,6 +116,8 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     if extra_shape is None:
         channels = None
     path = ctx.out("cache")
+    # Identity of the build's inputs: a killed build resumes from its spool only when it matches.
+    key = ctx.run_key(start_file, ctx.data_dir / "train.npz")
     tol = cfg.cache.tolerance_at(index)
     c = cfg.cache
     options = {}
@@ -127,10 +140,17 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             "model": cfg.model.name,
         },
         workers=cfg.cache.encode_workers,
+        spool_dir=ctx.checkpoint_dir() / key,
+        resume_key=key,
+        align=BUILD_BATCH,
     )
     bar = progress(len(ctx.train), f"cache {ctx.name}")
+    bar.update(writer.resume_from)
+    pairs = feature_pairs(
+        ctx, model, block, extra_shape is not None, BUILD_BATCH, None, start=writer.resume_from
+    )
     with writer:
-        for f, fa, y in feature_pairs(ctx, model, block, extra_shape is not None, 256, None):
+        for f, fa, y in pairs:
             extra = extra_pos = None
             if channels is not None:
                 extra = augment.take_channels(fa, channels.to(fa.device), model.layout)
