@@ -163,7 +163,6 @@ def _cache_rows(cfg: Config) -> list[dict]:
                     "compression_ratio": statistics.fmean(r["compression_ratio"] for r in rows),
                     "max_abs_error": max(r["max_abs_error"] for r in rows),
                     "compress_mb_s": statistics.fmean(r["encode_mb_s"] for r in rows),
-                    "decompress_mb_s": statistics.fmean(r["decode_mb_s"] for r in rows),
                     "stored_mb": statistics.fmean(r["stored_bytes"] for r in rows) / 1e6,
                     "stored_channels": rows[0].get("stored_channels", 0),
                 }
@@ -277,15 +276,14 @@ def render_markdown(report: dict) -> str:
     lines += [
         "",
         "| Cache | Point (block) | Codec | Tolerance | Compression ratio | Stored MB | "
-        "Max abs error | Compress MB/s | Decompress MB/s | Stored channels |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Max abs error | Build MB/s | Stored channels |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["cache"]:
         lines.append(
             f"| {label(c['method'])} | {c['point']} ({c['block']}) | {c['codec']} | "
             f"{c['tolerance']:g} | {c['compression_ratio']:.3f} | {c['stored_mb']:.1f} | "
-            f"{c['max_abs_error']:.2e} | {c['compress_mb_s']:.0f} | {c['decompress_mb_s']:.0f} | "
-            f"{c['stored_channels']} |"
+            f"{c['max_abs_error']:.2e} | {c['compress_mb_s']:.0f} | {c['stored_channels']} |"
         )
     lines += ["", "Compression ratio = stored bytes ÷ fp32 bytes (lower is better)."]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,6 @@ pushed through more blocks.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,8 +164,7 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             )
             bar.update(y.numel())
     bar.close()
-    stats = writer.close()  # idempotent: the stats of the published file
-    stats.update(decode_throughput(path))
+    stats = writer.close()  # idempotent: the stats of the published file (and build timings)
     stats.update(
         point=index,
         block=block,
@@ -180,15 +178,3 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     )
     atomic_write_json(ctx.out("stats"), stats)
     return stats
-
-
-def decode_throughput(path: Path) -> dict:
-    """Reads and decodes the whole cache once, single process: fp32 MB/s a loader worker gets."""
-    info = store.open_cache(path)
-    t0 = time.perf_counter()
-    n = 0
-    for batch in store.iter_cache(path, info):
-        n += batch["y"].numel()
-    took = time.perf_counter() - t0
-    raw = n * 4 * math.prod(info.sample_shape)
-    return {"decode_s": took, "decode_mb_s": raw / 1e6 / took if took else None}
