@@ -143,7 +143,6 @@ def test_report_json_shape_and_statistics(tmp_path):
         "compression_ratio",
         "max_abs_error",
         "compress_mb_s",
-        "decompress_mb_s",
     ):
         assert key in report["cache"][0]
 

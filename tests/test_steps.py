@@ -28,7 +28,9 @@ def _config(tmp_path, **changes):
     raw["pretrain"] = None
     raw["rank"]["samples"] = 32
     for section, values in changes.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+        raw[section] = (
+            {**(raw.get(section) or {}), **values} if isinstance(values, dict) else values
+        )
     return parse_config(raw, check_model=False)
 
 

@@ -89,4 +89,33 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
     # this point's own cache in RAM; the report adds each point's figure to its state
     costs = method_costs(ctx, model, name, trainer.state.history, host_cache_mb={block: held / 1e6})
-    ctx.finish(trainer, model, costs, final=index == len(cfg.points))
+    final = index == len(cfg.points)
+    ctx.finish(trainer, model, costs, final=final)
+    if final:  # after the wall time is taken: a measurement, not part of the method
+        ctx.live.finish(bn_on_clean_features(ctx, model, block, info, loader))
+
+
+def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
+    """Does the suffix's BatchNorm, whose running statistics were built from augmented,
+    quantised features, hurt? Re-estimates them on the clean cached features (one pass, a
+    cumulative average) in a copy of the model and measures validation accuracy both ways."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(model)
+    _, suffix = split(probe, block)
+    norms = [m for m in suffix.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or ctx.val is None:
+        return {}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    suffix.train()
+    with torch.no_grad():
+        for raw in loader:
+            suffix(store.finish_batch(raw, info, ctx.device)["x"])
+    return {
+        "val_acc_bn_trained": ctx.evaluate(model)["val_acc"],
+        "val_acc_bn_clean": ctx.evaluate(probe)["val_acc"],
+    }
