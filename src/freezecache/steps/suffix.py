@@ -3,7 +3,8 @@ for the freeze point's epochs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from torch import Tensor
 
@@ -26,30 +27,56 @@ def extra_where(info: store.CacheInfo, batch: dict, device) -> Tensor | None:
     return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
 
 
+def cache_loader(
+    ctx: Context, path: Path, info: store.CacheInfo, in_memory: bool | str | None = None
+):
+    """The stage's loader over a cache, set up by the ``loader`` params; ``in_memory``
+    overrides ``loader.in_memory`` (the benchmark times the file and the in-memory path)."""
+    cfg = ctx.cfg
+    return store.make_loader(
+        path,
+        info,
+        batch_size=cfg.train.batch_size,
+        seed=ctx.seed,
+        workers=cfg.loader.workers,
+        device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
+        pin_memory=ctx.device.type == "cuda",
+        in_memory=cfg.loader.in_memory if in_memory is None else in_memory,
+    )
+
+
 def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, layout: str):
     """Per-epoch batches from the cache, augmented on the training device."""
-    a = ctx.cfg.augment
-    width = augment.map_width(info.sample_shape, layout)
-    pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         loader.sampler.set_epoch(epoch)
-        g = runtime.generator(ctx.seed, epoch, "features")
-        for raw in loader:
-            b = store.finish_batch(raw, info, ctx.device)
-            x = augment.augment_cached(
-                b["x"],
-                a,
-                mode=mode,
-                g=g,
-                crop_pad=pad,
-                extra=b.get("extra"),
-                where=extra_where(info, b, ctx.device),
-                layout=layout,
-            )
-            yield x, b["y"]
+        raw = (store.finish_batch(r, info, ctx.device) for r in loader)
+        yield from augmented_batches(ctx, info, raw, epoch, mode, layout)
 
     return batches
+
+
+def augmented_batches(
+    ctx: Context, info: store.CacheInfo, raw: Iterable[dict], epoch: int, mode: str, layout: str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of cached features (dicts on the training device: x, y and stored extras)
+    augmented as the suffix trains on them; the benchmark feeds it features held in RAM."""
+    a = ctx.cfg.augment
+    width = augment.map_width(info.sample_shape, layout)
+    pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
+    g = runtime.generator(ctx.seed, epoch, "features")
+    for b in raw:
+        x = augment.augment_cached(
+            b["x"],
+            a,
+            mode=mode,
+            g=g,
+            crop_pad=pad,
+            extra=b.get("extra"),
+            where=extra_where(info, b, ctx.device),
+            layout=layout,
+        )
+        yield x, b["y"]
 
 
 def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
@@ -62,16 +89,7 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     info = store.open_cache(path, expect_prefix_hash=prefix_hash(model, block))
     _, suffix = split(model, block)
     begin, end = cfg.point_epochs(index)
-    loader = store.make_loader(
-        path,
-        info,
-        batch_size=cfg.train.batch_size,
-        seed=seed,
-        workers=cfg.loader.workers,
-        device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
-        pin_memory=ctx.device.type == "cuda",
-        in_memory=cfg.loader.in_memory,
-    )
+    loader = cache_loader(ctx, path, info)
     trainer = ctx.trainer(model, start, start_file, path)
     trainer.fit(
         state="discard",
