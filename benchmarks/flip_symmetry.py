@@ -62,7 +62,8 @@ def main(
     lines = [
         f"Fashion-MNIST {split} ({len(data)} images): correlation with the left-right mirror",
         "",
-        "| id | class | n | class mean vs mirror | image vs mirror (mean) | facing the mean's way |",
+        "| id | class | n | class mean vs mirror | image vs mirror (mean) "
+        "| facing the mean's way |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
