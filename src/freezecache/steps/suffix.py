@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from freezecache import augment, runtime, store
+from freezecache import augment, distributed, runtime, store
 from freezecache.config import Config
 from freezecache.costs import method_costs
 from freezecache.methods import method
@@ -33,8 +33,9 @@ def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, layou
     pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        loader.sampler.set_epoch(epoch)
-        g = runtime.generator(ctx.seed, epoch, "features")
+        store.set_epoch(loader, epoch)
+        g = runtime.generator(*distributed.stream(ctx.seed, epoch, "features"))
+        x = y = None
         for raw in loader:
             b = store.finish_batch(raw, info, ctx.device)
             x = augment.augment_cached(
@@ -47,7 +48,10 @@ def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, layou
                 where=extra_where(info, b, ctx.device),
                 layout=layout,
             )
-            yield x, b["y"]
+            y = b["y"]
+            yield x, y
+        if store.empty_tail(loader) and x is not None:
+            yield x[:0], y[:0]  # this rank's share of the last global batch is empty: step anyway
 
     return batches
 
@@ -71,6 +75,8 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
         device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
         pin_memory=ctx.device.type == "cuda",
         in_memory=cfg.loader.in_memory,
+        shard=(distributed.rank(), distributed.world_size()),
+        procs_per_host=distributed.local_world_size(),
     )
     trainer = ctx.trainer(model, start, start_file, path)
     trainer.fit(
@@ -84,8 +90,7 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
         steps_per_epoch=len(loader),
         evaluate=lambda: ctx.evaluate(model),
     )
-    in_ram = cfg.loader.in_memory
-    in_ram = store.fits_in_memory(info) if in_ram == "auto" else in_ram
+    in_ram = store.held_in_memory(info, cfg.loader.in_memory, distributed.local_world_size())
     held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
     trainer.state.extra.setdefault("cache_in_ram_mb", {})[block] = held / 1e6
     costs = method_costs(
@@ -94,5 +99,5 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
         name,
         trainer.state.history,
         host_cache_mb=trainer.state.extra["cache_in_ram_mb"],
-    )
+    ) if ctx.main else {}  # fmt: skip
     ctx.finish(trainer, model, costs, final=index == len(cfg.points))
