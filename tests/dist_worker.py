@@ -21,6 +21,7 @@ import torch
 from freezecache import distributed
 from freezecache.config import load_config
 from freezecache.guard import setup_logging
+from freezecache.pipeline import STAGES
 from freezecache.steps import context
 from freezecache.steps.baselines import baseline, train_prefix
 from freezecache.steps.cache import cache_point
@@ -58,6 +59,9 @@ def _kill_at(rank: int, epoch: int, step: int) -> None:
 
 
 def main() -> None:
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1)
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--dump", type=Path, required=True)
@@ -73,14 +77,29 @@ def main() -> None:
     if opts.kill_rank is not None:
         _kill_at(opts.kill_rank, opts.kill_epoch, opts.kill_step)
     cfg = load_config(opts.params)
-    seed = cfg.seeds[0]
-    pretrain(cfg)
-    train_prefix(cfg, seed)
+    seed, m = cfg.seeds[0], opts.method
+    # As DVC would, a restarted job skips the stages that finished: rerunning one rewrites its
+    # outputs (torch.save's bytes differ per process), and a checkpoint resumes only when its
+    # inputs' bytes are the same.
+    _unless_done(cfg, "pretrain", "state", lambda: pretrain(cfg))
+    _unless_done(cfg, "train_prefix", "state", lambda: train_prefix(cfg, seed), seed=seed)
     if opts.baseline:
-        baseline(cfg, seed, opts.baseline)
+        run = lambda: baseline(cfg, seed, opts.baseline)  # noqa: E731
+        _unless_done(cfg, "baseline", "state", run, seed=seed, method=opts.baseline)
     for p in cfg.points:
-        cache_point(cfg, seed, opts.method, p.block)
-        train_suffix(cfg, seed, opts.method, p.block)
+        _point(cfg, seed, m, p)
+
+
+def _point(cfg, seed: int, m: str, p) -> None:
+    item = {"seed": seed, "method": m, "p": p}
+    _unless_done(cfg, "cache", "stats", lambda: cache_point(cfg, seed, m, p.block), **item)
+    _unless_done(cfg, "train_suffix", "state", lambda: train_suffix(cfg, seed, m, p.block), **item)
+
+
+def _unless_done(cfg, stage: str, role: str, run, **item) -> None:
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if not (restarted and STAGES[stage].path(role, cfg, **item).is_file()):
+        run()
 
 
 if __name__ == "__main__":

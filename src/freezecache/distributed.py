@@ -93,10 +93,18 @@ def setup(backend: str, device: torch.device) -> torch.device:
     if not dist.is_initialized():
         # Long enough for rank 0 to build a big cache alone while the others wait (the cache
         # stage, until each rank builds its share); a dead rank is caught by torchrun sooner.
+        timeout = datetime.timedelta(hours=2)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's agent keeps one store across restarts, and a restarted worker could read
+        # the dead workers' addresses from it: each attempt gets its own keys.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
+            store=dist.PrefixStore(f"freezecache/attempt{attempt}", store),
+            rank=rank,
+            world_size=world,
             device_id=device if backend == "nccl" else None,
-            timeout=datetime.timedelta(hours=2),
+            timeout=timeout,
         )
         atexit.register(_leave)
         log.info(

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     except FreezecacheError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    shown = shlex.join(cmd[1:] if cmd else ["python", opts.script, *opts.args])
+    shown = shlex.join(["python", *(cmd[1:] if cmd else [opts.script, *opts.args])])
     if opts.dry_run:
         print(shown)
         return
