@@ -50,8 +50,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 ENV_PREFIX = "FREEZECACHE_"
 
 
@@ -68,6 +66,8 @@ def _params_file(args: list[str]) -> Path:
 def read_distributed(params: Path):
     """The ``distributed`` section of a params file, validated (defaults when the file or the
     section is missing: the stage itself then reports what is wrong)."""
+    import yaml
+
     from freezecache.config import Distributed
     from freezecache.errors import FreezecacheError
 
@@ -149,27 +149,37 @@ def _options(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _command(opts: argparse.Namespace) -> list[str] | None:
+    """The torchrun command line, or None to run the script in this process."""
+    d = read_distributed(_params_file(opts.args))
+    if d.world_size == 1 or "LOCAL_RANK" in os.environ:  # a torchrun worker never nests
+        return None
+    return torchrun_command(
+        opts.script,
+        opts.args,
+        nproc_per_node=d.nproc_per_node,
+        nnodes=d.nnodes,
+        max_restarts=opts.max_restarts,
+        node_rank=opts.node_rank,
+        rdzv_endpoint=opts.rdzv_endpoint,
+        rdzv_id=opts.rdzv_id,
+        extra=shlex.split(os.environ.get(ENV_PREFIX + "TORCHRUN_ARGS", "")),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from freezecache.errors import FreezecacheError
 
     opts = _options(sys.argv[1:] if argv is None else argv)
     try:
-        d = read_distributed(_params_file(opts.args))
-        inside = "LOCAL_RANK" in os.environ  # already a torchrun worker: never nest
-        if d.world_size == 1 or inside:
-            cmd = None
-        else:
-            cmd = torchrun_command(
-                opts.script,
-                opts.args,
-                nproc_per_node=d.nproc_per_node,
-                nnodes=d.nnodes,
-                max_restarts=opts.max_restarts,
-                node_rank=opts.node_rank,
-                rdzv_endpoint=opts.rdzv_endpoint,
-                rdzv_id=opts.rdzv_id,
-                extra=shlex.split(os.environ.get(ENV_PREFIX + "TORCHRUN_ARGS", "")),
-            )
+        cmd = _command(opts)
+    except ModuleNotFoundError as err:  # said as stages/_env.py says it
+        print(
+            f"error: {sys.executable} has no module {err.name!r} — activate the project's venv "
+            "(`source .venv/bin/activate`) or run `make repro`",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except FreezecacheError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
