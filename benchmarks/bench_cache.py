@@ -1,27 +1,35 @@
-"""Cache benchmarks (GitHub issue 6): is the compressed cache ever the bottleneck?
+"""Cache benchmarks (GitHub issues 6 and 15): is the compressed cache ever the bottleneck?
 
-`make bench` runs this on the default profile (params.yaml) and a subset of the training set.
-Everything is measured side by side in one run and printed as ratios next to their goals:
+`make bench` runs this on the default profile (params.yaml), on the profile's training set, in
+a scratch folder (nothing under runs/ or the cache folder is touched). The caches are built by
+the cache stage's own function (``steps.cache.cache_point``) and read by the train_suffix
+stage's own functions (``steps.suffix.cache_loader`` and ``cached_batches``). Everything is
+measured side by side in one run and printed as ratios next to their goals:
 
-- P1 p1_cache_vs_ram: suffix epoch from the compressed cache (real loader, device decode for
-  quant, the Discard augmentation) / the same epoch from float32 features held in memory.
-- P2 p2_vs_flops_ideal: (suffix epoch from the cache / full-model epoch on raw images) /
-  (suffix training FLOPs / full training FLOPs).
-- P3 p3_ratio, p3_paper_chunk2_ratio per freeze point: compressed / float32 size, default
-  codec per sample vs the paper's zfp chunks of 2 at the same tolerance.
-- P4 p4_build_mb_s vs p4_baseline_mb_s: cache build throughput (CacheWriter, all cores) vs
-  single-thread zfpy on chunks of 2, in MB/s of float32 activations.
-- A codec table: ratio, max error, encode/decode MB/s per codec and tolerance.
+- P1 p1_cache_vs_ram / p1_file_cache_vs_ram: a suffix epoch at the first freeze point from the
+  compressed cache held in RAM (``in_memory=True``) / read from the HDF5 file (``in_memory=False``,
+  the profile's loader workers), each over the same epoch from float32 features held in memory
+  (the decoded cache) through the same augmentation (``steps.suffix.augmented_batches``).
+- P2 p2_vs_flops_ideal: (suffix epoch from the cache as the stage reads it / full-model epoch on
+  raw images) / (suffix training FLOPs / full training FLOPs).
+- P3 p3_ratio per freeze point: compressed / float32 size of F(x) in the cache stage's cache (the
+  profile's codec, tolerance and coding), next to quant with the other tolerance mode (relative
+  or absolute, same number), zfp per sample and the paper's zfp chunks of 2.
+- P4 p4_build_mb_s vs p4_baseline_mb_s: cache build throughput of the real CacheWriter (encode,
+  verify, spool, assemble; the profile's encoder threads) vs single-thread zfpy on chunks of 2,
+  in MB/s of float32 activations held in memory.
+- A codec table (ratio, max error, encode/decode MB/s per codec and tolerance) and the coding
+  ideas of benchmarks/bench_coding.py (read from its JSON, or measured here on these features).
 
-Writes results/bench.json and results/bench.md (the results folder of params.yaml).
+Writes bench.json and bench.md in the results folder of params.yaml (not DVC outputs).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
-import math
-import os
+import shutil
 import tempfile
 from itertools import islice
 from pathlib import Path
@@ -31,14 +39,20 @@ import torch
 import typer
 from torch import nn
 
-from freezecache import augment, bench, runtime, steps, store
-from freezecache.guard import stage
+from freezecache import bench, store
 from freezecache.codec import make_codec
 from freezecache.config import Config
-from freezecache.io import atomic_write_json, atomic_write_text
-from freezecache.layout import STATE
+from freezecache.errors import FreezecacheError
+from freezecache.guard import stage
+from freezecache.io import atomic_write_json, atomic_write_text, read_json
+from freezecache.methods import method as method_info
 from freezecache.models import split
+from freezecache.pipeline import STAGES, START, fill
 from freezecache.profiling import part_flops, training_flops
+from freezecache.steps import suffix
+from freezecache.steps.cache import BUILD_BATCH, cache_point, feature_pairs, frozen_model
+from freezecache.steps.context import Context
+from freezecache.steps.prepare import prepare
 from freezecache.train import RunState, Trainer
 
 log = logging.getLogger("bench")
@@ -51,178 +65,181 @@ TABLE_CODECS = (
     ("quant", "quant", 1, {}),
     ("none fp16", "none", 1, {"dtype": "float16"}),
 )
+CODING_JSON = Path("results/bench_coding.json")
 
 
-def load_context(cfg: Config, samples: int, seed: int) -> steps.Context:
-    """Prepared data (prepared now if missing) on the run's device, cut to ``samples``."""
-    if not (Path(cfg.paths.data) / "meta.json").is_file():
-        log.info("no prepared data at %s: preparing it", cfg.paths.data)
-        steps.prepare(cfg)
-    ctx = steps.Context(cfg, seed)
-    ctx.train = bench.subset(ctx.train, samples)
-    return ctx
+# -- setup ---------------------------------------------------------------------------------------
+def bench_method(cfg: Config) -> str:
+    """The discard method timed: the profile's one with stored flipped channels (the most work
+    per batch), else its first."""
+    names = cfg.methods.discard
+    if not names:
+        raise FreezecacheError("methods.discard is empty — name a discard method for the bench")
+    return next((n for n in names if method_info(n).needs_ranking), names[0])
 
 
-def trained_model(ctx: steps.Context) -> tuple[nn.Module, str]:
-    """The model at the first freeze point: the pipeline's prefix run, else 1 epoch here."""
+def scratch_config(cfg: Config, folder: Path) -> Config:
+    """The profile with its runs, caches and checkpoints in ``folder`` (the data stays)."""
+    paths = {name: str(folder / name) for name in ("runs", "cache", "checkpoints")}
+    return cfg.model_copy(update={"paths": cfg.paths.model_copy(update=paths)})
+
+
+def prefix_state(cfg: Config, work: Config, seed: int) -> tuple[RunState, str]:
+    """The run at the first freeze point: the pipeline's train_prefix output, else the starting
+    weights (pretrain output or random init) trained 1 epoch here. Puts the starting weights
+    where the scratch stages look for them."""
+    pretrained = STAGES["pretrain"].path("state", cfg)
+    target = STAGES["pretrain"].path("state", work)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if pretrained.is_file():
+        shutil.copyfile(pretrained, target)
+    else:
+        RunState(model={}).save(target)  # no pretrain output: a seeded random init
+    prefix = STAGES["train_prefix"].path("state", cfg, seed=seed)
+    if prefix.is_file():
+        return RunState.load(prefix), f"trained weights from {prefix}"
+    log.info("%s is missing: training the model 1 epoch here", prefix)
+    ctx = Context(work, seed, "train_prefix")
     model = ctx.new_model()
-    state_file = Path(ctx.layout.prefix(ctx.seed)) / STATE
-    if state_file.is_file():
-        model.load_state_dict(RunState.load(state_file).model)
-        return model.eval(), f"trained weights from {state_file}"
-    log.info("%s is missing: training the model 1 epoch on the bench subset", state_file)
-    trainer = Trainer(model, ctx.cfg.train, seed=ctx.seed, device=ctx.device)
+    trainer = Trainer(model, work.train, seed=seed, device=ctx.device)
     bench.timed_epoch(
-        trainer,
-        state="full",
-        position=0,
-        forward=model,
-        batches=ctx.image_batches(0),
+        trainer, state="full", position=0, forward=model, batches=ctx.image_batches()(0),
         steps=ctx.image_steps,
-    )
-    return model.eval(), f"{state_file} missing: trained 1 epoch on the bench subset here"
+    )  # fmt: skip
+    start = "pretrain weights" if pretrained.is_file() else "random init"
+    return trainer.state, f"{prefix} missing: trained 1 epoch from the {start} here"
 
 
-def point_features(ctx: steps.Context, model: nn.Module) -> tuple[list[np.ndarray], np.ndarray]:
-    """Float32 features at every freeze point, in data-set order, and the labels.
-
-    Point 1 runs the images through the frozen prefix; each later point pushes the previous
-    point's features through the next blocks, as the cache stages do.
-    """
-    parts = list(steps.feature_pairs(ctx, model, "discard", 1))
-    feats = [torch.cat([f for f, _, _ in parts]).cpu().numpy()]
-    labels = torch.cat([y for _, _, y in parts]).cpu().numpy()
-    positions = [p.block for p in ctx.cfg.points]
-    for prev, pos in zip(positions[:-1], positions[1:], strict=True):
-        blocks = nn.Sequential(*model.blocks[prev:pos])
-        precision = ctx.cfg.train.precision
-        feats.append(bench.push_features(blocks, feats[-1], 256, ctx.device, precision))
-    return feats, labels
+def stage_caches(work: Config, seed: int, name: str, state: RunState) -> list[dict]:
+    """Every freeze point's cache, built by the cache stage from the same frozen weights."""
+    for p in work.points:  # each point continues from the same run here
+        state.save(fill(START, work, seed=seed, method=name, p=p))
+    return [cache_point(work, seed, name, p.block) for p in work.points]
 
 
-def candidate_codecs(cfg: Config) -> list[str]:
-    """The profile's codec first, then the other candidates for the default (zfp, quant)."""
-    return list(dict.fromkeys([cfg.cache.codec, "zfp", "quant"]))
+# -- P3, P4 --------------------------------------------------------------------------------------
+def point_features(ctx: Context, model: nn.Module, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 F(x) of the whole training set at ``block`` as the cache stage computes it."""
+    parts = list(feature_pairs(ctx, model, block, False, BUILD_BATCH, None))
+    x = torch.cat([f for f, _, _ in parts]).cpu().numpy()
+    return x, torch.cat([y for _, _, y in parts]).cpu().numpy()
 
 
-def measure_p3_p4(cfg: Config, feats: list[np.ndarray], labels: np.ndarray, workdir: Path):
-    """Per freeze point and candidate codec: a per-sample cache built by the CacheWriter with
-    all cores (ratio, build rate); and the paper's single-thread zfp chunks of 2.
+def build_settings(info: store.CacheInfo) -> dict:
+    """label -> codec for the builds at one point: the profile's settings first."""
+    builds = {"profile": bench.fresh_codec(info)}
+    if info.codec_name == "quant":
+        relative = bool(info.codec_options.get("relative", False))
+        other = "absolute" if relative else "relative"
+        builds[f"quant {other}"] = bench.fresh_codec(info, relative=not relative)
+    if info.codec_name != "zfp":
+        builds["zfp"] = make_codec("zfp", info.tolerance)
+    return builds
 
-    Returns the per-point rows, the P4 numbers (all points together) and the cache files of
-    point 1 by codec.
-    """
-    workers = os.cpu_count() or 1
-    codecs = candidate_codecs(cfg)
-    points, built, base, files = [], {c: [] for c in codecs}, [], {}
-    for i, x in enumerate(feats, start=1):
-        tol = cfg.cache.tolerance_at(i)
-        log.info("P3/P4 point %d: features %s, tolerance %g", i, x.shape, tol)
-        row = {
-            "point": i,
-            "block": cfg.points[i - 1].block,
-            "feature_shape": list(x.shape[1:]),
-            "tolerance": tol,
-        }
-        for name in codecs:
-            path = workdir / f"p{i}_{name}.h5"
-            stats = bench.build_cache(
-                path, x, labels, make_codec(name, tol), chunk_size=1, workers=workers
-            )
-            row[f"{name}_ratio"] = stats["x_compression_ratio"]
-            row[f"{name}_max_abs_error"] = stats["max_abs_error"]
-            row[f"{name}_build_mb_s"] = stats["build_mb_s"]
-            built[name].append((4 * x.size, stats["build_s"]))
-            if i == 1:
-                files[name] = path
-        paper = bench.zfp_chunk_baseline(x, tol, chunk_size=2)
-        base.append((4 * x.size, paper["build_s"]))
-        row.update(
-            p3_ratio=row[f"{cfg.cache.codec}_ratio"],
-            p3_paper_chunk2_ratio=paper["ratio"],
-            baseline_mb_s=paper["build_mb_s"],
-        )
-        points.append(row)
-    p4 = {
-        "p4_build_mb_s": bench.rate_mb_s(built[cfg.cache.codec]),
-        "p4_baseline_mb_s": bench.rate_mb_s(base),
-        "p4_build_mb_s_by_codec": {name: bench.rate_mb_s(pairs) for name, pairs in built.items()},
-        "workers": workers,
+
+def measure_point(cfg: Config, i: int, stats: dict, x, y, folder: Path) -> dict:
+    """P3 and the build rates at freeze point ``i`` (1-based) on its features ``x``."""
+    info = store.open_cache(stats["path"])
+    row = {
+        "point": i,
+        "block": cfg.points[i - 1].block,
+        "feature_shape": list(x.shape[1:]),
+        "raw_bytes": 4 * x.size,
+        "tolerance": info.tolerance,
+        "p3_ratio": stats["x_compression_ratio"],
+        "p3_cache_ratio": stats["compression_ratio"],  # with the stored flipped channels
+        "max_abs_error": stats["max_abs_error"],
+        "stored_channels": stats["stored_channels"],
+        "stage_build_s": stats["build_s"],  # forward passes, ranking and the cache, all in
+        "builds": {},
     }
-    return points, p4, files
-
-
-def open_loaders(ctx: steps.Context, files: dict[str, Path], x: np.ndarray, labels: np.ndarray):
-    """The cache loader of each codec's point-1 cache, set up as train_suffix sets it up.
-
-    ``files`` are per-sample caches; they are rebuilt when the profile's chunk size differs.
-    Quant is decoded on the device when ``cache.device_decode`` is on.
-    """
-    cfg, k = ctx.cfg, ctx.cfg.cache.chunk_size
-    loaders = {}
-    for name, path in files.items():
-        if k != 1:
-            path = path.with_name(f"p1_{name}_chunk{k}.h5")
-            codec = make_codec(name, cfg.cache.tolerance_at(1))
-            bench.build_cache(path, x, labels, codec, chunk_size=k, workers=os.cpu_count() or 1)
-        info = store.open_cache(path)
-        loader = store.make_loader(
-            path,
-            info,
-            batch_size=cfg.train.batch_size,
-            seed=ctx.seed,
-            workers=cfg.cache.loader_workers,
-            device_decode=cfg.cache.device_decode and name == "quant",
-            pin_memory=ctx.device.type == "cuda",
-            in_memory=cfg.cache.in_memory,
+    for label, codec in build_settings(info).items():
+        path = folder / f"p{i}_{label.replace(' ', '_')}.h5"
+        built = bench.build_cache(
+            path, x, y, codec, chunk_size=info.chunk_size, workers=cfg.cache.encode_workers
         )
-        loaders[name] = (loader, info)
-    return loaders
+        path.unlink()
+        row["builds"][label] = {
+            "codec": codec.name,
+            "relative": bool(getattr(codec, "relative", False)),
+            "ratio": built["x_compression_ratio"],
+            "max_abs_error": built["max_abs_error"],
+            "max_bound": getattr(codec, "max_bound", codec.tolerance),
+            "build_mb_s": built["build_mb_s"],
+            "build_s": built["build_s"],
+        }
+        log.info("P3/P4 point %d %s: ratio %.4f", i, label, built["x_compression_ratio"])
+    paper = bench.zfp_chunk_baseline(x, info.tolerance, chunk_size=2)
+    row.update(
+        p3_paper_chunk2_ratio=paper["ratio"],
+        baseline_mb_s=paper["build_mb_s"],
+        baseline_s=paper["build_s"],
+    )
+    return row
 
 
-def epoch_runs(ctx: steps.Context, model: nn.Module, x: np.ndarray, labels: np.ndarray, loaders):
-    """name -> run(epoch, max_steps=None): one timed training epoch of that setting.
+def p4_summary(points: list[dict]) -> dict:
+    """Build rates over all points together, per build setting and for the paper's way."""
 
-    Suffix epochs from each cache and from RAM share one suffix model and the same batch
-    order and augmentation draws per epoch; full-model epochs train their own copy.
+    def rate(seconds) -> float:
+        return bench.rate_mb_s([(p["raw_bytes"], seconds(p)) for p in points])
+
+    return {
+        "p4_build_mb_s": rate(lambda p: p["builds"]["profile"]["build_s"]),
+        "p4_baseline_mb_s": rate(lambda p: p["baseline_s"]),
+        "p4_build_mb_s_by_setting": {
+            label: rate(lambda p, a=label: p["builds"][a]["build_s"])
+            for label in points[0]["builds"]
+        },
+    }
+
+
+# -- P1, P2 --------------------------------------------------------------------------------------
+def epoch_runs(ctx: Context, model: nn.Module, path: Path, info: store.CacheInfo, name: str):
+    """setting -> run(epoch, max_steps=None): one timed training epoch.
+
+    The suffix epochs (cache in RAM, cache file, float32 features in RAM) share one suffix
+    model and get the same batch order and augmentation draws per epoch; the full-model epoch
+    trains its own copy on the raw images as the baseline stage does.
     """
-    cfg, device, seed = ctx.cfg, ctx.device, ctx.seed
-    pos, bs = cfg.points[0].block, cfg.train.batch_size
-    pad = augment.scaled_pad(cfg.augment.crop_pad, x.shape[-1], ctx.meta["img_size"])
-    x_ram, y_ram = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
+    cfg, device, seed, block = ctx.cfg, ctx.device, ctx.seed, ctx.item["p"].block
+    mode, layout = method_info(name).augment, model.layout
+    loaders = {
+        "cache in memory": suffix.cache_loader(ctx, path, info, in_memory=True),
+        "cache file": suffix.cache_loader(ctx, path, info, in_memory=False),
+    }
+    arrays = bench.features_in_ram(path, info, device)
     suffix_model, full_model = copy.deepcopy(model), copy.deepcopy(model)
-    _, suffix = split(suffix_model, pos)
+    _, forward = split(suffix_model, block)
     trainer_s = Trainer(suffix_model, cfg.train, seed=seed, device=device)
     trainer_f = Trainer(full_model, cfg.train, seed=seed, device=device)
-    suffix_steps = math.ceil(len(x) / bs)
+    steps = len(loaders["cache file"])
 
-    def suffix_epoch(source, epoch: int, max_steps: int | None) -> dict:
-        g = runtime.generator(seed, epoch, "features")
-        batches = islice(bench.augmented(source, g, cfg.augment, pad), max_steps)
+    def timed(batches, max_steps: int | None) -> dict:
         return bench.timed_epoch(
-            trainer_s, state="discard", position=pos, forward=suffix, batches=batches,
-            steps=suffix_steps,
+            trainer_s, state="discard", position=block, forward=forward,
+            batches=islice(batches, max_steps), steps=steps,
         )  # fmt: skip
 
-    def cache_run(name: str):
-        loader, info = loaders[name]
-        return lambda e, n=None: suffix_epoch(bench.loader_batches(loader, info, e, device), e, n)
+    def cache_run(loader):
+        batches = suffix.cached_batches(ctx, info, loader, mode, layout)  # the stage's batches
+        return lambda e, n=None: timed(batches(e), n)
 
     def ram_run(e: int, n: int | None = None) -> dict:
-        orders = bench.batch_orders(len(x), cfg.cache.chunk_size, bs, seed, e)
-        return suffix_epoch(bench.ram_batches(x_ram, y_ram, orders), e, n)
+        orders = bench.batch_orders(
+            info.num_samples, info.chunk_size, cfg.train.batch_size, seed, e
+        )
+        raw = bench.ram_batches(arrays, orders)
+        return timed(suffix.augmented_batches(ctx, info, raw, e, mode, layout), n)
 
     def full_run(e: int, n: int | None = None) -> dict:
         return bench.timed_epoch(
             trainer_f, state="full", position=0, forward=full_model,
-            batches=islice(ctx.image_batches(e), n), steps=ctx.image_steps,
+            batches=islice(ctx.image_batches()(e), n), steps=ctx.image_steps,
         )  # fmt: skip
 
-    return {
-        **{f"cache {name}": cache_run(name) for name in loaders},
-        "ram": ram_run,
-        "full": full_run,
-    }
+    runs = {label: cache_run(loader) for label, loader in loaders.items()}
+    return {**runs, "ram": ram_run, "full": full_run}
 
 
 def time_interleaved(runs: dict, repeats: int, warmup_steps: int) -> dict:
@@ -242,42 +259,42 @@ def time_interleaved(runs: dict, repeats: int, warmup_steps: int) -> dict:
     return {name: bench.summary(got) for name, got in rows.items()}
 
 
-def suffix_flops(ctx: steps.Context, model: nn.Module, num_samples: int) -> dict:
-    """Training FLOPs of one epoch: suffix at the first point (discard) and the full model."""
-    pos, meta = ctx.cfg.points[0].block, ctx.meta
-    part = part_flops(model, pos, (meta["channels"], meta["img_size"], meta["img_size"]))
+def suffix_flops(ctx: Context, model: nn.Module, block: int) -> dict:
+    """Training FLOPs of one epoch: the suffix at ``block`` (discard) and the full model."""
+    meta = ctx.meta
+    part = part_flops(model, block, (meta["channels"], meta["img_size"], meta["img_size"]))
     return {
         state: training_flops(
-            {pos: part}, schedule=[(state, p, 1)], num_samples=num_samples, extras={}
+            {block: part}, schedule=[(state, p, 1)], num_samples=len(ctx.train), extras={}
         )["train_flops"]
-        for state, p in (("discard", pos), ("full", 0))
+        for state, p in (("discard", block), ("full", 0))
     }
 
 
-def measure_p1_p2(ctx, model, x, labels, files, repeats: int, warmup_steps: int) -> dict:
-    """P1 and P2 for each codec's cache; the profile's codec gives the headline numbers."""
-    loaders = open_loaders(ctx, files, x, labels)
-    times = time_interleaved(epoch_runs(ctx, model, x, labels, loaders), repeats, warmup_steps)
-    flops = suffix_flops(ctx, model, len(x))
+def measure_p1_p2(ctx, model, path: Path, name: str, repeats: int, warmup_steps: int) -> dict:
+    """P1 for the cache in RAM and from the file, and P2 for the cache as the stage reads it."""
+    block = ctx.item["p"].block
+    info = store.open_cache(path)
+    times = time_interleaved(epoch_runs(ctx, model, path, info, name), repeats, warmup_steps)
+    flops = suffix_flops(ctx, model, block)
     flops_ratio = flops["discard"] / flops["full"]
-    cache_s = {name: times[f"cache {name}"]["min_s"] for name in loaders}
-    p1 = {name: t / times["ram"]["min_s"] for name, t in cache_s.items()}
-    p2 = {name: t / times["full"]["min_s"] / flops_ratio for name, t in cache_s.items()}
-    default = ctx.cfg.cache.codec
+    in_ram = ctx.cfg.loader.in_memory  # as train_suffix resolves it
+    in_ram = store.fits_in_memory(info) if in_ram == "auto" else in_ram
+    stage_path = "cache in memory" if in_ram else "cache file"
+    ram, cache = times["ram"]["min_s"], times[stage_path]["min_s"]
     return {
-        "p1_cache_vs_ram": p1[default],
-        "p2_vs_flops_ideal": p2[default],
-        "p1_by_codec": p1,
-        "p2_by_codec": p2,
+        "p1_cache_vs_ram": times["cache in memory"]["min_s"] / ram,
+        "p1_file_cache_vs_ram": times["cache file"]["min_s"] / ram,
+        "p2_vs_flops_ideal": cache / times["full"]["min_s"] / flops_ratio,
+        "p2_cache": stage_path,
         "epochs": times,
-        "suffix_vs_full_time": cache_s[default] / times["full"]["min_s"],
+        "suffix_vs_full_time": cache / times["full"]["min_s"],
         "suffix_vs_full_flops": flops_ratio,
         "train_flops_per_epoch": flops,
-        "loader_workers": ctx.cfg.cache.loader_workers,
-        "device_decode_quant": ctx.cfg.cache.device_decode,
     }
 
 
+# -- codec table, coding ideas -------------------------------------------------------------------
 def codec_table(x: np.ndarray) -> list[dict]:
     """Each codec at each tolerance on the same features (single thread)."""
     rows = []
@@ -289,98 +306,139 @@ def codec_table(x: np.ndarray) -> list[dict]:
     return rows
 
 
-def goal_rows(codecs: list[str], points: list[dict], p4: dict, p1p2: dict) -> list[dict]:
-    """Every goal for every candidate codec (the profile's codec first)."""
-    rows = []
-    for c in codecs:
-        rows += [
-            bench.goal_row("p1_cache_vs_ram", c, p1p2["p1_by_codec"][c]),
-            bench.goal_row("p2_vs_flops_ideal", c, p1p2["p2_by_codec"][c]),
-        ]
-        for p in points:
-            ratio, paper = p[f"{c}_ratio"], p["p3_paper_chunk2_ratio"]
-            rows += [
-                bench.goal_row(f"p3_ratio point {p['point']}", c, ratio, bench.GOALS["p3_ratio"]),
-                bench.goal_row(
-                    f"p3_ratio point {p['point']} vs paper chunk 2",
-                    c,
-                    ratio,
-                    bench.Goal("<", paper),
-                ),
-            ]
-        rows.append(bench.goal_row("p4_build_mb_s", c, p4["p4_build_mb_s_by_codec"][c]))
+def _coding_script():
+    """benchmarks/bench_coding.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).with_name("bench_coding.py")
+    spec = importlib.util.spec_from_file_location("bench_coding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def coding_ideas(path: Path, feats: dict[int, np.ndarray]) -> dict:
+    """Each lossless coding idea's figures: bench_coding.py's JSON at ``path`` when it exists,
+    else its comparison run here on ``feats`` (block -> float32 features)."""
+    if path.is_file():
+        found = read_json(path)
+        return {"source": str(path), **found}
+    log.info("%s is missing: comparing the coding ideas on the bench's features", path)
+    coding, points = _coding_script(), []
+    for block, x in feats.items():
+        for label, tol, relative in coding.TOLERANCES:
+            codec = make_codec("quant", tol, relative=relative)
+            codec.calibrate(x[:256])  # as the writer: the first batch
+            q = coding.codes_of(codec, x)
+            rows = coding.codec_rows(x, tol, relative) + coding.stage_rows(q, q[:256], x.nbytes)
+            points.append({
+                "block": block, "tolerance": label, "shape": list(x.shape[1:]),
+                "zeros": float((q == 0).mean()), "entropy0_bits": coding.entropy0(q), "rows": rows,
+            })  # fmt: skip
+    samples = len(next(iter(feats.values())))
+    return {"source": "this run, on the bench's features", "samples": samples, "points": points}
+
+
+# -- goals and the run ---------------------------------------------------------------------------
+def goal_rows(points: list[dict], p4: dict, p1p2: dict) -> list[dict]:
+    """Every goal: P1 per loader path, P2, P3 per point (and the paper's chunks), P4."""
+    rows = [
+        bench.goal_row("p1_cache_vs_ram", "cache in memory", p1p2["p1_cache_vs_ram"]),
+        bench.goal_row("p1_file_cache_vs_ram", "cache file", p1p2["p1_file_cache_vs_ram"]),
+        bench.goal_row("p2_vs_flops_ideal", p1p2["p2_cache"], p1p2["p2_vs_flops_ideal"]),
+    ]
+    for p in points:
+        for label, b in p["builds"].items():
+            setting = f"point {p['point']} (block {p['block']}), {label}"
+            rows.append(bench.goal_row("p3_ratio", setting, b["ratio"]))
+        paper = bench.Goal("<", p["p3_paper_chunk2_ratio"])
+        setting = f"point {p['point']} vs the paper's zfp chunks of 2"
+        rows.append(bench.goal_row("p3_ratio", setting, p["p3_ratio"], paper))
+    for label, rate in p4["p4_build_mb_s_by_setting"].items():
+        rows.append(bench.goal_row("p4_build_mb_s", label, rate))
     return rows
 
 
-def run(cfg: Config, *, samples: int, codec_samples: int, repeats: int, warmup_steps: int) -> dict:
+def run(
+    cfg: Config,
+    *,
+    method: str | None = None,
+    repeats: int = 2,
+    warmup_steps: int = 3,
+    codec_samples: int = 512,
+    coding_json: Path = CODING_JSON,
+) -> dict:
     """Every measurement of the benchmark, in one process; returns what bench.json holds."""
-    seed = cfg.seeds[0]
-    ctx = load_context(cfg, samples, seed)
-    machine = bench.machine_info(ctx.device)
-    model, weights = trained_model(ctx)
-    # Sizes and build rates on the whole training set (what the cache stage compresses);
-    # timed epochs on the subset of ``samples``.
-    whole = copy.copy(ctx)
-    whole.train = steps.Context(cfg, seed).train
-    feats, labels = point_features(whole, model)
+    seed, name = cfg.seeds[0], method or bench_method(cfg)
+    if not (STAGES["prepare"].path("data", cfg) / "meta.json").is_file():
+        log.info("no prepared data at %s: preparing it", cfg.paths.data)
+        prepare(cfg)
     with tempfile.TemporaryDirectory(prefix="freezecache-bench-") as tmp:
-        points, p4, files = measure_p3_p4(cfg, feats, labels, Path(tmp))
-        n = len(ctx.train.labels)
-        timed_files = {}
-        for name, path in files.items():  # the subset's cache for the timed epochs
-            timed_files[name] = path.with_name(f"timed_{name}.h5")
-            codec = make_codec(name, cfg.cache.tolerance_at(1))
-            bench.build_cache(
-                timed_files[name], feats[0][:n], labels[:n], codec, chunk_size=1,
-                workers=os.cpu_count() or 1,
-            )  # fmt: skip
-        p1p2 = measure_p1_p2(
-            ctx, model, feats[0][:n], labels[:n], timed_files, repeats, warmup_steps
-        )
-    codecs = codec_table(feats[0][:codec_samples])
-    goals = goal_rows(candidate_codecs(cfg), points, p4, p1p2)
+        work = scratch_config(cfg, Path(tmp))
+        state, weights = prefix_state(cfg, work, seed)
+        caches = stage_caches(work, seed, name, state)
+        first = work.points[0]
+        ctx = Context(work, seed, "train_suffix", method=name, p=first)
+        machine = bench.machine_info(ctx.device)
+        model, _ = frozen_model(ctx, first)
+        points, heads = [], {}
+        for i, (p, stats) in enumerate(zip(work.points, caches, strict=True), start=1):
+            x, y = point_features(ctx, model, p.block)
+            stats["path"] = ctx.stage_path("cache", "cache", p=p)
+            points.append(measure_point(cfg, i, stats, x, y, Path(tmp)))
+            heads[p.block] = np.ascontiguousarray(x[:codec_samples])
+            del x, y
+        p4 = p4_summary(points)
+        p1p2 = measure_p1_p2(ctx, model, caches[0]["path"], name, repeats, warmup_steps)
+        n = len(ctx.train)
+    codecs = codec_table(heads[first.block])
+    ideas = coding_ideas(coding_json, heads)
     machine["load_avg_1m_end"] = bench.machine_info(ctx.device)["load_avg_1m"]
+    c = cfg.cache
     return {
         "machine": machine,
         "setup": {
             "model": cfg.model.name,
             "dataset": ctx.meta["name"],
-            "samples": len(ctx.train.labels),
-            "p3_samples": len(labels),
-            "codec_samples": min(codec_samples, len(labels)),
-            "repeats": repeats,
-            "codec": cfg.cache.codec,
-            "codecs": candidate_codecs(cfg),
-            "chunk_size": cfg.cache.chunk_size,
-            "tolerances": [cfg.cache.tolerance_at(i + 1) for i in range(len(cfg.points))],
-            "points": [p.block for p in cfg.points],
+            "samples": n,
+            "method": name,
+            "augment": method_info(name).augment,
             "batch_size": cfg.train.batch_size,
+            "points": [p.block for p in cfg.points],
+            "tolerances": [c.tolerance_at(i + 1) for i in range(len(cfg.points))],
+            "codec": c.codec,
+            "relative": c.relative,
+            "coding": c.coding,
+            "chunk_size": c.chunk_size,
+            "encode_workers": c.encode_workers,
+            "loader": cfg.loader.model_dump(),
+            "repeats": repeats,
+            "codec_samples": len(heads[first.block]),
             "weights": weights,
         },
         "p1_cache_vs_ram": p1p2["p1_cache_vs_ram"],
+        "p1_file_cache_vs_ram": p1p2["p1_file_cache_vs_ram"],
         "p2_vs_flops_ideal": p1p2["p2_vs_flops_ideal"],
         "p3": points,
         **p4,
         "p1_p2": p1p2,
         "codecs": codecs,
-        "goals": goals,
-        "codec_comparison": bench.compare_codecs(
-            codecs, cfg.cache.tolerance_at(1), "quant", "zfp chunk 1"
-        ),
+        "coding_ideas": ideas,
+        "goals": goal_rows(points, p4, p1p2),
+        "codec_comparison": bench.compare_codecs(codecs, c.tolerance_at(1), "quant", "zfp chunk 1"),
     }
 
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (the default profile)"),
-    samples: int = typer.Option(4096, min=1, help="training samples used (a subset)"),
-    codec_samples: int = typer.Option(512, min=1, help="samples for the codec table"),
+    method: str = typer.Option(None, help="discard method timed (default: bench_method)"),
     repeats: int = typer.Option(2, min=1, help="timed epochs per setting; the minimum is used"),
     warmup_steps: int = typer.Option(3, min=1, help="untimed steps per setting before timing"),
+    codec_samples: int = typer.Option(512, min=1, help="samples for the codec table"),
+    coding_json: Path = typer.Option(CODING_JSON, help="bench_coding.py's results, if any"),
 ) -> None:
-    with stage(params, check_pipeline=False) as cfg:
+    with stage(params, method=(method, "discard") if method else None) as cfg:
         results = run(
-            cfg, samples=samples, codec_samples=codec_samples, repeats=repeats,
-            warmup_steps=warmup_steps,
+            cfg, method=method, repeats=repeats, warmup_steps=warmup_steps,
+            codec_samples=codec_samples, coding_json=coding_json,
         )  # fmt: skip
         out = Path(cfg.paths.results)
         markdown = bench.to_markdown(results)

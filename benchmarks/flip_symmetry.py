@@ -52,22 +52,30 @@ def class_symmetry(images: np.ndarray, labels: np.ndarray) -> list[dict]:
 def main(
     root: Path = typer.Option(None, help="Fashion-MNIST folder (default: Debian's)"),
     split: str = typer.Option("train", help="train or test"),
+    out: Path = typer.Option(None, help="also write the table to this Markdown file"),
 ) -> None:
     if split not in ("train", "test"):
         raise typer.BadParameter(f"--split must be train or test, got {split!r}")
     train, test, classes = load_source("fashion_mnist", str(root) if root else None)
     data = train if split == "train" else test
     rows = class_symmetry(data.images, data.labels)
-    print(f"Fashion-MNIST {split} ({len(data)} images): correlation with the left-right mirror")
-    print(
-        "| id | class | n | class mean vs mirror | image vs mirror (mean) | facing the mean's way |"
-    )
-    print("|---:|---|---:|---:|---:|---:|")
+    lines = [
+        f"Fashion-MNIST {split} ({len(data)} images): correlation with the left-right mirror",
+        "",
+        "| id | class | n | class mean vs mirror | image vs mirror (mean) "
+        "| facing the mean's way |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['class']} | {classes[r['class']]} | {r['n']} | {r['mean_vs_mirror']:.3f} "
             f"| {r['image_vs_mirror']:.3f} | {r['facing_mean']:.1%} |"
         )
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Stage baseline: Normal, FreezeOut or a control, trained on raw images to the last epoch."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Method, Params, Seed, stage
 from freezecache.steps.baselines import baseline
 

@@ -1,11 +1,14 @@
 """Stage cache: rank flip-sensitive channels/tokens if the method stores them, then push the
 training set once through the frozen prefix into a compressed HDF5 cache."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Block, Method, Params, Seed, stage
 from freezecache.steps.cache import cache_point
 

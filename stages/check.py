@@ -5,11 +5,14 @@ with one line per problem, while every earlier result is still in place. The out
 never changes, so a passing check reruns nothing downstream.
 """
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.io import atomic_write_text
 from freezecache.pipeline import STAGES

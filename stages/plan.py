@@ -1,11 +1,14 @@
 """Stage plan: cache sizes and savings per candidate block, measured on a real batch; refuses a
 freeze schedule whose caches would not fit on the disk, before any training."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.steps.plan import plan
 

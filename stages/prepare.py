@@ -1,10 +1,13 @@
 """Stage prepare: read the dataset, take seeded stratified subsets, store uint8 under data/."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.steps.prepare import prepare
 

@@ -1,10 +1,13 @@
 """Stage pretrain: the starting weights (pre-trained on the source split, a local file, or none)."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.steps.pretrain import pretrain
 

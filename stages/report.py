@@ -1,10 +1,13 @@
 """Stage report: the paper-style tables over methods and seeds, the caches, the headline metrics."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.report import write_report
 

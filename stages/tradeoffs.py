@@ -1,11 +1,14 @@
 """Stage tradeoffs: {fp32, bf16} x {grad checkpointing off, on} x {full model, suffix after the
 last freeze point}, measured side by side in one run."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Params, stage
 from freezecache.pipeline import STAGES
 from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write

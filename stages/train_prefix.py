@@ -1,10 +1,13 @@
 """Stage train_prefix: train the whole model up to the first freeze point (shared by methods)."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Params, Seed, stage
 from freezecache.steps.baselines import train_prefix
 

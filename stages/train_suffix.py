@@ -1,10 +1,13 @@
 """Stage train_suffix: discard the frozen prefix, train the remaining blocks from the cache."""
 
+# isort: off
+import _env  # noqa: F401  (first: without the venv, one line instead of a traceback)
+# isort: on
+
 from pathlib import Path
 
 import typer
 
-import _env  # noqa: F401
 from freezecache.guard import Block, Method, Params, Seed, stage
 from freezecache.steps.suffix import train_suffix
 

@@ -66,7 +66,7 @@ def project_copy(dest: Path) -> Path:
         .stdout.decode()
         .split("\0")
     )
-    generated = ("runs/", "results/", "data/", "dvc.lock")  # outputs of a local run
+    generated = ("runs/", "results/", "data/prepared", "data/cache", "dvc.lock")  # a run's outputs
     for rel in filter(None, files):
         if rel.startswith(generated):
             continue

@@ -1,8 +1,10 @@
-"""The cache benchmark runs end to end on a tiny setup and writes sane numbers (no timing)."""
+"""The cache benchmark runs end to end on a tiny setup, writes every measurement, and times the
+train_suffix stage's own batch functions (no timing asserted)."""
 
 import importlib.util
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,20 +12,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, load_profile
 from freezecache import bench, store
 from freezecache.codec import make_codec
+from freezecache.config import Augment
+from freezecache.steps import suffix
 
-TINY = {
-    "paths": {"data": "data", "cache": "cache", "runs": "runs", "results": "results"},
-    "methods": ["normal", "discard"],
-    "data": {"name": "fashion_mnist", "img_size": 12},
-    "model": {"name": "resnet20"},
-    # One thread: two torch threads on a shared 2-core CPU make tiny steps crawl.
-    "train": {"epochs": 3, "batch_size": 32, "eval_batch_size": 64, "device": "cpu", "threads": 1},
-    "freeze": {"points": [{"block": 3, "epoch": 1}, {"block": 6, "epoch": 2}]},
-    "cache": {"codec": "zfp", "tolerance": 0.01, "loader_workers": 0},
-}
+SIZE, TRAIN, VAL, TEST = 12, 96, 32, 40
+EPOCHS = {"cache in memory", "cache file", "ram", "full"}
 
 
 def load_script():
@@ -35,78 +31,145 @@ def load_script():
     return module
 
 
-def write_prepared(folder, n: int = 200, size: int = 12) -> None:
-    """A prepared split as `prepare` writes it: smooth uint8 images, 10 classes."""
+def write_prepared(folder) -> None:
+    """A prepared folder as `prepare` writes it: smooth uint8 images, 5 classes, a val split."""
+    n = TRAIN + VAL + TEST
     g = torch.Generator().manual_seed(0)
-    smooth = F.avg_pool2d(torch.rand(n + 40, 1, size, size, generator=g), 3, 1, 1)
+    smooth = F.avg_pool2d(torch.rand(n, 1, SIZE, SIZE, generator=g), 3, 1, 1)
     images = (smooth * 255).to(torch.uint8).numpy()
-    labels = np.arange(n + 40) % 10
+    labels = np.arange(n) % 5
     folder.mkdir(parents=True)
-    np.savez(folder / "train.npz", images=images[:n], labels=labels[:n])
-    np.savez(folder / "test.npz", images=images[n:], labels=labels[n:])
+    cuts = {"train": (0, TRAIN), "val": (TRAIN, TRAIN + VAL), "test": (TRAIN + VAL, n)}
+    for name, (lo, hi) in cuts.items():
+        np.savez(folder / f"{name}.npz", images=images[lo:hi], labels=labels[lo:hi])
     meta = {
         "name": "fashion_mnist",
-        "classes": [str(i) for i in range(10)],
-        "num_classes": 10,
+        "classes": [str(i) for i in range(5)],
+        "num_classes": 5,
         "channels": 1,
-        "img_size": size,
-        "train_size": n,
-        "test_size": 40,
+        "img_size": SIZE,
+        "train_size": TRAIN,
+        "val_size": VAL,
+        "test_size": TEST,
         "mean": [float(images.mean() / 255)],
         "std": [float(images.std() / 255)],
     }
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+def tiny_params(root) -> dict:
+    """The smoke profile (the default's shape) on the tiny prepared folder, one thread."""
+    raw = load_profile("smoke")
+    raw["paths"] = {k: str(root / k) for k in raw["paths"]}
+    raw["data"].update(img_size=SIZE, train_size=TRAIN, val_size=VAL, test_size=TEST)
+    raw["pretrain"] = None
+    raw["rank"]["samples"] = 32
+    raw["train"]["batch_size"] = 32
+    # One thread: two torch threads on a shared 2-core CPU make tiny steps crawl.
+    raw["runtime"]["threads"] = 1
+    return raw
+
+
+def spy(monkeypatch, calls: dict, name: str) -> None:
+    """Record the calls of ``steps.suffix.<name>`` and pass them through."""
+    real = getattr(suffix, name)
+
+    def recorded(*args, **kwargs):
+        calls.setdefault(name, []).append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(suffix, name, recorded)
+
+
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory):
-    """Runs the whole benchmark once on the tiny setup; returns (bench.json, bench.md text)."""
+    """Runs the whole benchmark once on the tiny setup, with the stage functions spied on.
+
+    Returns (bench.json, bench.md text, the recorded calls)."""
     root = tmp_path_factory.mktemp("bench")
-    paths = {key: str(root / value) for key, value in TINY["paths"].items()}
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({**TINY, "paths": paths}))
+    params.write_text(yaml.safe_dump(tiny_params(root)))
     write_prepared(root / "data")
-    threads = torch.get_num_threads()
+    threads, calls = torch.get_num_threads(), {}
     try:
-        load_script().main(params=params, samples=160, codec_samples=16, repeats=1, warmup_steps=1)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("cache_loader", "cached_batches", "augmented_batches"):
+                spy(mp, calls, name)
+            load_script().main(
+                params=params, method=None, repeats=1, warmup_steps=1, codec_samples=64,
+                coding_json=root / "missing.json",
+            )  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # the bench set the config's threads process-wide
     results = root / "results"
-    return json.loads((results / "bench.json").read_text()), (results / "bench.md").read_text()
+    markdown = (results / "bench.md").read_text()
+    return json.loads((results / "bench.json").read_text()), markdown, calls
 
 
 def test_bench_json_has_every_measurement(bench_out):
-    res, markdown = bench_out
-    for key in ("p1_cache_vs_ram", "p2_vs_flops_ideal", "p4_build_mb_s", "p4_baseline_mb_s"):
+    res, markdown, _ = bench_out
+    for key in (
+        "p1_cache_vs_ram", "p1_file_cache_vs_ram", "p2_vs_flops_ideal", "p4_build_mb_s",
+        "p4_baseline_mb_s",
+    ):  # fmt: skip
         assert math.isfinite(res[key]) and res[key] > 0, key
         assert key in markdown
-    assert res["setup"]["samples"] == 160
-    assert "trained 1 epoch" in res["setup"]["weights"]  # no runs/ here: the fallback ran
-    assert [p["block"] for p in res["p3"]] == [3, 6]
-    assert res["p3"][1]["feature_shape"] == [32, 6, 6]  # point 2 = point 1 pushed on
+    assert res["setup"]["samples"] == TRAIN and res["setup"]["method"] == "discard_aug"
+    assert "trained 1 epoch from the random init" in res["setup"]["weights"]  # no runs/ here
     epochs = res["p1_p2"]["epochs"]
-    assert set(epochs) == {"cache zfp", "cache quant", "ram", "full"}
-    assert all(e["min_s"] > 0 for e in epochs.values())
-    assert all(e["other_cores"] is None or e["other_cores"] >= 0 for e in epochs.values())
+    assert set(epochs) == EPOCHS and all(e["min_s"] > 0 for e in epochs.values())
+    ratio = epochs["cache file"]["min_s"] / epochs["ram"]["min_s"]
+    assert res["p1_file_cache_vs_ram"] == pytest.approx(ratio)
     assert 0 < res["p1_p2"]["suffix_vs_full_flops"] < 1
-    assert set(res["p1_p2"]["p1_by_codec"]) == {"zfp", "quant"}
-    goals = {(g["metric"], g["codec"]) for g in res["goals"]}
-    assert {("p1_cache_vs_ram", "zfp"), ("p4_build_mb_s", "quant")} <= goals
+    assert res["p1_p2"]["p2_cache"] == "cache in memory"  # in_memory auto: a tiny cache fits
+    assert set(res["p4_build_mb_s_by_setting"]) == {"profile", "quant relative", "zfp"}
+    metrics = {g["metric"] for g in res["goals"]}
+    assert metrics == set(bench.GOALS)
 
 
-def test_per_sample_zfp_beats_paper_chunks_on_relu_maps(bench_out):
-    res, _ = bench_out
+def test_p3_per_freeze_point(bench_out):
+    res, _, _ = bench_out
+    assert [p["block"] for p in res["p3"]] == [2, 5]
+    assert res["p3"][1]["feature_shape"] == [32, 6, 6]
     for point in res["p3"]:
-        assert 0 < point["p3_ratio"] < point["p3_paper_chunk2_ratio"]
-        assert 0 < point["quant_ratio"] and point["p3_ratio"] == point["zfp_ratio"]
-        for codec in ("zfp", "quant"):
-            assert point[f"{codec}_max_abs_error"] <= point["tolerance"]
-    paper_rows = [g for g in res["goals"] if g["metric"].endswith("vs paper chunk 2")]
-    assert paper_rows and all(g["pass"] for g in paper_rows if g["codec"] == "zfp")
+        builds = point["builds"]
+        # the profile's build of the same features reproduces the cache stage's cache
+        assert builds["profile"]["ratio"] == pytest.approx(point["p3_ratio"])
+        channels = point["feature_shape"][0]
+        assert point["p3_cache_ratio"] > 0 and point["stored_channels"] == channels // 4  # gamma
+        assert 0 < point["p3_ratio"] < builds["zfp"]["ratio"] < point["p3_paper_chunk2_ratio"]
+        for b in builds.values():
+            assert b["max_abs_error"] <= b["max_bound"]
+        rel = builds["quant relative"]
+        assert rel["relative"] and rel["max_bound"] != point["tolerance"]
+
+
+def test_the_bench_times_the_stages_batch_functions(bench_out):
+    _, _, calls = bench_out
+    paths = [kwargs["in_memory"] for _, kwargs in calls["cache_loader"]]
+    assert sorted(paths) == [False, True]  # the cache in RAM and read from the file
+    modes = {(args[3], args[4]) for args, _ in calls["cached_batches"]}
+    assert modes == {("similarity", "nchw")}  # discard_aug's augmentation, as the stage does
+    # the cache epochs (through cached_batches) and the RAM baseline share the augmentation
+    assert len(calls["augmented_batches"]) > len(calls["cached_batches"])
+
+
+def test_coding_ideas_in_bench_json(bench_out, tmp_path):
+    res, markdown, _ = bench_out
+    ideas = res["coding_ideas"]
+    assert ideas["source"].startswith("this run")
+    assert {p["block"] for p in ideas["points"]} == {2, 5}
+    rows = [r for p in ideas["points"] for r in p["rows"] if "note" not in r]
+    assert rows and all(r["ratio"] > 0 and r["encode_mb_s"] > 0 for r in rows)
+    assert "### Coding ideas" in markdown
+    saved = tmp_path / "bench_coding.json"
+    saved.write_text(json.dumps({"machine": {"load_avg_1m_end": 0.5}, "samples": 9, "points": []}))
+    read = load_script().coding_ideas(saved, {})
+    assert read["source"] == str(saved) and read["samples"] == 9
 
 
 def test_codec_table_keeps_the_bounds(bench_out):
-    res, markdown = bench_out
+    res, markdown, _ = bench_out
     rows = res["codecs"]
     assert len(rows) == 12 and "### Codecs" in markdown
     for row in rows:
@@ -118,25 +181,49 @@ def test_codec_table_keeps_the_bounds(bench_out):
     assert fp16 == pytest.approx([0.5] * 3)
 
 
-def test_ram_batches_follow_the_cache_loader_order(tmp_path):
-    x = np.maximum(np.random.default_rng(0).standard_normal((11, 2, 4, 4)), 0).astype(np.float32)
-    y = np.arange(11)
+def cache_with_extras(path, chunk_size: int):
+    """A quant cache of ReLU maps with 2 stored flipped channels, as discard_aug's cache."""
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal((11, 4, 6, 6)), 0).astype(np.float32)
+    extra = np.maximum(rng.standard_normal((11, 2, 6, 6)), 0).astype(np.float32)
+    with store.CacheWriter(
+        path, codec=make_codec("quant", 0.05), sample_shape=x.shape[1:], chunk_size=chunk_size,
+        num_samples=len(x), prefix_hash="t", extra_shape=extra.shape[1:], extra_index=[1, 3],
+        workers=0,
+    ) as writer:  # fmt: skip
+        writer.add(x, np.arange(len(x)), extra=extra)
+    return store.open_cache(path)
+
+
+@pytest.mark.parametrize("chunk_size,device_decode", [(1, True), (3, False)])
+def test_ram_baseline_batches_equal_the_stage_batches(tmp_path, chunk_size, device_decode):
+    """Bit for bit: the RAM baseline gets the batches train_suffix trains on, in the same order
+    and with the same augmentation draws (flips with stored channels, crops, noise)."""
     path = tmp_path / "c.h5"
-    bench.build_cache(path, x, y, make_codec("none", 0.0), chunk_size=3, workers=1)
-    info = store.open_cache(path)
-    loader = store.make_loader(path, info, batch_size=7, seed=4, workers=0)
-    loaded = list(bench.loader_batches(loader, info, 1, torch.device("cpu")))
-    orders = bench.batch_orders(11, 3, 7, seed=4, epoch=1)
-    from_ram = list(bench.ram_batches(torch.from_numpy(x), torch.from_numpy(y), orders))
-    assert len(loaded) == len(from_ram) == 2  # chunks of 3, 3, 3, 2; two chunks per batch
-    for (xa, ya), (xb, yb) in zip(loaded, from_ram, strict=True):
+    info = cache_with_extras(path, chunk_size)
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(augment=Augment(crop_pad=2, noise_std=0.05, flip_p=0.5)),
+        seed=4, device=torch.device("cpu"), meta={"img_size": 12},
+    )  # fmt: skip
+    loader = store.make_loader(
+        path, info, batch_size=7, seed=4, workers=0, device_decode=device_decode, in_memory=True
+    )
+    stage = list(suffix.cached_batches(ctx, info, loader, "similarity", "nchw")(1))
+    orders = bench.batch_orders(11, chunk_size, 7, seed=4, epoch=1)
+    raw = bench.ram_batches(bench.features_in_ram(path, info, ctx.device), orders)
+    from_ram = list(suffix.augmented_batches(ctx, info, raw, 1, "similarity", "nchw"))
+    assert len(stage) == len(from_ram) == len(loader) >= 2
+    for (xa, ya), (xb, yb) in zip(stage, from_ram, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_goals_and_codec_comparison():
-    assert bench.GOALS["p1_cache_vs_ram"].met(1.05)
+    assert bench.GOALS["p1_file_cache_vs_ram"].met(1.05)
+    assert not bench.GOALS["p3_ratio"].met(0.07)
     assert not bench.GOALS["p4_build_mb_s"].met(10.0)
     assert bench.Goal("<", 0.5).met(0.4) and not bench.Goal("<", 0.5).met(0.5)
+    row = bench.goal_row("p1_cache_vs_ram", "cache file", 1.2)
+    assert row["setting"] == "cache file" and not row["pass"] and row["goal"] == "<= 1.1"
     rows = [
         {"codec": "a", "tolerance": 0.01, "ratio": 0.2, "encode_mb_s": 9.0, "decode_mb_s": 9.0},
         {"codec": "b", "tolerance": 0.01, "ratio": 0.4, "encode_mb_s": 5.0, "decode_mb_s": 9.5},

@@ -30,8 +30,8 @@ def _states(method: str, low: float) -> list[dict]:
         return [{"state": "full", "position": 0, "epochs": 3, "accounted_memory_mb": low}]
     kind = "freeze" if method == "freezeout" else "discard"
     return [
-        {"state": s, "position": p, "epochs": 1, "accounted_memory_mb": mb, "cache_in_ram_mb": 1.0}
-        for s, p, mb in (("full", 0, 100.0), (kind, 2, 50.0), (kind, 5, low))
+        {"state": s, "position": p, "epochs": 1, "accounted_memory_mb": mb, "cache_in_ram_mb": ram}
+        for s, p, mb, ram in (("full", 0, 100.0, 0.0), (kind, 2, 50.0, 1.0), (kind, 5, low, 2.0))
     ]
 
 
@@ -64,8 +64,6 @@ def _fixture(tmp_path):
             costs = {
                 "avg_memory_mb": avg,
                 "min_memory_mb": low,
-                "avg_host_memory_mb": avg + 1.0,
-                "min_host_memory_mb": low + 1.0,
                 "train_flops": 1e12 * avg / 100,
                 "states": _states(m, low),
                 "stage_wall_s": 10.0,
@@ -116,6 +114,9 @@ def test_report_json_shape_and_statistics(tmp_path):
     assert report["methods"]["discard"]["wall_time_s"] == pytest.approx(4.0 + 2 * 10.0 + 2 * 2.0)
     assert report["methods"]["normal"]["wall_time_s"] == pytest.approx(4.0 + 10.0)
     assert report["methods"]["discard"]["peak_rss_mb"] == 1001.0
+    # accounted memory plus each point's cache held in RAM (1 MB at block 2, 2 MB at block 5)
+    assert report["methods"]["discard"]["avg_host_memory_mb"] == pytest.approx((100 + 51 + 22) / 3)
+    assert report["methods"]["discard"]["min_host_memory_mb"] == pytest.approx(22.0)
     # paired per seed: discard - normal = -2.0 and -2.0
     assert report["methods"]["discard"]["gap_to_normal"] == pytest.approx(-2.0)
     assert report["methods"]["discard"]["gap_to_normal_std"] == pytest.approx(0.0, abs=1e-9)
@@ -142,7 +143,6 @@ def test_report_json_shape_and_statistics(tmp_path):
         "compression_ratio",
         "max_abs_error",
         "compress_mb_s",
-        "decompress_mb_s",
     ):
         assert key in report["cache"][0]
 

@@ -80,7 +80,8 @@ def test_writer_reader_roundtrip(tmp_path, chunk_size, codec):
     assert (info.num_samples, info.chunk_size, info.sample_shape) == (10, chunk_size, SHAPE)
     assert info.num_chunks == math.ceil(10 / chunk_size)
     assert (info.codec_name, info.tolerance, info.meta) == (codec, 1e-2, {"point": 1})
-    assert info.stats == json.loads(json.dumps(stats))
+    assert set(stats) - set(info.stats) == set(store.RUN_KEYS)  # timings stay out of the file
+    assert info.stats == json.loads(json.dumps({k: stats[k] for k in info.stats}))
     assert 0 < stats["max_abs_error"] <= 1e-2
     assert stats["compression_ratio"] == pytest.approx(stats["stored_bytes"] / x.nbytes)
     assert stats["raw_bytes"] == x.nbytes and stats["encode_mb_s"] > 0
@@ -266,6 +267,14 @@ def test_iter_cache_reads_everything_in_order(cache):
     assert (got - torch.from_numpy(x)).abs().max() <= 1e-2
 
 
+def test_iter_cache_starts_at_a_chunk(cache):
+    path, _ = cache
+    info = store.open_cache(path)
+    whole = list(store.iter_cache(path, info, batch_chunks=2))
+    rest = list(store.iter_cache(path, info, batch_chunks=2, first_chunk=2))
+    assert len(rest) == 1 and all(torch.equal(rest[0][k], whole[1][k]) for k in whole[1])
+
+
 def test_exception_inside_writer_leaves_no_file(tmp_path):
     path = tmp_path / "c.h5"
     with pytest.raises(RuntimeError, match="boom"):
@@ -377,15 +386,35 @@ def test_wrong_prefix_hash_names_both(cache):
     [
         (lambda a: a.__delitem__("complete"), "incomplete"),
         (lambda a: a.__setitem__("format_version", 99), "format_version 99"),
-        (lambda a: a.__setitem__("num_samples", 11), "inconsistent counts"),
-        (lambda a: a.__setitem__("num_chunks", 3), "inconsistent counts"),
-        (lambda a: a.__delitem__("sample_shape"), "missing or malformed attribute"),
+        (lambda a: a.__setitem__("num_samples", 11), "attributes do not match their digest"),
+        (lambda a: a.__delitem__("sample_shape"), "attributes do not match their digest"),
+        (lambda a: a.__setitem__("extra", 1), "attributes do not match their digest"),
     ],
 )
 def test_damaged_attributes_are_refused(cache, edit, message):
     path, _ = cache
     with h5py.File(path, "r+") as f:
         edit(f.attrs)
+    with pytest.raises(FreezecacheError, match=message) as err:
+        store.open_cache(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda a: a.__setitem__("num_samples", 11), "inconsistent counts"),
+        (lambda a: a.__setitem__("num_chunks", 3), "inconsistent counts"),
+        (lambda a: a.__delitem__("sample_shape"), "missing or malformed attribute"),
+        (lambda a: a.__setitem__("digests", "{}"), r"its digests name \[\]"),
+    ],
+)
+def test_inconsistent_attributes_are_refused_behind_a_fresh_digest(cache, edit, message):
+    # An edit that also rewrites attrs_digest still meets the cross-checks behind it.
+    path, _ = cache
+    with h5py.File(path, "r+") as f:
+        edit(f.attrs)
+        f.attrs["attrs_digest"] = store.attrs_digest(f.attrs)
     with pytest.raises(FreezecacheError, match=message) as err:
         store.open_cache(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)

@@ -1,9 +1,10 @@
-"""Measuring helpers for the cache benchmarks (``benchmarks/bench_cache.py``, GitHub issue 6).
+"""Measuring helpers for the cache benchmarks (``benchmarks/bench_cache.py``, issues 6 and 15).
 
 Each function measures one thing on the arrays, models or files it is given and returns plain
 numbers, so the benchmark script reads as a list of measurements and a tiny test can run them
-all. Timed training goes through the real :class:`~freezecache.train.Trainer`, the real cache
-loader and the real feature augmentation, on whatever device the caller passes.
+all. Timed training goes through the real :class:`~freezecache.train.Trainer`; the batches come
+from the functions the train_suffix stage uses (:mod:`freezecache.steps.suffix`), on whatever
+device the caller passes.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zfpy
-from torch import Tensor, nn
+from torch import Tensor
 
-from freezecache import augment, runtime, store
-from freezecache.codec import Codec, QuantCodec, ZfpCodec
-from freezecache.config import Augment
-from freezecache.train import Images, Trainer
+from freezecache import store
+from freezecache.codec import Codec, QuantCodec, ZfpCodec, make_codec
+from freezecache.train import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,23 @@ class Goal:
         return f"{self.op} {self.target:.3g}"
 
 
+# Issue 15's targets (P3: about 2 bits per value at every freeze point).
 GOALS = {
     "p1_cache_vs_ram": Goal("<=", 1.10),
+    "p1_file_cache_vs_ram": Goal("<=", 1.10),
     "p2_vs_flops_ideal": Goal("<=", 1.15),
-    "p3_ratio": Goal("<=", 0.12),
+    "p3_ratio": Goal("<=", 0.06),
     "p4_build_mb_s": Goal(">=", 10 * PAPER_BUILD_MB_S),
 }
 
 
-def goal_row(metric: str, codec: str, value: float, goal: Goal | None = None) -> dict:
-    """One measured value against its goal (``GOALS[metric]`` unless given)."""
+def goal_row(metric: str, setting: str, value: float, goal: Goal | None = None) -> dict:
+    """One measured value against its goal (``GOALS[metric]`` unless given); ``setting`` says
+    what was measured (a codec, a freeze point, a loader path)."""
     goal = goal or GOALS[metric]
     return {
         "metric": metric,
-        "codec": codec,
+        "setting": setting,
         "value": value,
         "goal": str(goal),
         "pass": goal.met(value),
@@ -168,28 +171,6 @@ class OtherLoad:
         self.cores = (os.cpu_count() or 1) * others / d_total if d_total else 0.0
 
 
-# -- activations -----------------------------------------------------------------------------
-def subset(images: Images, n: int) -> Images:
-    """The first ``n`` samples of a split (all of it when ``n`` is larger)."""
-    return Images(images.images[:n], images.labels[:n], images.mean, images.std)
-
-
-def push_features(
-    blocks: nn.Module, x: np.ndarray, batch_size: int, device, precision: str = "fp32"
-) -> np.ndarray:
-    """Run cached features ``x`` (N, *shape) through more frozen ``blocks`` (eval, no grad).
-
-    This is how the next freeze point's cache is made from the previous one.
-    """
-    out = []
-    device = torch.device(device)
-    with runtime.eval_mode(blocks), torch.no_grad(), runtime.autocast(precision, device):
-        for lo in range(0, len(x), batch_size):
-            batch = torch.from_numpy(x[lo : lo + batch_size]).to(device)
-            out.append(blocks(batch).float().cpu().numpy())
-    return np.concatenate(out)
-
-
 # -- codecs ----------------------------------------------------------------------------------
 def chunks(x: np.ndarray, k: int) -> list[np.ndarray]:
     """Consecutive chunks of ``k`` samples (the last may be shorter), as the cache cuts them."""
@@ -240,6 +221,14 @@ def codec_row(codec: Codec, x: np.ndarray, chunk_size: int) -> dict:
     return row
 
 
+def fresh_codec(info: store.CacheInfo, **changes) -> Codec:
+    """A new codec with a cache's settings (``changes`` applied), without its calibration: a
+    relative quant codec measures its channel spread again on the first batch, as a build does."""
+    calibrated = ("channel_scale", "tables")
+    options = {k: v for k, v in info.codec_options.items() if k not in calibrated}
+    return make_codec(info.codec_name, info.tolerance, **{**options, **changes})
+
+
 def build_cache(
     path: Path,
     x: np.ndarray,
@@ -252,8 +241,8 @@ def build_cache(
 ) -> dict:
     """Write ``x`` into a cache with the real :class:`~freezecache.store.CacheWriter`.
 
-    Returns the writer's stats plus ``build_s`` and ``build_mb_s`` (float32 MB per wall second,
-    encode + verify + HDF5 writes; the activations are already in memory).
+    Returns the writer's stats plus ``build_s`` and ``build_mb_s`` (float32 MB per wall second:
+    encode + verify + spool + assembling the file; the activations are already in memory).
     """
     t0 = time.perf_counter()
     with store.CacheWriter(
@@ -304,30 +293,23 @@ def batch_orders(
     return batches
 
 
-def ram_batches(x: Tensor, y: Tensor, orders: list[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches gathered from features held in memory (on the training device)."""
+def features_in_ram(path: Path, info: store.CacheInfo, device: torch.device) -> dict[str, Tensor]:
+    """A whole cache decoded to float32 on ``device``, in data-set order: ``x``, ``y`` and the
+    stored extras (what the RAM baseline trains from: no decoding while it trains)."""
+    parts: dict[str, list[Tensor]] = {}
+    for batch in store.iter_cache(path, info):
+        for key, value in batch.items():
+            if key != "index":
+                parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values).to(device) for key, values in parts.items()}
+
+
+def ram_batches(arrays: dict[str, Tensor], orders: list[np.ndarray]) -> Iterator[dict]:
+    """Batch dicts (as the cache loader gives them) gathered from features held in memory."""
+    device = next(iter(arrays.values())).device
     for ids in orders:
-        idx = torch.from_numpy(ids).to(x.device)
-        yield x.index_select(0, idx), y.index_select(0, idx)
-
-
-def loader_batches(
-    loader, info: store.CacheInfo, epoch: int, device: torch.device
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches from the cache loader, moved to ``device`` (and dequantized there), as
-    ``train_suffix`` reads them."""
-    loader.sampler.set_epoch(epoch)
-    for raw in loader:
-        batch = store.finish_batch(raw, info, device)
-        yield batch["x"], batch["y"]
-
-
-def augmented(
-    batches: Iterable[tuple[Tensor, Tensor]], g: torch.Generator, aug: Augment, pad: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """The ``standard`` feature-map augmentation of the Discard method, batch by batch."""
-    for x, y in batches:
-        yield augment.augment_cached(x, aug, mode="standard", g=g, crop_pad=pad), y
+        idx = torch.from_numpy(ids).to(device)
+        yield {key: value.index_select(0, idx) for key, value in arrays.items()}
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -422,83 +404,160 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
     return lines
 
 
-def _goals_table(goals: list[dict], codecs: list[str]) -> list[str]:
-    """Goals as rows, one column per codec: value and PASS/MISS."""
-    cells: dict[tuple[str, str], dict] = {}
-    for g in goals:
-        cells.setdefault((g["metric"], g["goal"]), {})[g["codec"]] = g
+def _goals_table(goals: list[dict]) -> list[str]:
+    """Every goal as a row: what was measured, the value and PASS/MISS."""
+    rows = [[g["metric"], g["setting"], g["value"], g["goal"], g["pass"]] for g in goals]
+    return _table(["metric", "setting", "value", "goal", "pass"], rows)
+
+
+def _setup_text(res: dict) -> str:
+    """Where and on what the numbers were measured."""
+    m, s = res["machine"], res["setup"]
+    gpu = f" ({m['gpu']})" if "gpu" in m else ""
+    mode = "relative to each channel's std" if s["relative"] else "absolute"
+    loader = s["loader"]
+    return (
+        f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, "
+        f"load average {_fmt(m['load_avg_1m'])} at the start, "
+        f"{_fmt(m.get('load_avg_1m_end'))} at the end), training device `{m['device']}`{gpu}, "
+        f"torch {m['torch']}. {s['model']} on {s['dataset']}, {s['samples']} training samples, "
+        f"batch {s['batch_size']}, freeze points at blocks {s['points']}; caches built by the "
+        f"cache stage for `{s['method']}` ({s['augment']} augmentation). The profile's codec is "
+        f"`{s['codec']}` at tolerance {', '.join(_fmt(x) for x in s['tolerances'])} ({mode}, "
+        f"{s['coding']} coding, chunk {s['chunk_size']}, {s['encode_workers']} encoder threads); "
+        f"loader workers {loader['workers']}, device decode {loader['device_decode']}, "
+        f"in_memory {loader['in_memory']}; min of {s['repeats']} interleaved epochs. "
+        f"Weights: {s['weights']}."
+    )
+
+
+def _points_table(points: list[dict]) -> list[str]:
+    """P3 and build rates per freeze point, one column per build setting."""
+    labels = list(points[0]["builds"])
+    header = ["point", "block", "features", "tolerance", "cache stage ratio",
+              "with flipped channels", *[f"{b} ratio" for b in labels], "paper chunk 2 ratio",
+              *[f"{b} build MB/s" for b in labels], "paper-style MB/s"]  # fmt: skip
     rows = [
-        [metric, goal]
-        + [f"{_fmt(by[c]['value'])} {_fmt(by[c]['pass'])}" if c in by else "—" for c in codecs]
-        for (metric, goal), by in cells.items()
+        [p["point"], p["block"], "x".join(map(str, p["feature_shape"])), p["tolerance"],
+         p["p3_ratio"], p["p3_cache_ratio"], *[p["builds"][b]["ratio"] for b in labels],
+         p["p3_paper_chunk2_ratio"], *[p["builds"][b]["build_mb_s"] for b in labels],
+         p["baseline_mb_s"]]
+        for p in points
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def _ideas_table(ideas: dict, setup: dict, load: float | None) -> list[str]:
+    """The coding ideas at the tolerance setting nearest the profile's, one column group per
+    freeze point (bench.json has every setting)."""
+    points = ideas.get("points") or []
+    if not points:
+        return []
+    want = f"{'rel' if setup['relative'] else 'abs'} {setup['tolerances'][0]:g}"
+    labels = [p["tolerance"] for p in points]
+    label = want if want in labels else labels[0]
+    chosen = [p for p in points if p["tolerance"] == label]
+    keys = ("bits_per_value", "encode_mb_s", "decode_mb_s")
+    header = ["idea", *[f"{k.split('_')[0]} (block {p['block']})" for p in chosen for k in keys]]
+    rows = []
+    for i, r in enumerate(chosen[0]["rows"]):
+        cells = [p["rows"][i] for p in chosen]
+        if "note" in r:
+            rows.append([r["idea"], r["note"], *["—"] * (len(header) - 2)])
+            continue
+        rows.append([r["idea"], *[c.get(k) for c in cells for k in keys]])
+    machine = ideas.get("machine", {})  # the coding benchmark's own run, when read from it
+    load = machine.get("load_avg_1m_end", machine.get("load_avg_1m", load))
+    return [
+        f"### Coding ideas (quant codes, tolerance {label}, {ideas.get('samples')} samples)",
+        "",
+        f"From {ideas['source']} (load average {_fmt(load)}); bits per value and float32 MB/s "
+        "of one thread. bench.json has every tolerance setting.",
+        "",
+        *_table(header, rows),
+        "",
     ]
-    return _table(["metric", "goal", *codecs], rows)
 
 
 def to_markdown(res: dict) -> str:
-    """bench.md: the goals, the per-point sizes, the epoch times and the codec table."""
+    """bench.md: the goals, the per-point sizes, the epoch times, the codecs and coding ideas."""
     m, s, t = res["machine"], res["setup"], res["p1_p2"]
-    codecs = s["codecs"]
-    gpu = f" ({m['gpu']})" if "gpu" in m else ""
     lines = [
         "## Cache benchmarks",
         "",
-        f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads, "
-        f"load average {_fmt(m['load_avg_1m'])} at the start, "
-        f"{_fmt(m.get('load_avg_1m_end'))} at the end), training device "
-        f"`{m['device']}`{gpu}, torch {m['torch']}. {s['model']} on {s['dataset']}, "
-        f"{s.get('p3_samples', s['samples'])} training samples for sizes and build rates, "
-        f"{s['samples']} for timed epochs, batch {s['batch_size']}, freeze points at blocks "
-        f"{s['points']}, tolerance {', '.join(_fmt(x) for x in s['tolerances'])}; the profile's "
-        f"codec is `{s['codec']}` (chunk {s['chunk_size']}); min of {s['repeats']} interleaved "
-        f"epochs. Weights: {s['weights']}.",
+        _setup_text(res),
         "",
-        *_goals_table(res["goals"], codecs),
+        *_goals_table(res["goals"]),
         "",
         f"p4_baseline_mb_s (the paper's way: one thread, zfp chunks of 2): "
-        f"{_fmt(res['p4_baseline_mb_s'])} MB/s. The CacheWriter used {res['workers']} encoder "
-        "threads; it decodes every zfp chunk again to check the bound, while quant's bound "
-        "follows from its float32 arithmetic (measured where the proof does not cover a chunk).",
+        f"{_fmt(res['p4_baseline_mb_s'])} MB/s. Builds run the real CacheWriter on features in "
+        "memory (encode, verify, spool, assemble the file); zfp chunks are decoded again to check "
+        "the bound, quant's bound follows from its float32 arithmetic.",
         "",
         "### Per freeze point (P3, P4)",
         "",
-        *_table(
-            ["point", "block", "features", "tolerance", "paper chunk 2 ratio",
-             *[f"{c} ratio" for c in codecs], *[f"{c} build MB/s" for c in codecs],
-             "paper-style MB/s"],
-            [[p["point"], p["block"], "x".join(map(str, p["feature_shape"])), p["tolerance"],
-              p["p3_paper_chunk2_ratio"], *[p[f"{c}_ratio"] for c in codecs],
-              *[p[f"{c}_build_mb_s"] for c in codecs], p["baseline_mb_s"]] for p in res["p3"]],
-        ),
+        *_points_table(res["p3"]),
+        "",
+        "Cache stage ratio: F(x) in the cache the cache stage built (the profile's settings); "
+        "with flipped channels: the whole cache, stored F(flip(x)) channels included. The other "
+        "ratios and rates come from builds of the same features at the same tolerance number.",
         "",
         "### Epoch times (P1, P2)",
         "",
         *_table(
             ["epoch", "min s", "all s", "data wait", "other processes (cores)"],
-            [[name, e["min_s"], ", ".join(f"{v:.2f}" for v in e["all_s"]), e["data_wait_frac"],
-              e["other_cores"]] for name, e in t["epochs"].items()],
-        ),
+            [
+                [
+                    name,
+                    e["min_s"],
+                    ", ".join(f"{v:.2f}" for v in e["all_s"]),
+                    e["data_wait_frac"],
+                    e["other_cores"],
+                ]
+                for name, e in t["epochs"].items()
+            ],
+        ),  # fmt: skip
         "",
-        f"Suffix / full epoch time {_fmt(t['suffix_vs_full_time'])} (`{s['codec']}` cache); "
-        f"suffix / full training FLOPs {_fmt(t['suffix_vs_full_flops'])}. Loader workers "
-        f"{t['loader_workers']}; quant decoded on the device: {t['device_decode_quant']}. "
-        "Data wait = share of the epoch spent waiting for the next augmented batch; other "
-        "processes = CPU cores other work used during the fastest epoch (0 on a quiet machine).",
+        f"Suffix epochs at block {s['points'][0]} through train_suffix's own loader and batch "
+        "functions; ram = the decoded cache held as float32 on the training device, through the "
+        f"same augmentation. P2 uses the `{t['p2_cache']}` epoch (the stage's loader.in_memory). "
+        f"Suffix / full epoch time {_fmt(t['suffix_vs_full_time'])}; suffix / full training "
+        f"FLOPs {_fmt(t['suffix_vs_full_flops'])}. Data wait = share of the epoch spent waiting "
+        "for the next augmented batch; other processes = CPU cores other work used during the "
+        "fastest epoch (0 on a quiet machine).",
         "",
         f"### Codecs (point 1, {s['codec_samples']} samples)",
         "",
         *_table(
-            ["codec", "tolerance", "ratio", "max abs error", "encode MB/s", "decode MB/s",
-             "unpack MB/s"],
-            [[r["codec"], r["tolerance"], r["ratio"], r["max_abs_error"], r["encode_mb_s"],
-              r["decode_mb_s"], r["unpack_mb_s"]] for r in res["codecs"]],
-        ),
+            [
+                "codec",
+                "tolerance",
+                "ratio",
+                "max abs error",
+                "encode MB/s",
+                "decode MB/s",
+                "unpack MB/s",
+            ],
+            [
+                [
+                    r["codec"],
+                    r["tolerance"],
+                    r["ratio"],
+                    r["max_abs_error"],
+                    r["encode_mb_s"],
+                    r["decode_mb_s"],
+                    r["unpack_mb_s"],
+                ]
+                for r in res["codecs"]
+            ],
+        ),  # fmt: skip
         "",
         "zfp and none encode and decode on one thread; quant encodes 64 chunks per call in torch "
         f"({m['torch_threads']} threads), as the cache writer does. Unpack = the loader's share "
         "of quant decoding when the device dequantizes.",
         "",
-    ]  # fmt: skip
+        *_ideas_table(res.get("coding_ideas") or {}, s, m.get("load_avg_1m_end")),
+    ]
     busy = [e["other_cores"] for e in t["epochs"].values() if e["other_cores"] is not None]
     if busy and max(busy) > NOISY_CORES:
         lines += [

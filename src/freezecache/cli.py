@@ -118,6 +118,8 @@ def plots(out: Path = typer.Option(Path("results/plots"), help="folder for index
 
 # README section -> the generated file it shows (between `<!-- name:start -->` markers).
 README_SECTIONS = {
+    "search": "results/schedule_search.md",
+    "flips": "results/flip_symmetry.md",
     "results": "results/report.md",
     "scratch": "results/scratch/report.md",
     "plan": "results/plan.md",

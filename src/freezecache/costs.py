@@ -112,10 +112,6 @@ def method_costs(
         )
     avg, low = average_and_min_memory([(s["accounted_memory_mb"], s["epochs"]) for s in states])
     summary = {"avg_memory_mb": avg, "min_memory_mb": low, "train_flops": flops["train_flops"]}
-    with_cache = [(s["accounted_memory_mb"] + s["cache_in_ram_mb"], s["epochs"]) for s in states]
-    summary["avg_host_memory_mb"], summary["min_host_memory_mb"] = average_and_min_memory(
-        with_cache
-    )
     if all(s["cuda_peak_mb"] is not None for s in states):
         cavg, clow = average_and_min_memory([(s["cuda_peak_mb"], s["epochs"]) for s in states])
         summary.update(cuda_avg_memory_mb=cavg, cuda_min_memory_mb=clow)

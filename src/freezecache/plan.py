@@ -10,16 +10,16 @@ training set. Savings use the same FLOPs and memory accounting as the training s
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from freezecache import augment, rank, store
+from freezecache import augment, rank
 from freezecache.codec import make_codec
 from freezecache.config import Config
 from freezecache.costs import method_costs
+from freezecache.disk import estimate_cache_bytes, free_bytes
 from freezecache.errors import FreezecacheError
 from freezecache.methods import method
 from freezecache.models import split
@@ -49,13 +49,6 @@ def _extra(cfg: Config, model: nn.Module, feats: torch.Tensor, flipped: torch.Te
     return flipped[:, :k] if k else None
 
 
-def _free_bytes(folder: Path) -> int:
-    """Free space of the filesystem ``folder`` is (or will be) on."""
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
 def candidates(ctx, model: nn.Module) -> list[dict]:
     """One row per block position: shape, bytes per sample, cache size, suffix FLOPs share."""
     cfg = ctx.cfg
@@ -72,13 +65,19 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
             feats = prefix(x).float()
             extra = _extra(cfg, model, feats, prefix(x.flip(-1)).float()) if ranked else None
         codec = codec_for(cfg, model, points.get(pos, 1))
-        size = store.estimate_cache_bytes(
-            codec,
-            feats.cpu().numpy(),
-            n,
-            chunk_size=cfg.cache.chunk_size,
-            extra_batch=None if extra is None else extra.cpu().numpy(),
-        )
+        sample = feats.cpu().numpy()
+        x_bytes = estimate_cache_bytes(codec, sample, n, chunk_size=cfg.cache.chunk_size)
+        with_extra = x_bytes
+        if extra is not None:
+            pos_width = extra.shape[1] if model.kind == "vit" else 0
+            with_extra = estimate_cache_bytes(
+                codec_for(cfg, model, points.get(pos, 1)),
+                sample,
+                n,
+                extra.cpu().numpy(),
+                chunk_size=cfg.cache.chunk_size,
+                pos_width=pos_width,
+            )
         fp32 = 4 * math.prod(feats.shape[1:])
         flops = part_flops(model, pos, input_shape)
         rows.append(
@@ -87,11 +86,11 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
                 "point": points.get(pos),
                 "shape": list(feats.shape[1:]),
                 "fp32_bytes_per_sample": fp32,
-                "bytes_per_sample": size["x"] / n,
-                "extra_bytes_per_sample": size["extra"] / n,
-                "ratio": size["x"] / (n * fp32),
-                "cache_bytes": size["x"],
-                "cache_bytes_with_extra": size["x"] + size["extra"],
+                "bytes_per_sample": x_bytes / n,
+                "extra_bytes_per_sample": (with_extra - x_bytes) / n,
+                "ratio": x_bytes / (n * fp32),
+                "cache_bytes": x_bytes,
+                "cache_bytes_with_extra": with_extra,
                 "suffix_flops_share": flops["suffix_fwd"] / flops["full_fwd"],
             }
         )
@@ -107,7 +106,7 @@ def make_plan(ctx, model: nn.Module) -> dict:
     for name in cfg.methods.discard:
         key = "cache_bytes_with_extra" if method(name).needs_ranking else "cache_bytes"
         need += len(cfg.seeds) * sum(by_block[p.block][key] for p in cfg.points)
-    free = _free_bytes(Path(cfg.paths.cache))
+    free = free_bytes(Path(cfg.paths.cache))
     normal = method_costs(ctx, model, "normal", [])
     schedule = {}
     for name in (*cfg.methods.baselines, *cfg.methods.discard):

@@ -1,6 +1,6 @@
 """The activation cache: one HDF5 file holding a frozen prefix's outputs for a whole data set.
 
-File layout (``format_version`` 2)::
+File layout (``format_version`` 3)::
 
     x            uint8 (total bytes,)        the codec blobs of all chunks, back to back; chunk i
                                              holds samples [i*k, min((i+1)*k, num_samples))
@@ -15,29 +15,41 @@ File layout (``format_version`` 2)::
     root attrs: format_version, codec, codec_options (json), tolerance, chunk_size,
                 num_samples, num_chunks, sample_shape, extra_shape ([] if none),
                 extra_index (CNN channel indices shared by all samples, or []),
-                prefix_hash, meta (json, the caller's), stats (json, below), complete = 1
+                prefix_hash, meta (json, the caller's), stats (json, below),
+                digests (json: sha256 of each index dataset, see :func:`array_digest`),
+                complete = 1, attrs_digest (sha256 of all the others, :func:`attrs_digest`)
 
 One flat byte array plus offsets, not a variable-length HDF5 dataset: h5py spends about 0.3 ms
 per variable-length element, more than decoding a sample, while a flat slice is one memcpy, and
 a whole cache can be read into memory in one call (:class:`CacheDataset` ``in_memory``).
 
+Every byte training reads is checked: :func:`open_cache` checks the attributes and the index
+datasets (labels, offsets, crcs, token positions) against their digests, and every blob is
+checked against its crc when it is read (or all at once: ``open_cache(full=True)``).
+
 stats: ``raw_bytes`` (float32 size of x and extra), ``stored_bytes`` (their blobs),
 ``compression_ratio`` = stored / raw, ``x_compression_ratio`` (x alone), ``extra_stored_bytes``,
 ``max_abs_error`` / ``extra_max_abs_error`` (zfp and none: measured by decoding every blob;
 quant: the largest per-chunk bound, proved or measured, see :meth:`QuantCodec.quantize`; None
-without verify), ``encode_s`` (encode + verify seconds summed over threads), ``encode_mb_s`` (raw
-MB per such second), ``max_code_bytes`` (widest quant code; 0 for other codecs).
+without verify), ``max_code_bytes`` (widest quant code; 0 for other codecs). No timings: the
+same samples and parameters give a byte-identical file (:meth:`CacheWriter.close` returns them).
 
-A writer builds the file under ``path.with_suffix(".tmp")`` and renames it into place only
-after a clean close, so a file at ``path`` with ``complete = 1`` is always whole.
+A writer spools encoded chunks (:mod:`freezecache.spool`), then writes the file in one pass
+under ``path.with_suffix(".tmp")`` and renames it into place, so a file at ``path`` is whole.
+HDF5 writes only the small datasets and the metadata; the blob bytes are copied into space
+reserved for them, so a full disk meets plain file writes, never HDF5's.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import time
 import zlib
 from collections import deque
@@ -52,14 +64,45 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from freezecache.codec import Codec, QuantCodec, Quantized, dequantize, make_codec
+from freezecache.disk import (
+    H5_OVERHEAD,
+    check_free_space,
+    estimate_cache_bytes,
+    free_bytes,
+    human,
+    is_no_space,
+)
 from freezecache.errors import FreezecacheError
+from freezecache.spool import Spool, SpoolIndex, fsync_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-_WRITE_BATCH = 64  # chunks per HDF5 write
+FORMAT_VERSION = 3
 _TASK_CHUNKS = 32  # chunks per encoder-thread task
-_BYTES_CHUNK = 1 << 18  # HDF5 chunk of the flat byte datasets
+_COMMIT_BYTES = 256 << 20  # spool bytes after which a commit is due even before commit_s
+_SPACE_SAMPLE = 64  # samples of the first batch encoded for the disk-space estimate
+_LIBVER = ("v110", "v110")  # fixed HDF5 object formats: the same bytes from any HDF5 >= 1.10
+_INDEX_DATASETS = ("y", "x_offsets", "crc", "extra_offsets", "extra_crc", "extra_pos")
+_CHECK_PIECE = 16 << 20  # bytes per read when checking every blob (open_cache full=True)
+# Root attributes in the order the writer creates them (the order is part of the file's bytes);
+# digests, complete and attrs_digest follow.
+ROOT_ATTRS = (
+    "format_version",
+    "codec",
+    "codec_options",
+    "tolerance",
+    "chunk_size",
+    "num_samples",
+    "num_chunks",
+    "sample_shape",
+    "extra_shape",
+    "extra_index",
+    "prefix_hash",
+    "meta",
+    "stats",
+)
+# What CacheWriter.close() returns beyond the file's stats: this run's timings, never in the file.
+RUN_KEYS = ("encode_s", "encode_mb_s", "assemble_s", "resumed_samples")
 
 
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
@@ -80,8 +123,10 @@ class _Encoded:
 
     index: int
     blob: bytes
+    crc: int
     error: float
     extra_blob: bytes | None
+    extra_crc: int
     extra_error: float
     seconds: float
     code_bytes: int  # quant code width; 0 for other codecs
@@ -106,7 +151,17 @@ def _encode_chunk(
         extra_blob = codec.encode(extra)
         if verify:
             extra_error = _max_error(extra, codec.decode(extra_blob, extra.shape))
-    return _Encoded(index, blob, error, extra_blob, extra_error, time.perf_counter() - start, 0)
+    return _Encoded(
+        index,
+        blob,
+        zlib.crc32(blob),
+        error,
+        extra_blob,
+        zlib.crc32(extra_blob or b""),
+        extra_error,
+        time.perf_counter() - start,
+        0,
+    )
 
 
 def _encode_group(
@@ -126,13 +181,16 @@ def _compress_group(
     start = time.perf_counter()
     blobs = [codec.compress(p) for p in x.payloads]
     extra_blobs = [codec.compress(p) for p in extra.payloads] if extra else [None] * len(blobs)
+    crcs = [(zlib.crc32(b), zlib.crc32(e or b"")) for b, e in zip(blobs, extra_blobs, strict=True)]
     seconds = (time.perf_counter() - start + quant_s) / len(blobs)
     return [
         _Encoded(
             first + j,
             blob,
+            crcs[j][0],
             x.errors[j],
             extra_blobs[j],
+            crcs[j][1],
             extra.errors[j] if extra else 0.0,
             seconds,
             x.widths[j],
@@ -146,7 +204,20 @@ class CacheWriter:
 
     Samples arrive through :meth:`add` in data-set order, in batches of any size; the writer cuts
     them into chunks of ``chunk_size`` and encodes chunks in a thread pool (zfpy and zstandard
-    release the GIL) while the caller computes the next batch.
+    release the GIL) while the caller computes the next batch. Encoded chunks go to a spool
+    (:mod:`freezecache.spool`, at ``spool_dir``) that is committed to disk about every
+    ``commit_s`` seconds; :meth:`close` assembles the cache file from the spool in one pass, so
+    its bytes depend only on the samples and the parameters.
+
+    With a ``resume_key`` (a digest of everything the samples depend on, e.g. prefix and params
+    hashes), a writer that finds a spool of the same key and layout keeps its verified chunks:
+    :attr:`resume_from` samples (a multiple of ``chunk_size`` and of ``align``) are durable and
+    the caller adds samples from there on. Without one, the spool is temporary.
+
+    Before the first batch is written, the cache's size is estimated from that batch
+    (:func:`freezecache.disk.estimate_cache_bytes`) and refused with one line when the spool's
+    and the file's filesystems lack room. A disk that fills anyway stops the writer with one
+    line; the temporary file is removed and nothing is published.
     """
 
     def __init__(
@@ -163,14 +234,20 @@ class CacheWriter:
         meta: dict | None = None,
         workers: int = 2,
         verify: bool = True,
+        spool_dir: Path | None = None,
+        resume_key: str | None = None,
+        align: int = 1,
+        check_space: bool = True,
+        commit_s: float = 1.0,
     ) -> None:
-        if chunk_size < 1 or num_samples < 1:
+        if chunk_size < 1 or num_samples < 1 or align < 1:
             raise FreezecacheError(
-                f"cache {path}: chunk_size ({chunk_size}) and num_samples ({num_samples}) "
-                "must be >= 1 — fix the cache params"
+                f"cache {path}: chunk_size ({chunk_size}), num_samples ({num_samples}) and "
+                f"align ({align}) must be >= 1 — fix the cache params"
             )
         self.path = Path(path)
         self.tmp_path = self.path.with_suffix(".tmp")
+        self.spool_dir = Path(spool_dir or self.path.with_name(f".{self.path.name}.spool"))
         self.codec = codec
         self.sample_shape = tuple(int(n) for n in sample_shape)
         self.extra_shape = tuple(int(n) for n in extra_shape) if extra_shape is not None else None
@@ -181,34 +258,83 @@ class CacheWriter:
         self.prefix_hash = prefix_hash
         self.meta = meta or {}
         self.verify = verify
-        self._received = 0
-        self._next_chunk = 0
-        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.resumable = resume_key is not None
+        self.align = align
+        self.commit_s = commit_s
+        self._space_checked = not check_space
+        self._pending: list[tuple] = []  # (x, extra, y, pos) of samples not yet in a chunk
+        self._labels: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._in_flight: deque[Future[list[_Encoded]]] = deque()
-        self._offsets: dict[str, list[int]] = {"x": [0], "extra": [0]}
-        self._crcs: dict[str, list[int]] = {"x": [], "extra": []}
-        self._ready: list[_Encoded] = []
         self._max_in_flight = 2 * max(workers, 1)
-        self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
-        self._totals = {
-            "stored": 0,
-            "extra_stored": 0,
-            "error": 0.0,
-            "extra_error": 0.0,
-            "seconds": 0.0,
-            "code_bytes": 0,
-        }
+        self._encode_s = 0.0
+        self._encoded_samples = 0
         self._stats_done: dict | None = None
-        self._file = self._create_file()
-
-    def _create_file(self) -> h5py.File:
-        """Open the temp file and lay out the fixed-size datasets."""
+        self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.tmp_path, "w")
-        f.create_dataset("y", (self.num_samples,), dtype=np.int64)
-        for name in ("x", "extra") if self.extra_shape is not None else ("x",):
-            f.create_dataset(name, (0,), maxshape=(None,), chunks=(_BYTES_CHUNK,), dtype=np.uint8)
-        return f
+        self.tmp_path.unlink(missing_ok=True)  # left by a build killed while assembling
+        self._spool = self._open_spool(resume_key)
+        try:
+            self.resume_from = self._resume_point()
+        except BaseException:
+            self._spool.close()
+            raise
+        self._received = self.resume_from
+        self._next_chunk = self._spool.num_chunks
+        index = self._spool.index()
+        self._pos_width: int | None = index.pos.shape[1] if index.num_chunks else None
+        self._last_commit = time.monotonic()
+        self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        if self.resume_from:
+            log.info("cache %s: resuming at sample %d", self.path, self.resume_from)
+
+    def _open_spool(self, resume_key: str | None) -> Spool:
+        """The build's spool (resumed when the key matches); a full disk gives one line."""
+        try:
+            return Spool(
+                self.spool_dir,
+                self._identity(resume_key),
+                (0, self.num_chunks),
+                resume=self.resumable,
+                durable=self.resumable,
+            )
+        except OSError as err:
+            if not is_no_space(err):
+                raise
+            if not self.resumable:
+                shutil.rmtree(self.spool_dir, ignore_errors=True)
+            raise FreezecacheError(
+                f"cache {self.path}: the disk filled up while opening the build spool "
+                f"{self.spool_dir} ({self._free()}); nothing was published — free space and rerun"
+            ) from None
+
+    def _identity(self, resume_key: str | None) -> str:
+        """What a spool must have been built for to be resumed: the key and the layout."""
+        if resume_key is None:
+            return "temporary"
+        layout = {
+            "format_version": FORMAT_VERSION,
+            "key": resume_key,
+            "codec": self.codec.name,
+            "codec_options": self.codec.options,
+            "tolerance": float(self.codec.tolerance),
+            "chunk_size": self.chunk_size,
+            "num_samples": self.num_samples,
+            "sample_shape": self.sample_shape,
+            "extra_shape": self.extra_shape,
+            "verify": self.verify,
+            "prefix_hash": self.prefix_hash,
+        }
+        return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+
+    def _resume_point(self) -> int:
+        """Samples kept from the spool: all of them, or a multiple of chunk_size and align."""
+        if self._spool.num_chunks == self.num_chunks:
+            return self.num_samples
+        step = math.lcm(self.chunk_size, self.align)
+        keep = self._spool.num_samples // step * step
+        if keep // self.chunk_size != self._spool.num_chunks:
+            self._spool.cut(keep // self.chunk_size)
+        return keep
 
     @property
     def stats(self) -> dict:
@@ -226,6 +352,7 @@ class CacheWriter:
         else:
             self._abort()
 
+    # -- adding samples --------------------------------------------------------------------------
     def add(
         self,
         x: np.ndarray,
@@ -236,22 +363,32 @@ class CacheWriter:
         """Append samples ``x`` (n, *sample_shape) with labels ``y`` (n,) in data-set order.
 
         ``extra`` (n, *extra_shape) is required when the writer has an ``extra_shape``;
-        ``extra_pos`` (n, m) holds per-sample token positions of the extra tokens.
+        ``extra_pos`` (n, m) holds per-sample token positions of the extra tokens. The first
+        sample of the first call is sample :attr:`resume_from` of the data set.
         """
+        try:
+            self._add(x, y, extra, extra_pos)
+        except Exception as err:
+            if is_no_space(err):
+                raise self._no_space(err) from None
+            raise
+
+    def _add(self, x, y, extra, extra_pos) -> None:
         x = np.asarray(x, dtype=np.float32)
-        n = len(x)
         self._check_batch(x, y, extra, extra_pos)
-        start = self._received
-        self._file["y"][start : start + n] = np.asarray(y, dtype=np.int64)
-        if extra_pos is not None:
-            self._extra_pos_dataset(extra_pos.shape[1])[start : start + n] = extra_pos
-        self._received += n
-        self._pending.append((x, None if extra is None else np.asarray(extra, np.float32)))
+        extra = None if extra is None else np.asarray(extra, np.float32)
+        pos = None if extra_pos is None else np.array(extra_pos, np.int64)
+        if not self._space_checked:
+            self._check_space(x, extra, pos)
+        self._received += len(x)
+        self._pending.append((x, extra, np.array(y, np.int64), pos))
         self._cut_chunks(final=False)
 
     def _check_batch(self, x, y, extra, extra_pos) -> None:
         """Reject batches that do not match the declared shapes or overflow num_samples."""
         n = len(x)
+        if self._closed:
+            raise ValueError(f"add: the writer for {self.path} is closed")
         if x.shape[1:] != self.sample_shape or np.shape(y) != (n,):
             raise ValueError(
                 f"add: expected x (n, {self.sample_shape}) and y (n,), got {x.shape}, {np.shape(y)}"
@@ -260,44 +397,71 @@ class CacheWriter:
             raise ValueError("add: pass extra exactly when the writer was given extra_shape")
         if extra is not None and np.shape(extra) != (n, *self.extra_shape):
             raise ValueError(f"add: extra must be {(n, *self.extra_shape)}, got {np.shape(extra)}")
-        has_pos = "extra_pos" in self._file
         if extra_pos is not None and (np.ndim(extra_pos) != 2 or len(extra_pos) != n):
             raise ValueError(f"add: extra_pos must be (n, m), got {np.shape(extra_pos)}")
-        if self._received and has_pos != (extra_pos is not None):
-            raise ValueError("add: pass extra_pos in every call or in none")
+        width = 0 if extra_pos is None else np.shape(extra_pos)[1]
+        if self._pos_width is None:
+            self._pos_width = width
+        elif width != self._pos_width:
+            raise ValueError("add: pass extra_pos of one width in every call or in none")
         if self._received + n > self.num_samples:
             raise FreezecacheError(
-                f"cache {self.path}: got more than the declared {self.num_samples} samples — "
-                "pass the data set's length as num_samples"
+                f"cache {self.path}: got more than the declared {self.num_samples} samples "
+                f"(resumed at {self.resume_from}) — pass the data set's length as num_samples "
+                "and add samples from writer.resume_from on"
             )
 
-    def _extra_pos_dataset(self, m: int) -> h5py.Dataset:
-        """The extra_pos dataset, created on first use (m is known only then)."""
-        if "extra_pos" not in self._file:
-            self._file.create_dataset("extra_pos", (self.num_samples, m), dtype=np.int64)
-        return self._file["extra_pos"]
+    def _check_space(self, x: np.ndarray, extra: np.ndarray | None, pos: np.ndarray | None) -> None:
+        """Refuse to start when the estimated cache does not fit (spool and file, see class)."""
+        n = min(len(x), _SPACE_SAMPLE)
+        if n == 0:
+            return
+        estimate = estimate_cache_bytes(
+            self.codec,
+            x[:n],
+            self.num_samples,
+            None if extra is None else extra[:n],
+            chunk_size=self.chunk_size,
+            pos_width=0 if pos is None else pos.shape[1],
+            extra_index=self.extra_index or None,
+        )
+        todo = (self.num_samples - self.resume_from) / self.num_samples
+        check_free_space(
+            {self.path.parent: estimate, self.spool_dir: estimate * todo},
+            what=f"cache {self.path} (its build spool and the file)",
+        )
+        self._space_checked = True
 
     def _cut_chunks(self, final: bool) -> None:
         """Submit every full chunk in the pending buffer (and the short last one if final)."""
-        available = sum(len(x) for x, _ in self._pending)
+        available = sum(len(p[0]) for p in self._pending)
         if available < self.chunk_size and not (final and available):
             return
-        # (available, *sample_shape) and (available, *extra_shape); no copy for a lone batch
-        xs = _joined([x for x, _ in self._pending])
-        extras = None if self.extra_shape is None else _joined([e for _, e in self._pending])
+        # (available, *sample_shape), (available, *extra_shape), (available,), (available, m);
+        # no copy for a lone batch
+        xs, extras, ys, poss = (
+            None if self._pending[0][i] is None else _joined([p[i] for p in self._pending])
+            for i in range(4)
+        )
         k = self.chunk_size
         full = available - available % k
         if full:
             m = full // k
-            group_extra = None if extras is None else extras[:full].reshape(m, k, *self.extra_shape)
-            self._submit(xs[:full].reshape(m, k, *self.sample_shape), group_extra)
+            self._submit(
+                xs[:full].reshape(m, k, *self.sample_shape),
+                None if extras is None else extras[:full].reshape(m, k, *self.extra_shape),
+                ys[:full].reshape(m, k),
+                None if poss is None else poss[:full].reshape(m, k, -1),
+            )
         if final and full < available:  # the short last chunk
-            self._submit(xs[None, full:], None if extras is None else extras[None, full:])
+            self._submit(*(None if a is None else a[None, full:] for a in (xs, extras, ys, poss)))
             full = available
-        rest_extra = None if extras is None else extras[full:].copy()
-        self._pending = [(xs[full:].copy(), rest_extra)] if full < available else []
+        rest = [None if a is None else a[full:].copy() for a in (xs, extras, ys, poss)]
+        self._pending = [tuple(rest)] if full < available else []
 
-    def _submit(self, xs: np.ndarray, extras: np.ndarray | None) -> None:
+    def _submit(
+        self, xs: np.ndarray, extras: np.ndarray | None, ys: np.ndarray, poss: np.ndarray | None
+    ) -> None:
         """Queue equal chunks ``xs`` (m, k, ...) for encoding; keeps memory bounded.
 
         quant is quantised here, in torch on all cores, and only its zstd stage goes to the
@@ -306,6 +470,8 @@ class CacheWriter:
         """
         first = self._next_chunk
         self._next_chunk += len(xs)
+        for j in range(len(xs)):
+            self._labels[first + j] = (ys[j], None if poss is None else poss[j])
         if isinstance(self.codec, QuantCodec):
             start = time.perf_counter()
             quant_x = self.codec.quantize(xs)
@@ -334,63 +500,58 @@ class CacheWriter:
                 self._write(self._in_flight.popleft().result())
 
     def _write(self, encoded: list[_Encoded]) -> None:
-        """Take encoded chunks (they arrive in order) and fold their numbers into the totals."""
-        totals = self._totals
+        """Spool encoded chunks (they arrive in order); commit about every ``commit_s``."""
         for enc in encoded:
-            self._ready.append(enc)
-            totals["stored"] += len(enc.blob)
-            totals["extra_stored"] += len(enc.extra_blob or b"")
-            totals["error"] = max(totals["error"], enc.error)
-            totals["extra_error"] = max(totals["extra_error"], enc.extra_error)
-            totals["seconds"] += enc.seconds
-            totals["code_bytes"] = max(totals["code_bytes"], enc.code_bytes)
-        if len(self._ready) >= _WRITE_BATCH:
-            self._flush()
+            y, pos = self._labels.pop(enc.index)
+            self._spool.append(
+                enc.blob,
+                enc.extra_blob,
+                crcs=(enc.crc, enc.extra_crc),
+                errors=(enc.error, enc.extra_error),
+                code_bytes=enc.code_bytes,
+                y=y,
+                pos=pos,
+            )
+            self._encode_s += enc.seconds
+            self._encoded_samples += len(y)
+        now = time.monotonic()
+        if now - self._last_commit >= self.commit_s or self._spool.pending_bytes >= _COMMIT_BYTES:
+            self._spool.commit()
+            self._last_commit = now
 
-    def _flush(self) -> None:
-        """Append the ready chunks' blobs to the flat byte datasets in one write each."""
-        if not self._ready:
-            return
-        self._append("x", [enc.blob for enc in self._ready])
-        if self.extra_shape is not None:
-            self._append("extra", [enc.extra_blob for enc in self._ready])
-        self._ready.clear()
-
-    def _append(self, name: str, blobs: list[bytes]) -> None:
-        """Blobs onto the end of dataset ``name``; offsets and crcs are kept for close()."""
-        data = np.frombuffer(b"".join(blobs), np.uint8)
-        ds, start = self._file[name], self._offsets[name][-1]
-        ds.resize((start + len(data),))
-        ds[start:] = data
-        ends = start + np.cumsum([len(blob) for blob in blobs])
-        self._offsets[name].extend(int(e) for e in ends)
-        self._crcs[name].extend(zlib.crc32(blob) for blob in blobs)
-
-    def _write_index(self) -> None:
-        """Offsets and crcs of every blob, written once all blobs are in."""
-        prefixes = {"x": ""} if self.extra_shape is None else {"x": "", "extra": "extra_"}
-        for name, prefix in prefixes.items():
-            self._file[f"{name}_offsets"] = np.array(self._offsets[name], dtype=np.int64)
-            self._file[f"{prefix}crc"] = np.array(self._crcs[name], dtype=np.uint32)
-
+    # -- finishing -------------------------------------------------------------------------------
     def close(self) -> dict:
-        """Finish the last chunk, check counts and the error bound, then publish the file."""
+        """Finish the last chunk, check counts and the error bound, then publish the file.
+
+        Returns the file's stats (see the module docstring) plus this run's timings:
+        ``encode_s`` (encode + verify seconds summed over threads), ``encode_mb_s`` (raw MB per
+        such second), ``assemble_s`` (writing the file from the spool) and ``resumed_samples``.
+        """
         if self._stats_done is not None:
             return self._stats_done
+        if self._closed:
+            raise ValueError(f"cache writer for {self.path}: close() after the build failed")
         try:
             self._cut_chunks(final=True)
             while self._in_flight:
                 self._write(self._in_flight.popleft().result())
-            self._flush()
-            self._check_complete()
-            self._write_index()
-            stats = self._stats()
-            self._write_attrs(stats)
-            self._file.close()
+            self._spool.commit()
             self._shutdown()
-            os.replace(self.tmp_path, self.path)
-        except BaseException:
+            index = self._spool.index()
+            self._check_complete(index)
+            stats = self._file_stats(index)
+            start = time.perf_counter()
+            try:
+                assemble_cache(self.path, [self._spool], self._attrs(stats))
+            except FreezecacheError as err:  # no room for the file: the spool can stay for it
+                raise FreezecacheError(f"{err}; {self._kept()}") from None
+            assemble_s = time.perf_counter() - start
+            self._spool.remove()
+            self._closed = True
+        except BaseException as err:
             self._abort()
+            if is_no_space(err):
+                raise self._no_space(err) from None
             raise
         log.info(
             "cache %s: %d samples, ratio %.3f, max error %s",
@@ -399,17 +560,31 @@ class CacheWriter:
             stats["compression_ratio"],
             stats["max_abs_error"],
         )
-        self._stats_done = stats
-        return stats
+        raw_mb = self._encoded_samples * self._raw_per_sample() / 1e6
+        self._stats_done = {
+            **stats,
+            # Summed over worker threads, so MB/s is per thread.
+            "encode_s": self._encode_s,
+            "encode_mb_s": raw_mb / self._encode_s if self._encode_s > 0 else None,
+            "assemble_s": assemble_s,
+            "resumed_samples": self.resume_from,
+        }
+        return self._stats_done
 
-    def _check_complete(self) -> None:
+    def _raw_per_sample(self) -> int:
+        """float32 bytes of one sample's x and extra."""
+        extra = 4 * math.prod(self.extra_shape) if self.extra_shape is not None else 0
+        return 4 * math.prod(self.sample_shape) + extra
+
+    def _check_complete(self, index: SpoolIndex) -> None:
         """All declared samples arrived and the codec kept its bound."""
-        if self._received != self.num_samples:
+        if self._received != self.num_samples or index.num_samples != self.num_samples:
             raise FreezecacheError(
                 f"cache {self.path}: got {self._received} samples, declared {self.num_samples} — "
                 "pass the data set's length as num_samples"
             )
-        worst = max(self._totals["error"], self._totals["extra_error"])
+        cols = index.columns
+        worst = max(float(cols["error"].max()), float(cols["extra_error"].max()))
         if self.verify and self.codec.bounded and worst > self.codec.tolerance:
             raise FreezecacheError(
                 f"cache {self.path}: codec {self.codec.name} broke its bound (max error "
@@ -417,45 +592,63 @@ class CacheWriter:
                 "larger tolerance"
             )
 
-    def _stats(self) -> dict:
-        """Sizes, ratio, errors and encode speed of the finished cache."""
-        t = self._totals
-        per_sample = 4 * math.prod(self.sample_shape)
-        extra_per_sample = 4 * math.prod(self.extra_shape) if self.extra_shape is not None else 0
-        raw = self.num_samples * (per_sample + extra_per_sample)
-        stored = t["stored"] + t["extra_stored"]
-        verified = self.verify
+    def _file_stats(self, index: SpoolIndex) -> dict:
+        """Sizes, ratio and errors of the finished cache: only what its bytes determine."""
+        cols = index.columns
+        x_stored, extra_stored = index.blob_bytes("x"), index.blob_bytes("extra")
+        raw = self.num_samples * self._raw_per_sample()
+        has_extra = self.extra_shape is not None
         return {
             "raw_bytes": raw,
-            "stored_bytes": stored,
-            "compression_ratio": stored / raw,
-            "x_compression_ratio": t["stored"] / (self.num_samples * per_sample),
-            "extra_stored_bytes": t["extra_stored"],
-            "max_abs_error": t["error"] if verified else None,
-            "extra_max_abs_error": t["extra_error"] if verified and self.extra_shape else None,
-            # Summed over worker threads, so MB/s is per thread.
-            "encode_s": t["seconds"],
-            "encode_mb_s": raw / 1e6 / t["seconds"] if t["seconds"] > 0 else None,
-            "max_code_bytes": t["code_bytes"],
+            "stored_bytes": x_stored + extra_stored,
+            "compression_ratio": (x_stored + extra_stored) / raw,
+            "x_compression_ratio": x_stored / (self.num_samples * 4 * math.prod(self.sample_shape)),
+            "extra_stored_bytes": extra_stored,
+            "max_abs_error": float(cols["error"].max()) if self.verify else None,
+            "extra_max_abs_error": float(cols["extra_error"].max())
+            if self.verify and has_extra
+            else None,
+            "max_code_bytes": int(cols["code_bytes"].max()),
         }
 
-    def _write_attrs(self, stats: dict) -> None:
-        """Root attributes; ``complete`` goes last so a crash never leaves it set."""
-        attrs = self._file.attrs
-        attrs["format_version"] = FORMAT_VERSION
-        attrs["codec"] = self.codec.name
-        attrs["codec_options"] = json.dumps(self.codec.options)
-        attrs["tolerance"] = float(self.codec.tolerance)
-        attrs["chunk_size"] = self.chunk_size
-        attrs["num_samples"] = self.num_samples
-        attrs["num_chunks"] = self.num_chunks
-        attrs["sample_shape"] = np.array(self.sample_shape, dtype=np.int64)
-        attrs["extra_shape"] = np.array(self.extra_shape or (), dtype=np.int64)
-        attrs["extra_index"] = np.array(self.extra_index, dtype=np.int64)
-        attrs["prefix_hash"] = self.prefix_hash
-        attrs["meta"] = json.dumps(self.meta)
-        attrs["stats"] = json.dumps(stats)
-        attrs["complete"] = 1
+    def _attrs(self, stats: dict) -> dict:
+        """Root attributes, in :data:`ROOT_ATTRS` order (digests and complete follow)."""
+        values = (
+            FORMAT_VERSION,
+            self.codec.name,
+            json.dumps(self.codec.options, sort_keys=True),
+            float(self.codec.tolerance),
+            self.chunk_size,
+            self.num_samples,
+            self.num_chunks,
+            np.array(self.sample_shape, dtype=np.int64),
+            np.array(self.extra_shape or (), dtype=np.int64),
+            np.array(self.extra_index, dtype=np.int64),
+            self.prefix_hash,
+            json.dumps(self.meta, sort_keys=True),
+            json.dumps(stats, sort_keys=True),
+        )
+        return dict(zip(ROOT_ATTRS, values, strict=True))
+
+    def _no_space(self, err: BaseException) -> FreezecacheError:
+        """The one line for a disk that filled up during the build (after cleaning up)."""
+        self._abort()
+        return FreezecacheError(
+            f"cache {self.path}: the disk filled up during the build ({self._free()}); "
+            f"{self._kept()} — free space and rerun"
+        )
+
+    def _free(self) -> str:
+        """Free space where the file and the spool go, for error lines."""
+        places = sorted({self.path.parent, self.spool_dir.parent})
+        return ", ".join(f"{human(free_bytes(p))} free on the filesystem of {p}" for p in places)
+
+    def _kept(self) -> str:
+        """What of the build survives a failure, for the error line."""
+        kept = self._spool.num_samples if self.resumable else 0
+        if kept:
+            return f"{kept} of {self.num_samples} samples stay in {self.spool_dir} for the rerun"
+        return "nothing was published"
 
     def _shutdown(self) -> None:
         """Stop the encoder threads, dropping queued work."""
@@ -464,13 +657,200 @@ class CacheWriter:
             self._pool = None
 
     def _abort(self) -> None:
-        """Drop everything: never leave a half-written cache behind."""
+        """Drop everything uncommitted: never leave a half-written cache behind."""
+        if self._closed:
+            return
+        self._closed = True
         self._shutdown()
         self._in_flight.clear()
-        self._ready.clear()
-        if self._file.id.valid:
-            self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        self._pending.clear()
+        self._labels.clear()
+        try:
+            if self.resumable:
+                self._spool.rollback()  # the committed chunks stay for a rerun
+                self._spool.close()
+            else:
+                self._spool.remove()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+def array_digest(a: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def attrs_digest(attrs: h5py.AttributeManager | dict) -> str:
+    """sha256 of every root attribute but ``attrs_digest``, by name: names, types and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(attrs):
+        if name == "attrs_digest":
+            continue
+        value = attrs[name]
+        if isinstance(value, str):
+            data = b"s" + value.encode()
+        else:
+            a = np.ascontiguousarray(value)
+            data = b"a" + f"{a.dtype.str}{a.shape}".encode() + a.tobytes()
+        for part in (name.encode(), data):
+            h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
+def _small_arrays(index: SpoolIndex, has_extra: bool) -> dict[str, np.ndarray]:
+    """The index datasets of a cache, in the order they are written."""
+    cols = index.columns
+    arrays = {
+        "y": index.y.astype(np.int64),
+        "x_offsets": np.concatenate([[0], np.cumsum(cols["x_len"])]).astype(np.int64),
+        "crc": cols["x_crc"].astype(np.uint32),
+    }
+    if has_extra:
+        arrays["extra_offsets"] = np.concatenate([[0], np.cumsum(cols["extra_len"])])
+        arrays["extra_offsets"] = arrays["extra_offsets"].astype(np.int64)
+        arrays["extra_crc"] = cols["extra_crc"].astype(np.uint32)
+    if index.pos.shape[1]:
+        arrays["extra_pos"] = index.pos.astype(np.int64)
+    return arrays
+
+
+def _reserved_dataset(f: h5py.File, name: str, size: int) -> int:
+    """A contiguous uint8 dataset whose space is allocated now and never filled by HDF5;
+    returns its file offset, where the caller writes the bytes itself."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    ds = f.create_dataset(name, (size,), dtype=np.uint8, dcpl=dcpl, track_times=False)
+    return int(ds.id.get_offset())
+
+
+def _empty_h5_image() -> bytes:
+    """The bytes of an empty HDF5 file, made in memory (HDF5 never writes to disk here)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", libver=_LIBVER):
+        pass
+    return buf.getvalue()
+
+
+def _reserve(tmp: Path, size: int) -> None:
+    """Start ``tmp`` as an empty HDF5 file with disk blocks claimed for its first ``size`` bytes.
+
+    HDF5 cannot recover from a failed write (a full disk gives tracebacks from its destructors
+    and a segfault at exit), so it only ever writes into space claimed here, by plain Python
+    calls whose OSError a caller can handle; HDF5 cuts the file to its real length at close.
+    """
+    with open(tmp, "wb") as out:
+        out.write(_empty_h5_image())
+        out.flush()
+        try:
+            os.posix_fallocate(out.fileno(), 0, size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # e.g. a filesystem without it
+                raise
+
+
+def _write_skeleton(
+    tmp: Path, arrays: dict[str, np.ndarray], blob_sizes: dict[str, int], attrs: dict
+) -> dict[str, int]:
+    """The HDF5 file minus the blob bytes, into a file :func:`_reserve` started; returns where
+    each blob dataset's bytes go.
+
+    Deterministic: fixed library format versions, no timestamps, datasets and attributes
+    always created in the same order, blob space reserved but left to the caller.
+    """
+    with h5py.File(tmp, "r+", libver=_LIBVER) as f:
+        offsets = {name: _reserved_dataset(f, name, size) for name, size in blob_sizes.items()}
+        for name, data in arrays.items():
+            f.create_dataset(name, data=data, track_times=False)
+        for name, value in attrs.items():
+            f.attrs[name] = value
+        f.attrs["digests"] = json.dumps(
+            {name: array_digest(a) for name, a in arrays.items()}, sort_keys=True
+        )
+        f.attrs["complete"] = 1
+        f.attrs["attrs_digest"] = attrs_digest(f.attrs)  # of the values as a reader sees them
+    return offsets
+
+
+def _copy_range(src: int, dst: int, count: int, at: int) -> None:
+    """Copy ``count`` bytes from the start of fd ``src`` to offset ``at`` of fd ``dst``."""
+    done = 0
+    try:
+        while done < count:  # in the kernel: no pass through Python's memory
+            moved = os.copy_file_range(src, dst, count - done, done, at + done)
+            if moved == 0:
+                break
+            done += moved
+    except OSError as err:  # across filesystems on old kernels, or not supported there
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while done < count:
+        piece = os.pread(src, min(_CHECK_PIECE, count - done), done)
+        if not piece:
+            break
+        done += os.pwrite(dst, piece, at + done)
+    if done != count:
+        raise FreezecacheError(f"cache spool blob file is {done} bytes, expected {count} — rerun")
+
+
+def _copy_blobs(tmp: Path, offsets: dict[str, int], spools: list[Spool]) -> None:
+    """Copy every spool's blobs into the space reserved for their dataset, then fsync.
+
+    The blobs were crc-checked when a resumed spool was opened, or encoded by this process.
+    """
+    dst = os.open(tmp, os.O_WRONLY)
+    try:
+        for name, at in offsets.items():
+            for spool in spools:
+                count = spool.index().blob_bytes(name)
+                src = os.open(spool.data_path(name), os.O_RDONLY)
+                try:
+                    _copy_range(src, dst, count, at)
+                finally:
+                    os.close(src)
+                at += count
+        os.fsync(dst)
+    finally:
+        os.close(dst)
+
+
+def assemble_cache(path: Path, spools: list[Spool], attrs: dict) -> None:
+    """Write the cache file ``path`` from ``spools`` (consecutive chunk ranges from chunk 0, in
+    order) and root attributes ``attrs``; atomic: built under ``.tmp``, then renamed.
+
+    The offsets depend only on blob lengths, so spools filled by several processes give the
+    file one process would write.
+    """
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    starts = [s.first_chunk for s in spools]
+    expected = [0] + [s.first_chunk + s.num_chunks for s in spools[:-1]]
+    if starts != expected or spools[-1].first_chunk + spools[-1].num_chunks != attrs["num_chunks"]:
+        raise ValueError(f"assemble_cache: spools do not cover chunks 0..{attrs['num_chunks']}")
+    index = SpoolIndex.concat([s.index() for s in spools])
+    has_extra = int(np.prod(attrs["extra_shape"])) > 0 if len(attrs["extra_shape"]) else False
+    arrays = _small_arrays(index, has_extra)
+    blob_sizes = {"x": index.blob_bytes("x")}
+    if has_extra:
+        blob_sizes["extra"] = index.blob_bytes("extra")
+    total = sum(blob_sizes.values()) + sum(a.nbytes for a in arrays.values()) + H5_OVERHEAD
+    check_free_space({tmp: total}, what=f"cache {path}", margin=0.0)
+    published = False
+    try:
+        _reserve(tmp, total)
+        offsets = _write_skeleton(tmp, arrays, blob_sizes, attrs)
+        _copy_blobs(tmp, offsets, spools)
+        os.replace(tmp, path)
+        published = True
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if published:  # the rename may not be durable: publish nothing rather than maybe
+            path.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -492,6 +872,7 @@ class CacheInfo:
     has_extra_pos: bool
     meta: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)  # index dataset name -> array_digest
 
     def codec(self) -> Codec:
         """The codec the cache was written with."""
@@ -504,9 +885,18 @@ class CacheInfo:
 
 
 def open_cache(
-    path: Path, *, expect_prefix_hash: str | None = None, stage: str | None = None
+    path: Path,
+    *,
+    expect_prefix_hash: str | None = None,
+    stage: str | None = None,
+    full: bool = False,
 ) -> CacheInfo:
-    """Check a cache file and read its description; ``stage`` names the producer in errors."""
+    """Check a cache file and read its description; ``stage`` names the producer in errors.
+
+    Checks the attributes and the index datasets against their digests; ``full`` also checks
+    every blob against its crc (one read of the whole file; otherwise a blob is checked when it
+    is read). A damaged or tampered file raises one line.
+    """
     path = Path(path)
     hint = _rerun_hint(stage)
     if not path.is_file():
@@ -514,14 +904,15 @@ def open_cache(
     try:
         with h5py.File(path, "r") as f:
             info = _read_info(path, f, hint)
+            if full:
+                _check_blobs(info, f, hint)
     except (KeyError, ValueError, TypeError) as err:  # a root attribute missing or malformed
         raise FreezecacheError(
-            f"cache {path} has a missing or malformed attribute ({err}) — {hint}"
+            f"cache {path} has a missing or malformed attribute ({_first_line(err)}) — {hint}"
         ) from None
-    except OSError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (OSError, RuntimeError) as err:  # h5py: damaged file structure
         raise FreezecacheError(
-            f"cache {path} is not a readable HDF5 file ({reason}) — {hint}"
+            f"cache {path} is not a readable HDF5 file ({_first_line(err)}) — {hint}"
         ) from None
     if expect_prefix_hash is not None and info.prefix_hash != expect_prefix_hash:
         raise FreezecacheError(
@@ -531,8 +922,14 @@ def open_cache(
     return info
 
 
+def _first_line(err: BaseException) -> str:
+    """An exception's first line, or its type when it has no text."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _read_info(path: Path, f: h5py.File, hint: str) -> CacheInfo:
-    """Read and cross-check the root attributes of an open cache file."""
+    """Read and cross-check the root attributes and index datasets of an open cache file."""
     attrs = f.attrs
     if int(attrs.get("complete", 0)) != 1:
         raise FreezecacheError(f"cache {path} is incomplete (no complete flag) — {hint}")
@@ -541,6 +938,10 @@ def _read_info(path: Path, f: h5py.File, hint: str) -> CacheInfo:
         raise FreezecacheError(
             f"cache {path} has format_version {version}, this freezecache reads "
             f"{FORMAT_VERSION} — {hint}"
+        )
+    if attrs.get("attrs_digest") != attrs_digest(attrs):
+        raise FreezecacheError(
+            f"cache {path}: its attributes do not match their digest (corrupt or edited) — {hint}"
         )
     extra_shape = tuple(int(n) for n in attrs["extra_shape"])
     info = CacheInfo(
@@ -559,9 +960,47 @@ def _read_info(path: Path, f: h5py.File, hint: str) -> CacheInfo:
         has_extra_pos="extra_pos" in f,
         meta=json.loads(attrs["meta"]),
         stats=json.loads(attrs["stats"]),
+        digests=json.loads(attrs["digests"]),
     )
     _check_counts(info, f, hint)
+    check_index({name: f[name][()] for name in _INDEX_DATASETS if name in f}, info, hint)
     return info
+
+
+def check_index(arrays: dict[str, np.ndarray], info: CacheInfo, hint: str | None = None) -> None:
+    """Raise one line unless ``arrays`` are exactly the index datasets ``info.digests`` names."""
+    hint = hint or _rerun_hint(None)
+    if set(arrays) != set(info.digests):
+        raise FreezecacheError(
+            f"cache {info.path} has index datasets {sorted(arrays)}, its digests name "
+            f"{sorted(info.digests)} (corrupt or edited) — {hint}"
+        )
+    for name, data in arrays.items():
+        if array_digest(data) != info.digests[name]:
+            raise FreezecacheError(
+                f"cache {info.path}: dataset '{name}' does not match its digest (corrupt or "
+                f"edited) — {hint}"
+            )
+
+
+def _check_blobs(info: CacheInfo, f: h5py.File, hint: str) -> None:
+    """Every blob of the cache against its crc, reading whole blobs in large pieces."""
+    for name in ("x", "extra") if info.extra_shape is not None else ("x",):
+        offsets = f[f"{name}_offsets"][()]
+        crcs = f["crc" if name == "x" else "extra_crc"][()]
+        ds, first = f[name], 0
+        while first < info.num_chunks:
+            stop = int(np.searchsorted(offsets, offsets[first] + _CHECK_PIECE, "right")) - 1
+            stop = min(max(stop, first + 1), info.num_chunks)
+            data = memoryview(ds[offsets[first] : offsets[stop]].tobytes())
+            base = int(offsets[first])
+            for i in range(first, stop):
+                if zlib.crc32(data[offsets[i] - base : offsets[i + 1] - base]) != int(crcs[i]):
+                    raise FreezecacheError(
+                        f"cache {info.path}: chunk {i} of '{name}' is corrupt (crc mismatch) — "
+                        f"{hint}"
+                    )
+            first = stop
 
 
 def _check_counts(info: CacheInfo, f: h5py.File, hint: str) -> None:
@@ -645,8 +1084,10 @@ class CacheDataset(Dataset):
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
-            names = ("y", "crc", "extra_crc", "extra_pos", "x_offsets", "extra_offsets")
-            self._small = {name: self._file[name][()] for name in names if name in self._file}
+            f = self._file
+            self._small = {name: f[name][()] for name in _INDEX_DATASETS if name in f}
+            if self.info.digests:  # the file may have changed since open_cache checked it
+                check_index(self._small, self.info)
         return self._file
 
     def _load_all(self) -> dict[str, np.ndarray]:
@@ -939,15 +1380,18 @@ def make_loader(
 
 
 def iter_cache(
-    path: Path, info: CacheInfo, batch_chunks: int = 64, workers: int = 2
+    path: Path, info: CacheInfo, batch_chunks: int = 64, workers: int = 2, first_chunk: int = 0
 ) -> Iterator[dict]:
-    """Read the whole cache in order, decoded on CPU, ``batch_chunks`` chunks per batch.
+    """Read the cache in order from ``first_chunk`` on, decoded on CPU, ``batch_chunks`` chunks
+    per batch.
 
-    For pushing a cache through more blocks; decoding runs in ``workers`` threads.
+    For pushing a cache through more blocks; decoding runs in ``workers`` threads. A resumed
+    cache build starts at ``writer.resume_from // chunk_size`` (with ``align`` a multiple of
+    ``batch_chunks * chunk_size``, its batches are those of an uninterrupted build).
     """
     dataset = CacheDataset(path, info)
     with ThreadPoolExecutor(max(workers, 1)) as pool:
-        for first in range(0, info.num_chunks, batch_chunks):
+        for first in range(first_chunk, info.num_chunks, batch_chunks):
             raw = dataset.read(list(range(first, min(first + batch_chunks, info.num_chunks))))
             # h5py serialises reads behind one lock, so only decoding runs in the threads.
             yield collate_chunks(list(pool.map(lambda r: dataset.build(*r), raw)))

@@ -9,7 +9,6 @@ pushed through more blocks.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ from freezecache.models import feature_shape, split
 from freezecache.steps.context import Context, start_of_point
 from freezecache.train import progress
 
+BUILD_BATCH = 256  # samples per forward pass of a cache build (and its resume granularity)
+
 
 def prefix_hash(model: nn.Module, position: int) -> str:
     """Content hash of the frozen prefix a cache was built with."""
@@ -34,25 +35,34 @@ def prefix_hash(model: nn.Module, position: int) -> str:
     return tensors_digest(prefix.state_dict())
 
 
-def frozen_model(ctx: Context, point) -> nn.Module:
-    """The model as it stands at a freeze point, in eval mode."""
-    _, state = start_of_point(ctx, point)
+def frozen_model(ctx: Context, point) -> tuple[nn.Module, Path]:
+    """The model as it stands at a freeze point, in eval mode, and the file it came from."""
+    path, state = start_of_point(ctx, point)
     model = ctx.new_model()
     model.load_state_dict(state.model)
-    return model.eval()
+    return model.eval(), path
 
 
 def feature_pairs(
-    ctx: Context, model: nn.Module, block: int, flipped: bool, batch_size: int, limit: int | None
+    ctx: Context,
+    model: nn.Module,
+    block: int,
+    flipped: bool,
+    batch_size: int,
+    limit: int | None,
+    start: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
-    """(F(x), F(flip(x)) or None, y) over the training set in order, raw images through the
-    frozen prefix at ``block``."""
+    """(F(x), F(flip(x)) or None, y) over the training set in order from sample ``start`` (a
+    multiple of ``batch_size``), raw images through the frozen prefix at ``block``."""
     prefix, _ = split(model, block)
     seen = 0
     with torch.no_grad(), runtime.autocast(ctx.cfg.train.precision, ctx.device):
         for x, y in ctx.train.batches(batch_size):
             if limit is not None and seen >= limit:
                 return
+            if seen < start:  # already in a resumed build's spool: skip without computing
+                seen += y.numel()
+                continue
             fa = prefix(x.flip(-1)).float() if flipped else None
             seen += y.numel()
             yield prefix(x).float(), fa, y
@@ -95,7 +105,7 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     index, point = cfg.point(block)
     ctx = Context(cfg, seed, "cache", method=name, p=point)
     t0 = time.perf_counter()
-    model = frozen_model(ctx, point)
+    model, start_file = frozen_model(ctx, point)
     m = method(name)
     # The ranking runs once, on rank 0; every rank gets its channels (or tokens' count).
     ranked = None
@@ -115,14 +125,19 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         extra_shape = (count, shape[1]) if count else None
     if extra_shape is None:
         channels = None
-    # Seam for the per-rank build (issue 12). Today's CacheWriter publishes one file from one
-    # process, so with several ranks rank 0 encodes the whole training set and the others stop
-    # here. With a writer that takes disjoint chunk ranges per process, each rank would encode
-    # the chunks distributed.share(num_chunks, rank, world) of the same ranking and channels
-    # (feature_pairs over its samples only) and rank 0 would publish the one cache.
+    # Seam for the per-rank build (issue 12). CacheWriter spools chunks 0..num_chunks of one
+    # process and publishes the file itself, so with several ranks rank 0 encodes the whole
+    # training set and the others stop here. Left to do: a writer over a chunk range that only
+    # spools (store.Spool takes a range already); each rank would encode the chunks
+    # distributed.share(num_chunks, rank, world) with the same ranking and channels (the
+    # feature_pairs of its samples), then after a barrier rank 0 would merge the ranks' stats
+    # and call store.assemble_cache(path, spools in chunk order, attrs), which gives the file
+    # one process writes.
     if not ctx.main:
         return {}
     path = ctx.out("cache")
+    # Identity of the build's inputs: a killed build resumes from its spool only when it matches.
+    key = ctx.run_key(start_file, ctx.data_dir / "train.npz")
     tol = cfg.cache.tolerance_at(index)
     c = cfg.cache
     options = {}
@@ -145,10 +160,17 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             "model": cfg.model.name,
         },
         workers=cfg.cache.encode_workers,
+        spool_dir=ctx.checkpoint_dir() / key,
+        resume_key=key,
+        align=BUILD_BATCH,
     )
     bar = progress(len(ctx.train), f"cache {ctx.name}")
+    bar.update(writer.resume_from)
+    pairs = feature_pairs(
+        ctx, model, block, extra_shape is not None, BUILD_BATCH, None, start=writer.resume_from
+    )
     with writer:
-        for f, fa, y in feature_pairs(ctx, model, block, extra_shape is not None, 256, None):
+        for f, fa, y in pairs:
             extra = extra_pos = None
             if channels is not None:
                 extra = augment.take_channels(fa, channels.to(fa.device), model.layout)
@@ -163,8 +185,7 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             )
             bar.update(y.numel())
     bar.close()
-    stats = writer.close()  # idempotent: the stats of the published file
-    stats.update(decode_throughput(path))
+    stats = writer.close()  # idempotent: the stats of the published file (and build timings)
     stats.update(
         point=index,
         block=block,
@@ -178,15 +199,3 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     )
     atomic_write_json(ctx.out("stats"), stats)
     return stats
-
-
-def decode_throughput(path: Path) -> dict:
-    """Reads and decodes the whole cache once, single process: fp32 MB/s a loader worker gets."""
-    info = store.open_cache(path)
-    t0 = time.perf_counter()
-    n = 0
-    for batch in store.iter_cache(path, info):
-        n += batch["y"].numel()
-    took = time.perf_counter() - t0
-    raw = n * 4 * math.prod(info.sample_shape)
-    return {"decode_s": took, "decode_mb_s": raw / 1e6 / took if took else None}

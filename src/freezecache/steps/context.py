@@ -3,6 +3,7 @@ with their DVCLive folder, and the files a training stage writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -173,11 +174,23 @@ class Context:
         if self.main:
             costs.update(stage_wall_s=summary["stage_wall_s"], peak_rss_mb=summary["peak_rss_mb"])
             atomic_write_json(self.out("costs"), costs)
-            trainer.state.save(self.out("state"))
+            published(trainer.state).save(self.out("state"))
             self.live.finish(summary)
             for f in self.checkpoint_dir().glob("*.pt"):
                 f.unlink()
         distributed.barrier()  # the stage ends on every rank once its outputs exist
+
+
+# Per-epoch measurements of this machine, not results: kept in checkpoints (a resumed stage
+# replays them into its curves) but not in the published state, whose hash the next stages
+# depend on, so a rerun that trains the same weights changes nothing downstream.
+TIMINGS = ("epoch_time_s", "samples_per_s", "data_wait_frac", "cuda_peak_mb")
+
+
+def published(state: RunState) -> RunState:
+    """The run state without machine timings (see TIMINGS)."""
+    history = [{k: v for k, v in row.items() if k not in TIMINGS} for row in state.history]
+    return dataclasses.replace(state, history=history)
 
 
 def load_start(model: nn.Module, weights: dict) -> None:

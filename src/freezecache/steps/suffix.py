@@ -3,7 +3,8 @@ for the freeze point's epochs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from torch import Tensor
 
@@ -26,34 +27,62 @@ def extra_where(info: store.CacheInfo, batch: dict, device) -> Tensor | None:
     return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
 
 
+def cache_loader(
+    ctx: Context, path: Path, info: store.CacheInfo, in_memory: bool | str | None = None
+):
+    """The stage's loader over a cache, set up by the ``loader`` params; ``in_memory``
+    overrides ``loader.in_memory`` (the benchmark times the file and the in-memory path)."""
+    cfg = ctx.cfg
+    return store.make_loader(
+        path,
+        info,
+        batch_size=cfg.train.batch_size,
+        seed=ctx.seed,
+        workers=cfg.loader.workers,
+        device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
+        pin_memory=ctx.device.type == "cuda",
+        in_memory=cfg.loader.in_memory if in_memory is None else in_memory,
+        shard=(distributed.rank(), distributed.world_size()),
+        procs_per_host=distributed.local_world_size(),
+    )
+
+
 def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, layout: str):
     """Per-epoch batches from the cache, augmented on the training device."""
-    a = ctx.cfg.augment
-    width = augment.map_width(info.sample_shape, layout)
-    pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         store.set_epoch(loader, epoch)
-        g = runtime.generator(*distributed.stream(ctx.seed, epoch, "features"))
+        raw = (store.finish_batch(r, info, ctx.device) for r in loader)
         x = y = None
-        for raw in loader:
-            b = store.finish_batch(raw, info, ctx.device)
-            x = augment.augment_cached(
-                b["x"],
-                a,
-                mode=mode,
-                g=g,
-                crop_pad=pad,
-                extra=b.get("extra"),
-                where=extra_where(info, b, ctx.device),
-                layout=layout,
-            )
-            y = b["y"]
+        for x, y in augmented_batches(ctx, info, raw, epoch, mode, layout):
             yield x, y
         if store.empty_tail(loader) and x is not None:
             yield x[:0], y[:0]  # this rank's share of the last global batch is empty: step anyway
 
     return batches
+
+
+def augmented_batches(
+    ctx: Context, info: store.CacheInfo, raw: Iterable[dict], epoch: int, mode: str, layout: str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of cached features (dicts on the training device: x, y and stored extras)
+    augmented as the suffix trains on them; the benchmark feeds it features held in RAM."""
+    a = ctx.cfg.augment
+    width = augment.map_width(info.sample_shape, layout)
+    pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
+    g = runtime.generator(*distributed.stream(ctx.seed, epoch, "features"))  # per rank
+    for b in raw:
+        x = augment.augment_cached(
+            b["x"],
+            a,
+            mode=mode,
+            g=g,
+            crop_pad=pad,
+            extra=b.get("extra"),
+            where=extra_where(info, b, ctx.device),
+            layout=layout,
+        )
+        yield x, b["y"]
 
 
 def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
@@ -66,18 +95,7 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     info = store.open_cache(path, expect_prefix_hash=prefix_hash(model, block))
     _, suffix = split(model, block)
     begin, end = cfg.point_epochs(index)
-    loader = store.make_loader(
-        path,
-        info,
-        batch_size=cfg.train.batch_size,
-        seed=seed,
-        workers=cfg.loader.workers,
-        device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
-        pin_memory=ctx.device.type == "cuda",
-        in_memory=cfg.loader.in_memory,
-        shard=(distributed.rank(), distributed.world_size()),
-        procs_per_host=distributed.local_world_size(),
-    )
+    loader = cache_loader(ctx, path, info)
     trainer = ctx.trainer(model, start, start_file, path)
     trainer.fit(
         state="discard",
@@ -92,12 +110,40 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     )
     in_ram = store.held_in_memory(info, cfg.loader.in_memory, distributed.local_world_size())
     held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
-    trainer.state.extra.setdefault("cache_in_ram_mb", {})[block] = held / 1e6
-    costs = method_costs(
-        ctx,
-        model,
-        name,
-        trainer.state.history,
-        host_cache_mb=trainer.state.extra["cache_in_ram_mb"],
-    ) if ctx.main else {}  # fmt: skip
-    ctx.finish(trainer, model, costs, final=index == len(cfg.points))
+    # this point's own cache in RAM; the report adds each point's figure to its state
+    history, host = trainer.state.history, {block: held / 1e6}
+    costs = method_costs(ctx, model, name, history, host_cache_mb=host) if ctx.main else {}
+    final = index == len(cfg.points)
+    ctx.finish(trainer, model, costs, final=final)
+    if final:  # after the wall time is taken: a measurement, not part of the method
+        measured = bn_on_clean_features(ctx, model, block, info, loader)  # every rank
+        if ctx.live is not None:
+            ctx.live.finish(measured)
+
+
+def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
+    """Does the suffix's BatchNorm, whose running statistics were built from augmented,
+    quantised features, hurt? Re-estimates them on the clean cached features (one pass, a
+    cumulative average) in a copy of the model and measures validation accuracy both ways.
+    With several ranks each passes over its share and rank 0's statistics are kept."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(model)
+    _, suffix = split(probe, block)
+    norms = [m for m in suffix.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or ctx.val is None:
+        return {}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    suffix.train()
+    with torch.no_grad():
+        for raw in loader:
+            suffix(store.finish_batch(raw, info, ctx.device)["x"])
+    distributed.sync_buffers(suffix)
+    return {
+        "val_acc_bn_trained": ctx.evaluate(model)["val_acc"],
+        "val_acc_bn_clean": ctx.evaluate(probe)["val_acc"],
+    }
