@@ -350,9 +350,6 @@ def test_two_simulated_nodes_train_the_suffix(two_ranks, tmp_path):
 @needs_fashion
 def test_dvc_exp_run_on_two_processes_produces_the_report(tmp_path):
     repo = project_copy(tmp_path / "repo")
-    weights = repo / "data/weights"  # a dep of pretrain that project_copy leaves out (data/)
-    weights.mkdir(parents=True)
-    shutil.copy2(ROOT / "data/weights/README.md", weights / "README.md")
     run("git init -q && git config user.email ci@example.com && git config user.name ci", repo)
     run(["freezecache", "profile", "smoke"], repo)
     run("git add -A && git commit -qm smoke", repo)
