@@ -195,7 +195,7 @@ def test_smoke_pipeline_in_a_fresh_git_repo(tmp_path):
     # one param reruns only what reads it
     _edit(repo, "cache.tolerance", 0.05)
     stale = _status_stages(repo)
-    assert stale and all(re.match(r"(check|plan|cache@)", s) for s in stale), stale
+    assert stale and all(re.match(r"(check|plan|cache@|report)", s) for s in stale), stale
     run("git checkout -q params.yaml", repo)
     _edit(repo, "augment.noise_std", 0.1)
     stale = _status_stages(repo)
