@@ -5,8 +5,8 @@ on 2 processes of one thread each, side by side in one run, and their ratio (goa
 It times the real path: the train_suffix stage command through ``python -m freezecache.launch``
 (torchrun for 2 processes) on a project of its own in a temporary folder (the smoke profile on
 ``--samples`` Split Fashion-MNIST images, prefix trained 1 epoch, one freeze point, the cache
-built once). The number is the Trainer's own ``samples_per_s`` of the stage's last epoch (the
-global batch over all ranks, data wait included, evaluation excluded); runs alternate 1, 2, 1,
+built once). The number is the training set over the stage's own ``epoch_time_s`` of its last epoch
+(DVCLive's metrics.json; data wait included, evaluation excluded); runs alternate 1, 2, 1,
 2, ... and the best of ``--rounds`` is kept for each, printed next to the load average and to
 what 2 processes of independent matmuls get over 1 at the same time (the machine's ceiling).
 
@@ -91,16 +91,17 @@ def _suffix_epoch(folder: Path, procs: int) -> float:
     so the stage trains instead of resuming)."""
     from freezecache.config import load_config
     from freezecache.pipeline import STAGES
-    from freezecache.train import RunState
 
     _set_procs(folder, procs)
     cfg = load_config(folder / "params.yaml")
     item = {"seed": 0, "method": "discard", "p": cfg.points[0]}
-    state = folder / STAGES["train_suffix"].path("state", cfg, **item)
     for role in ("state", "costs"):
         (folder / STAGES["train_suffix"].path(role, cfg, **item)).unlink(missing_ok=True)
     _stage(folder, "train_suffix", *STAGE)
-    return float(RunState.load(state).history[-1]["samples_per_s"])
+    # the last epoch's training time, as the stage logged it to DVCLive (published run states
+    # carry no timings)
+    metrics = json.loads((folder / STAGES["train_suffix"].path("metrics", cfg, **item)).read_text())
+    return cfg.data.train_size / float(metrics["epoch_time_s"])
 
 
 def main(
