@@ -21,7 +21,6 @@ from freezecache.config import parse_config
 from freezecache.costs import method_costs
 from freezecache.models import split
 from freezecache.schedule import phases
-from freezecache.steps.baselines import _frozen_forward
 from freezecache.steps.context import Context
 from freezecache.train import Trainer
 
@@ -49,7 +48,8 @@ def val_accuracy(cfg, method: str, seed: int) -> tuple[float, dict]:
             end=ph.end,
             total_epochs=cfg.train.epochs,
             batches=ctx.image_batches(),
-            forward=model if ph.state == "full" else _frozen_forward(prefix, suffix),
+            forward=model if ph.state == "full" else suffix,
+            frozen=None if ph.state == "full" else prefix,
             steps_per_epoch=ctx.image_steps,
             evaluate=lambda: {},
         )

@@ -302,6 +302,12 @@ def _compact(files: list[str], root: Path) -> list[str]:
 
 
 # -- rendering ----------------------------------------------------------------------------------
+# Stages whose command goes through the launcher (torchrun when distributed.world_size > 1), and
+# whether their results depend on the number of processes (then `distributed` is one of their
+# params). A cache built by rank 0 or by every rank holds the same features.
+LAUNCHED = {"pretrain": True, "train_prefix": True, "baseline": True, "cache": False,
+            "train_suffix": True}  # fmt: skip
+LAUNCHER = f"src/{PACKAGE}/launch.py"
 _FIELD = re.compile(r"\{([a-z_]+)((?:\.[a-z_]+)*)\}")
 
 
@@ -327,10 +333,13 @@ def _render_stage(stage: Stage, root: Path) -> dict:
     entry: dict = {}
     if stage.matrix:
         entry["matrix"] = {k.split(".")[0]: MATRIX[k][0] for k in stage.matrix}
-    entry["cmd"] = f"python {stage.script}{args}"
-    code = [d.replace(f"src/{PACKAGE}/", "${lib}/") for d in code_deps(root / stage.script, root)]
+    launched = stage.name in LAUNCHED
+    run = f"python -m {PACKAGE}.launch" if launched else "python"
+    entry["cmd"] = f"{run} {stage.script}{args}"
+    code = code_deps(root / stage.script, root) + ([LAUNCHER] if launched else [])
+    code = [d.replace(f"src/{PACKAGE}/", "${lib}/") for d in sorted(code)]
     entry["deps"] = _Flow([*code, *(_dvc(d) for d in stage.deps)])
-    entry["params"] = _Flow(stage.params)
+    entry["params"] = _Flow([*stage.params, *(["distributed"] if LAUNCHED.get(stage.name) else [])])
     for kind in ("outs", "metrics", "plots"):
         items = []
         for out in stage.outs.values():

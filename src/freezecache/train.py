@@ -10,10 +10,12 @@ the previous stage left it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from freezecache import augment, runtime
+from freezecache import augment, distributed, runtime
 from freezecache.config import Train
+from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_torch_save
 from freezecache.profiling import CudaPeak
 
@@ -53,22 +56,42 @@ class Images:
         return self.labels.numel()
 
     def batches(
-        self, batch_size: int, *, g: torch.Generator | None = None, train_aug: Train | None = None
+        self,
+        batch_size: int,
+        *,
+        g: torch.Generator | None = None,
+        train_aug: Train | None = None,
+        shard: tuple[int, int] = (0, 1),
+        aug_g: torch.Generator | None = None,
     ) -> Iterator[Batch]:
-        """Normalized batches; shuffled and augmented when a generator is given."""
+        """Normalized batches; shuffled and augmented when a generator is given.
+
+        ``shard=(rank, world)``: this rank's share of every global batch of ``batch_size``
+        (the order comes from ``g``, the same on every rank; augmentation draws from ``aug_g``,
+        this rank's own, or ``g`` when not given)."""
         n = len(self)
         order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
         order = order.to(self.images.device)
+        aug_g = aug_g or g
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
+            if shard[1] > 1:
+                idx = idx[distributed.share(idx.numel(), *shard)]
             x = self.images[idx]
             if train_aug is not None:
                 # Crop in pixel space, so the padding is the image background (0), not the
                 # normalised mean.
                 x = augment.augment_images(
-                    x.float(), crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=g
+                    x.float(), crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=aug_g
                 )
             yield augment.normalize(x, self.mean, self.std), self.labels[idx]
+
+    def shard(self, rank: int, world: int) -> Images:
+        """This rank's contiguous share of the split (views, no copy)."""
+        if world == 1:
+            return self
+        part = distributed.share(len(self), rank, world)
+        return Images(self.images[part], self.labels[part], self.mean, self.std)
 
 
 def cosine_lr(base_lr: float, progress: float, total_epochs: int) -> float:
@@ -123,12 +146,15 @@ class Trainer:
         device: torch.device,
         state: RunState | None = None,
         checkpoint: Path | None = None,
+        sync_batchnorm: bool = False,
     ) -> None:
         self.model = model.to(device)
         self.cfg = cfg
         self.seed = seed
         self.device = device
-        self.checkpoint = checkpoint
+        self.checkpoint = checkpoint  # written by rank 0 only
+        self.sync_batchnorm = sync_batchnorm  # with several ranks: global BatchNorm statistics
+        self._ddp: nn.Module | None = None  # the DDP wrapper of what trains, several ranks only
         self.on_epoch: Callable[[dict], None] | None = None  # called with each epoch's row
         self.scaler = runtime.grad_scaler(cfg.precision, device)
         self.state = state or RunState(model={})
@@ -170,18 +196,22 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        micro = self.cfg.micro_batch or x.shape[0]
+        micro = self.cfg.micro_batch or max(1, x.shape[0])
         # Sums stay on the device: no host sync per step (that would stall a GPU).
         loss_sum = torch.zeros((), device=x.device)
         correct = torch.zeros((), dtype=torch.long, device=x.device)
-        for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
-            with runtime.autocast(self.cfg.precision, self.device):
-                logits = forward(xs)
-                loss = F.cross_entropy(logits.float(), ys)
-            # Scale each micro-batch's mean loss by its share, so the summed gradient equals
-            # the full batch's mean-loss gradient.
-            self.scaler.scale(loss * (ys.numel() / y.numel())).backward()
-            loss_sum += loss.detach() * ys.numel()
+        weight = self._loss_weight(y)
+        parts = list(zip(x.split(micro), y.split(micro), strict=True))
+        for i, (xs, ys) in enumerate(parts):
+            # With DDP, gradients are reduced once, after the last micro-batch.
+            last = i == len(parts) - 1
+            quiet = self._ddp.no_sync() if self._ddp is not None and not last else nullcontext()
+            with quiet:
+                with runtime.autocast(self.cfg.precision, self.device):
+                    logits = forward(xs)
+                    scaled, summed = _weighted_loss(logits.float(), ys, y.numel(), weight)
+                self.scaler.scale(scaled).backward()
+            loss_sum += summed
             correct += (logits.argmax(1) == ys).sum()
         if self.cfg.clip_grad_norm:
             self.scaler.unscale_(opt)
@@ -189,6 +219,15 @@ class Trainer:
         self.scaler.step(opt)
         self.scaler.update()
         return loss_sum, correct
+
+    def _loss_weight(self, y: Tensor) -> Tensor | None:
+        """With several ranks, what a summed loss is multiplied by: world / samples in the
+        global batch (DDP averages over ranks), which takes uneven shares into account, an
+        empty one included. None in one process."""
+        if not distributed.active():
+            return None
+        n = distributed.all_reduce_sum(torch.tensor(float(y.numel()), device=y.device))
+        return distributed.world_size() / n
 
     # -- epochs ----------------------------------------------------------------------------
     def _epoch(
@@ -226,6 +265,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         took = time.perf_counter() - t0
+        if distributed.active():  # the whole epoch's numbers, over every rank's share
+            sums = torch.stack([torch.as_tensor(v).double().to(self.device)
+                                for v in (loss_total, correct, seen)])  # fmt: skip
+            loss_total, correct, seen = distributed.all_reduce_sum(sums).tolist()
+            seen = int(seen)
         loss_total, correct = float(loss_total), int(correct)
         return {
             "lr": lr,
@@ -249,51 +293,106 @@ class Trainer:
         steps_per_epoch: int,
         evaluate: Callable[[], dict],
         on_epoch: Callable[[dict], None] | None = None,
+        frozen: nn.Module | None = None,
     ) -> None:
-        """Trains epochs [start, end) in one freezing state, resuming from self.state.epoch."""
+        """Trains epochs [start, end) in one freezing state, resuming from self.state.epoch.
+
+        ``forward`` is what trains (the model, or the suffix after ``position``); ``frozen``,
+        when given, runs before it without a graph (FreezeOut's frozen prefix). With several
+        ranks only ``forward`` is wrapped in DDP, so frozen parts never reach it."""
         set_frozen(self.model, position if state != "full" else 0)
-        opt = self.make_optimizer()
-        frozen = frozen_parts(self.model, position if state != "full" else 0)
-        for epoch in range(max(start, self.state.epoch), end):
-            torch.manual_seed(runtime.derive_seed(self.seed, epoch, "global"))
-            self.model.train()
-            for part in frozen:
-                part.eval()  # frozen BatchNorm keeps its running statistics
-            with CudaPeak(self.device) as peak:
-                stats = self._epoch(
-                    opt, forward, batches(epoch), epoch, steps_per_epoch, total_epochs
-                )
-            self._keep_momentum(opt)
-            metrics = evaluate()
-            row = {
-                "epoch": epoch + 1,
-                "state": state,
-                "position": position,
-                **stats,
-                **metrics,
-                "cuda_peak_mb": peak.peak_mb,
-            }
-            self.state.history.append(row)
-            self.state.epoch = epoch + 1
-            self.state.model = {
-                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-            }
-            log.info(
-                "epoch %d/%d %s@%d loss %.4f acc %.4f val_acc %.4f (%.1fs)",
-                epoch + 1,
-                total_epochs,
-                state,
-                position,
-                row["train_loss"],
-                row["train_acc"],
-                row.get("val_acc", float("nan")),
-                row["epoch_time_s"],
-            )
-            if self.checkpoint is not None:
-                self.state.save(self.checkpoint)
-            for callback in (on_epoch, self.on_epoch):
-                if callback is not None:
-                    callback(row)
+        frozen_bn = frozen_parts(self.model, position if state != "full" else 0)
+        with self._parallel(forward) as net:
+            run = net if frozen is None else _after_frozen(frozen, net)
+            opt = self.make_optimizer()
+            for epoch in range(max(start, self.state.epoch), end):
+                seed = runtime.derive_seed(*distributed.stream(self.seed, epoch, "global"))
+                torch.manual_seed(seed)
+                self.model.train()
+                for part in frozen_bn:
+                    part.eval()  # frozen BatchNorm keeps its running statistics
+                with CudaPeak(self.device) as peak:
+                    stats = self._epoch(
+                        opt, run, batches(epoch), epoch, steps_per_epoch, total_epochs
+                    )
+                self._keep_momentum(opt)
+                if isinstance(forward, nn.Module):
+                    distributed.sync_buffers(forward)  # every rank evaluates and resumes alike
+                row = {
+                    "epoch": epoch + 1,
+                    "state": state,
+                    "position": position,
+                    **stats,
+                    **evaluate(),
+                    "cuda_peak_mb": peak.peak_mb,
+                }
+                self._end_epoch(row, total_epochs, on_epoch)
+
+    def _end_epoch(
+        self, row: dict, total_epochs: int, on_epoch: Callable[[dict], None] | None
+    ) -> None:
+        """Records an epoch: history, weights, log line, checkpoint (rank 0), callbacks."""
+        self.state.history.append(row)
+        self.state.epoch = row["epoch"]
+        self.state.model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        (log.info if distributed.is_main() else log.debug)(
+            "epoch %d/%d %s@%d loss %.4f acc %.4f val_acc %.4f (%.1fs)",
+            row["epoch"],
+            total_epochs,
+            row["state"],
+            row["position"],
+            row["train_loss"],
+            row["train_acc"],
+            row.get("val_acc", float("nan")),
+            row["epoch_time_s"],
+        )
+        if self.checkpoint is not None and distributed.is_main():
+            self.state.save(self.checkpoint)
+        for callback in (on_epoch, self.on_epoch):
+            if callback is not None:
+                callback(row)
+
+    @contextlib.contextmanager
+    def _parallel(self, forward: Callable[[Tensor], Tensor]) -> Iterator[Callable]:
+        """``forward`` in DDP with several ranks (it must then be a module), with synced
+        BatchNorm when configured; itself otherwise."""
+        if not isinstance(forward, nn.Module):
+            if distributed.active():
+                raise FreezecacheError("with several processes, Trainer.fit needs a module")
+            yield forward
+            return
+        with distributed.data_parallel(forward, sync_batchnorm=self.sync_batchnorm) as net:
+            self._ddp = distributed.ddp_of(net)
+            try:
+                yield net
+            finally:
+                self._ddp = None
+
+
+def _weighted_loss(
+    logits: Tensor, ys: Tensor, batch: int, weight: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(loss to backward, summed loss to report) of one micro-batch of a batch of ``batch``.
+
+    The gradients summed over micro-batches (and averaged over ranks by DDP) are the global
+    batch's mean-loss gradient: one process scales each micro-batch's mean loss by its share;
+    several ranks scale summed losses by ``weight`` (:meth:`Trainer._loss_weight`)."""
+    if weight is None:
+        loss = F.cross_entropy(logits, ys)
+        return loss * (ys.numel() / batch), loss.detach() * ys.numel()
+    loss = F.cross_entropy(logits, ys, reduction="sum")
+    return loss * weight, loss.detach()
+
+
+def _after_frozen(frozen: nn.Module, trained: Callable[[Tensor], Tensor]):
+    """FreezeOut: the frozen prefix runs forward without building a graph."""
+
+    def forward(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            h = frozen(x)
+        return trained(h)
+
+    return forward
 
 
 def progress(total: int, desc: str):
@@ -306,16 +405,31 @@ def progress(total: int, desc: str):
 
 
 def evaluate(
-    model: nn.Module, test: Images, *, batch_size: int, precision: str, device, prefix: str = "test"
+    model: nn.Module,
+    test: Images,
+    *,
+    batch_size: int,
+    precision: str,
+    device,
+    prefix: str = "test",
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Loss and accuracy on raw images through the whole model (prefix + suffix), as
-    ``{prefix}_loss`` and ``{prefix}_acc``."""
+    ``{prefix}_loss`` and ``{prefix}_acc``.
+
+    ``shard=(rank, world)``: each rank evaluates its own share and the sums are reduced, so every
+    sample counts once (every rank must call this)."""
     loss, correct = 0.0, 0
+    part = test.shard(*shard)
     with runtime.eval_mode(model), torch.no_grad():
-        for x, y in test.batches(batch_size):
+        for x, y in part.batches(batch_size):
             with runtime.autocast(precision, device):
                 logits = model(x)
             loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
+    if shard[1] > 1:
+        sums = distributed.all_reduce_sum(torch.tensor([loss, correct], dtype=torch.float64,
+                                                       device=device))  # fmt: skip
+        loss, correct = sums[0].item(), int(sums[1].item())
     n = len(test)
     return {f"{prefix}_loss": loss / n, f"{prefix}_acc": correct / n}

@@ -8,9 +8,6 @@ forward); a control such as Normal without flips trains from the starting weight
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
 from freezecache.config import Config
 from freezecache.costs import method_costs
 from freezecache.methods import method
@@ -38,7 +35,8 @@ def train_prefix(cfg: Config, seed: int) -> None:
         steps_per_epoch=ctx.image_steps,
         evaluate=lambda: ctx.evaluate(model),
     )
-    costs = method_costs(ctx, model, "normal", trainer.state.history, schedule=[("full", 0, until)])
+    schedule, history = [("full", 0, until)], trainer.state.history
+    costs = method_costs(ctx, model, "normal", history, schedule=schedule) if ctx.main else {}
     ctx.finish(trainer, model, costs)
 
 
@@ -58,7 +56,7 @@ def baseline(cfg: Config, seed: int, name: str) -> None:
     trainer = ctx.trainer(model, start, ctx.data_dir / "train.npz", *inputs)
     for ph in todo:
         prefix, suffix = split(model, ph.position)
-        forward = model if ph.state == "full" else _frozen_forward(prefix, suffix)
+        full = ph.state == "full"
         trainer.fit(
             state=ph.state,
             position=ph.position,
@@ -66,20 +64,10 @@ def baseline(cfg: Config, seed: int, name: str) -> None:
             end=ph.end,
             total_epochs=cfg.train.epochs,
             batches=ctx.image_batches(train),
-            forward=forward,
+            forward=model if full else suffix,
+            frozen=None if full else prefix,  # FreezeOut: runs forward, without a graph
             steps_per_epoch=ctx.image_steps,
             evaluate=lambda: ctx.evaluate(model),
         )
-    costs = method_costs(ctx, model, name, trainer.state.history)
+    costs = method_costs(ctx, model, name, trainer.state.history) if ctx.main else {}
     ctx.finish(trainer, model, costs, final=True)
-
-
-def _frozen_forward(prefix: nn.Module, suffix: nn.Module):
-    """FreezeOut: the frozen prefix runs forward without building a graph."""
-
-    def forward(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            h = prefix(x)
-        return suffix(h)
-
-    return forward

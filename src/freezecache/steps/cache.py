@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from freezecache import augment, rank, runtime, store
+from freezecache import augment, distributed, rank, runtime, store
 from freezecache.codec import make_codec
 from freezecache.config import Config
 from freezecache.io import atomic_write_json, tensors_digest
@@ -94,14 +94,25 @@ def ranking(ctx: Context, model: nn.Module, block: int) -> dict:
 
 
 def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
-    """Builds the cache of method ``name`` at the freeze point at ``block``."""
+    """Builds the cache of method ``name`` at the freeze point at ``block`` (with several ranks:
+    rank 0 builds it and returns its stats, the others {})."""
+    stats = _cache_point(cfg, seed, name, block)
+    distributed.barrier()  # the stage ends on every rank once the cache is published
+    return stats
+
+
+def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     index, point = cfg.point(block)
     ctx = Context(cfg, seed, "cache", method=name, p=point)
     t0 = time.perf_counter()
     model, start_file = frozen_model(ctx, point)
     m = method(name)
-    ranked = ranking(ctx, model, block) if m.needs_ranking else {"kind": "none"}
-    atomic_write_json(ctx.out("ranking"), ranked)
+    # The ranking runs once, on rank 0; every rank gets its channels (or tokens' count).
+    ranked = None
+    if ctx.main:
+        ranked = ranking(ctx, model, block) if m.needs_ranking else {"kind": "none"}
+        atomic_write_json(ctx.out("ranking"), ranked)
+    ranked = distributed.broadcast_object(ranked)
     shape = feature_shape(model, block)
     channels = extra_shape = None
     tokens = model.num_prefix_tokens
@@ -114,6 +125,16 @@ def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         extra_shape = (count, shape[1]) if count else None
     if extra_shape is None:
         channels = None
+    # Seam for the per-rank build (issue 12). CacheWriter spools chunks 0..num_chunks of one
+    # process and publishes the file itself, so with several ranks rank 0 encodes the whole
+    # training set and the others stop here. Left to do: a writer over a chunk range that only
+    # spools (store.Spool takes a range already); each rank would encode the chunks
+    # distributed.share(num_chunks, rank, world) with the same ranking and channels (the
+    # feature_pairs of its samples), then after a barrier rank 0 would merge the ranks' stats
+    # and call store.assemble_cache(path, spools in chunk order, attrs), which gives the file
+    # one process writes.
+    if not ctx.main:
+        return {}
     path = ctx.out("cache")
     # Identity of the build's inputs: a killed build resumes from its spool only when it matches.
     key = ctx.run_key(start_file, ctx.data_dir / "train.npz")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from freezecache import data, runtime
+from freezecache import data, distributed, runtime
 from freezecache.config import Config, Train, dump_config
 from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_json, file_digest
@@ -39,7 +39,11 @@ class Context:
         self.name = "@".join([stage, "-".join(str(v) for v in _item_names(self.item))])
         runtime.set_threads(cfg.runtime.threads)
         runtime.seed_everything(seed)
-        self.device = runtime.pick_device(cfg.runtime.device)
+        # Under torchrun with several processes: this rank's device, in the process group.
+        self.device = distributed.setup(
+            cfg.distributed.backend, runtime.pick_device(cfg.runtime.device)
+        )
+        self.main = distributed.is_main()  # rank 0 writes the outputs
         self.data_dir = prepared or STAGES["prepare"].path("data", cfg)
         splits = data.load_prepared(self.data_dir)
         train, test, self.meta = splits[0], splits[1], splits[2]
@@ -87,15 +91,26 @@ class Context:
             precision=t.precision,
             device=self.device,
             prefix=split,
+            shard=(distributed.rank(), distributed.world_size()),
         )
 
     def image_batches(self, train: Train | None = None):
         """Per-epoch augmented, shuffled batches of the training images."""
         aug = train or self.cfg.train
 
+        world = distributed.world_size()
+        distributed.check_batch(self.cfg.train.batch_size, "samples")
+
         def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-            g = runtime.generator(self.seed, epoch, "images")
-            return self.train.batches(self.cfg.train.batch_size, g=g, train_aug=aug)
+            g = runtime.generator(self.seed, epoch, "images")  # the order: one for all ranks
+            own = runtime.generator(*distributed.stream(self.seed, epoch, "images"))
+            return self.train.batches(
+                self.cfg.train.batch_size,
+                g=g,
+                train_aug=aug,
+                shard=(distributed.rank(), world),
+                aug_g=own if world > 1 else None,  # augmentation: this rank's own draws
+            )
 
         return batches
 
@@ -120,22 +135,34 @@ class Context:
         """A trainer that resumes from this stage's checkpoint when its key matches, and logs
         every epoch to this stage's DVCLive folder."""
         ckpt = self.checkpoint_dir() / f"{self.run_key(*inputs)}.pt"
-        state = start
-        if ckpt.is_file():
-            state = RunState.load(ckpt)
-            log.info("resuming %s from its checkpoint at epoch %d", self.name, state.epoch)
+        resumed = None
+        if self.main and ckpt.is_file():
+            resumed = RunState.load(ckpt)
+            log.info("resuming %s from its checkpoint at epoch %d", self.name, resumed.epoch)
+        # Every rank resumes from rank 0's reading of the checkpoint: the same epoch everywhere.
+        resumed = distributed.broadcast_object(resumed)
+        state = start if resumed is None else resumed
         trainer = Trainer(
-            model, self.cfg.train, seed=self.seed, device=self.device, state=state, checkpoint=ckpt
+            model,
+            self.cfg.train,
+            seed=self.seed,
+            device=self.device,
+            state=state,
+            checkpoint=ckpt,
+            sync_batchnorm=self.cfg.distributed.sync_batchnorm,
         )
-        self.live = EpochLog(self.out("metrics").parent, trainer.state.history)
-        trainer.on_epoch = self.live.log
+        self.live = (
+            EpochLog(self.out("metrics").parent, trainer.state.history) if self.main else None
+        )
+        trainer.on_epoch = self.live.log if self.live else None
         return trainer
 
     def finish(
         self, trainer: Trainer, model: nn.Module, costs: dict, *, final: bool = False
     ) -> None:
         """Writes state.pt and the summary; a method's last stage also measures test accuracy
-        (once per run: every choice is made on the validation split)."""
+        (once per run: every choice is made on the validation split). Every rank calls it (the
+        test accuracy is reduced over ranks); rank 0 writes."""
         summary = {
             "epochs": trainer.state.epoch,
             "stage_wall_s": runtime.process_seconds(),
@@ -144,12 +171,14 @@ class Context:
         if final:
             summary.update(self.evaluate(model, "test"))
             trainer.state.extra["test"] = {k: summary[k] for k in ("test_acc", "test_loss")}
-        costs.update(stage_wall_s=summary["stage_wall_s"], peak_rss_mb=summary["peak_rss_mb"])
-        atomic_write_json(self.out("costs"), costs)
-        published(trainer.state).save(self.out("state"))
-        self.live.finish(summary)
-        for f in self.checkpoint_dir().glob("*.pt"):
-            f.unlink()
+        if self.main:
+            costs.update(stage_wall_s=summary["stage_wall_s"], peak_rss_mb=summary["peak_rss_mb"])
+            atomic_write_json(self.out("costs"), costs)
+            published(trainer.state).save(self.out("state"))
+            self.live.finish(summary)
+            for f in self.checkpoint_dir().glob("*.pt"):
+                f.unlink()
+        distributed.barrier()  # the stage ends on every rank once its outputs exist
 
 
 # Per-epoch measurements of this machine, not results: kept in checkpoints (a resumed stage

@@ -60,9 +60,9 @@ def pretrain(cfg: Config) -> None:
             steps_per_epoch=ctx.image_steps,
             evaluate=lambda: ctx.evaluate(model),
         )
-        costs = method_costs(
-            ctx, model, "normal", trainer.state.history, schedule=[("full", 0, p.epochs)]
-        )
+        schedule = [("full", 0, p.epochs)]
+        history = trainer.state.history
+        costs = method_costs(ctx, model, "normal", history, schedule=schedule) if ctx.main else {}
         costs["source"] = f"pre-trained on {p.data.name} classes {p.data.classes or 'all'}"
         trainer.state.model = _body(model)
         # test accuracy on the source task: says how good the pre-trained features are

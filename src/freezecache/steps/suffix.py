@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from freezecache import augment, runtime, store
+from freezecache import augment, distributed, runtime, store
 from freezecache.config import Config
 from freezecache.costs import method_costs
 from freezecache.methods import method
@@ -42,6 +42,8 @@ def cache_loader(
         device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
         pin_memory=ctx.device.type == "cuda",
         in_memory=cfg.loader.in_memory if in_memory is None else in_memory,
+        shard=(distributed.rank(), distributed.world_size()),
+        procs_per_host=distributed.local_world_size(),
     )
 
 
@@ -49,9 +51,13 @@ def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, layou
     """Per-epoch batches from the cache, augmented on the training device."""
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        loader.sampler.set_epoch(epoch)
+        store.set_epoch(loader, epoch)
         raw = (store.finish_batch(r, info, ctx.device) for r in loader)
-        yield from augmented_batches(ctx, info, raw, epoch, mode, layout)
+        x = y = None
+        for x, y in augmented_batches(ctx, info, raw, epoch, mode, layout):
+            yield x, y
+        if store.empty_tail(loader) and x is not None:
+            yield x[:0], y[:0]  # this rank's share of the last global batch is empty: step anyway
 
     return batches
 
@@ -64,7 +70,7 @@ def augmented_batches(
     a = ctx.cfg.augment
     width = augment.map_width(info.sample_shape, layout)
     pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
-    g = runtime.generator(ctx.seed, epoch, "features")
+    g = runtime.generator(*distributed.stream(ctx.seed, epoch, "features"))  # per rank
     for b in raw:
         x = augment.augment_cached(
             b["x"],
@@ -102,21 +108,24 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
         steps_per_epoch=len(loader),
         evaluate=lambda: ctx.evaluate(model),
     )
-    in_ram = cfg.loader.in_memory
-    in_ram = store.fits_in_memory(info) if in_ram == "auto" else in_ram
+    in_ram = store.held_in_memory(info, cfg.loader.in_memory, distributed.local_world_size())
     held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
     # this point's own cache in RAM; the report adds each point's figure to its state
-    costs = method_costs(ctx, model, name, trainer.state.history, host_cache_mb={block: held / 1e6})
+    history, host = trainer.state.history, {block: held / 1e6}
+    costs = method_costs(ctx, model, name, history, host_cache_mb=host) if ctx.main else {}
     final = index == len(cfg.points)
     ctx.finish(trainer, model, costs, final=final)
     if final:  # after the wall time is taken: a measurement, not part of the method
-        ctx.live.finish(bn_on_clean_features(ctx, model, block, info, loader))
+        measured = bn_on_clean_features(ctx, model, block, info, loader)  # every rank
+        if ctx.live is not None:
+            ctx.live.finish(measured)
 
 
 def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
     """Does the suffix's BatchNorm, whose running statistics were built from augmented,
     quantised features, hurt? Re-estimates them on the clean cached features (one pass, a
-    cumulative average) in a copy of the model and measures validation accuracy both ways."""
+    cumulative average) in a copy of the model and measures validation accuracy both ways.
+    With several ranks each passes over its share and rank 0's statistics are kept."""
     import copy
 
     import torch
@@ -133,6 +142,7 @@ def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
     with torch.no_grad():
         for raw in loader:
             suffix(store.finish_batch(raw, info, ctx.device)["x"])
+    distributed.sync_buffers(suffix)
     return {
         "val_acc_bn_trained": ctx.evaluate(model)["val_acc"],
         "val_acc_bn_clean": ctx.evaluate(probe)["val_acc"],

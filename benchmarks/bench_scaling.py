@@ -1,0 +1,155 @@
+"""Data-parallel scaling (issue 12): samples per second of a suffix epoch from the cache on 1 and
+on 2 processes of one thread each, side by side in one run, and their ratio (goal >= 1.6 on a
+2-core machine).
+
+It times the real path: the train_suffix stage command through ``python -m freezecache.launch``
+(torchrun for 2 processes) on a project of its own in a temporary folder (the smoke profile on
+``--samples`` Split Fashion-MNIST images, prefix trained 1 epoch, one freeze point, the cache
+built once). The number is the training set over the stage's own ``epoch_time_s`` of its last epoch
+(DVCLive's metrics.json; data wait included, evaluation excluded); runs alternate 1, 2, 1,
+2, ... and the best of ``--rounds`` is kept for each, printed next to the load average and to
+what 2 processes of independent matmuls get over 1 at the same time (the machine's ceiling).
+
+The cache build is not compared: with several processes rank 0 still builds the whole cache
+(steps/cache.py, the seam for a per-rank build), so its ratio would be 1 by construction.
+
+    python benchmarks/bench_scaling.py [--samples 2048] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ["--seed", "0", "--method", "discard", "--block", "3", "--params", "params.yaml"]
+
+
+def _load() -> str:
+    """The 1-minute load average (others share the cores)."""
+    proc = Path("/proc/loadavg")
+    return proc.read_text().split(" ")[0] if proc.exists() else "?"
+
+
+BURN = (
+    "import time, torch; torch.set_num_threads(1); a = torch.randn(384, 384); "
+    "t = time.perf_counter(); [a @ a for _ in range(400)]; print(time.perf_counter() - t)"
+)
+
+
+def _headroom() -> float:
+    """What 2 processes get over 1 on this machine right now, for independent matmuls at one
+    thread each: the ceiling of the ratio while others share the cores."""
+
+    def burn(n: int) -> float:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs = [
+            subprocess.Popen([sys.executable, "-c", BURN], stdout=subprocess.PIPE, env=env)
+            for _ in range(n)
+        ]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    one = burn(1)
+    return 2 * one / burn(2)
+
+
+def _project(folder: Path, samples: int, epochs: int) -> None:
+    """params.yaml of the smoke profile on ``samples`` images, one freeze point at block 3."""
+    raw = yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())
+    raw["data"].update(train_size=samples, val_size=256, test_size=256)
+    raw["pretrain"] = None
+    raw["methods"]["discard"] = ["discard"]
+    raw["runtime"]["threads"] = 1
+    raw["train"]["epochs"] = epochs + 1
+    raw["freeze"]["points"] = [{"block": 3, "epoch": 1, "after": "../prefix"}]
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _set_procs(folder: Path, procs: int) -> None:
+    raw = yaml.safe_load((folder / "params.yaml").read_text())
+    raw["distributed"]["nproc_per_node"] = procs
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _stage(folder: Path, name: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "freezecache.launch", str(ROOT / f"stages/{name}.py"), *args]
+    done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def _suffix_epoch(folder: Path, procs: int) -> float:
+    """samples/s of the suffix's last epoch, with ``procs`` processes (outputs removed first,
+    so the stage trains instead of resuming)."""
+    from freezecache.config import load_config
+    from freezecache.pipeline import STAGES
+
+    _set_procs(folder, procs)
+    cfg = load_config(folder / "params.yaml")
+    item = {"seed": 0, "method": "discard", "p": cfg.points[0]}
+    for role in ("state", "costs"):
+        (folder / STAGES["train_suffix"].path(role, cfg, **item)).unlink(missing_ok=True)
+    _stage(folder, "train_suffix", *STAGE)
+    # the last epoch's training time, as the stage logged it to DVCLive (published run states
+    # carry no timings)
+    metrics = json.loads((folder / STAGES["train_suffix"].path("metrics", cfg, **item)).read_text())
+    return cfg.data.train_size / float(metrics["epoch_time_s"])
+
+
+def main(
+    samples: int = typer.Option(2048, help="training images (the suffix epoch's size)"),
+    epochs: int = typer.Option(2, help="suffix epochs per run (the last one is timed)"),
+    rounds: int = typer.Option(3, help="alternating 1/2-process runs; the best is kept"),
+    out: Path = typer.Option(None, "--json", help="also write the numbers here"),
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="freezecache-scaling-") as tmp:
+        folder = Path(tmp)
+        _project(folder, samples, epochs)
+        for name, args in (("prepare", []), ("pretrain", []), ("train_prefix", STAGE[:2])):
+            _stage(folder, name, *args, "--params", "params.yaml")
+        _stage(folder, "cache", *STAGE)
+        runs: dict[int, list[float]] = {1: [], 2: []}
+        loads, headroom = [_load()], []
+        for _ in range(rounds):
+            for procs in (1, 2):
+                runs[procs].append(_suffix_epoch(folder, procs))
+                loads.append(_load())
+            headroom.append(_headroom())
+    best = {p: max(v) for p, v in runs.items()}
+    result = {
+        "samples": samples,
+        "suffix_samples_per_s": {str(p): v for p, v in runs.items()},
+        "best_1": best[1],
+        "best_2": best[2],
+        "ratio_2_over_1": best[2] / best[1],
+        "goal": 1.6,
+        "machine_headroom_2_over_1": headroom,
+        "loadavg_1min": loads,
+        "cpus": os.cpu_count(),
+        "cache_build": "not compared: rank 0 builds the whole cache (per-rank build pending)",
+    }
+    print(f"suffix epoch from the cache, {samples} samples, 1 thread per process")
+    for p in (1, 2):
+        shown = ", ".join(f"{v:.0f}" for v in runs[p])
+        print(f"  {p} process{'es' if p > 1 else ''}: best {best[p]:.0f} samples/s ({shown})")
+    print(f"  ratio 2/1: {result['ratio_2_over_1']:.2f} (goal >= 1.6)")
+    rounds_ = ", ".join(
+        f"{b / a:.2f} (machine {h:.2f})" for a, b, h in zip(runs[1], runs[2], headroom, strict=True)
+    )
+    print(f"  per round, 2/1 and the machine's own 2/1 for independent matmuls: {rounds_}")
+    print(f"  load average (1 min) during the runs: {' '.join(loads)} on {os.cpu_count()} CPUs")
+    print(f"  cache build: {result['cache_build']}")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)
