@@ -34,9 +34,10 @@ plan: setup
 sweep: setup
 	freezecache sweep
 
-## bench: cache speed/size benchmarks, ratios measured side by side (results/bench.*)
+## bench: cache speed/size and scaling benchmarks, ratios measured side by side (results/bench*)
 bench: setup
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_scaling.py
 
 ## plots: `dvc plots show` as HTML that works offline (results/plots/index.html)
 plots: setup

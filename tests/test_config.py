@@ -123,7 +123,7 @@ def test_methods_must_be_in_the_list_of_their_kind():
 
 
 def test_tolerance_per_point():
-    raw = load_profile("default")
+    raw = load_profile("smoke")  # two freeze points
     raw["cache"]["tolerance"] = [0.01, 0.05]
     cfg = parse_config(raw)
     assert cfg.cache.tolerance_at(1) == 0.01 and cfg.cache.tolerance_at(2) == 0.05
