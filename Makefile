@@ -37,7 +37,7 @@ sweep: setup
 ## bench: cache speed/size and scaling benchmarks, ratios measured side by side (results/bench*)
 bench: setup
 	$(PY) benchmarks/bench_cache.py
-	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_scaling.py --json results/bench_scaling.json
 
 ## plots: `dvc plots show` as HTML that works offline (results/plots/index.html)
 plots: setup
