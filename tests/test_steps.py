@@ -195,3 +195,24 @@ def test_pretrain_stage_feeds_the_main_run_with_a_new_head(tmp_path):
         if name.startswith("stem."):
             assert torch.equal(value, pre.model[name]), name
     assert model.state_dict()["head.fc.weight"].shape[0] == 5  # the five target classes
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_plan_predicts_the_cache_sizes_within_ten_percent(tmp_path):
+    from freezecache.steps.plan import plan
+
+    cfg = _config(tmp_path)
+    prepare(cfg)
+    pretrain(cfg)
+    plan(cfg)
+    predicted = json.loads(STAGES["plan"].path("json", cfg).read_text())
+    train_prefix(cfg, 0)
+    rows = {r["block"]: r for r in predicted["blocks"]}
+    first = cfg.points[0]
+    for method, key in (("discard", "cache_bytes"), ("discard_aug", "cache_bytes_with_extra")):
+        cache_point(cfg, 0, method, first.block)
+        actual = STAGES["cache"].path("cache", cfg, seed=0, method=method, p=first).stat().st_size
+        assert rows[first.block][key] == pytest.approx(actual, rel=0.10), method
+    assert predicted["caches_bytes"] > 0 and predicted["free_bytes"] > 0
+    assert "| 2 (point 1) |" in STAGES["plan"].path("md", cfg).read_text()
