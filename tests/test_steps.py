@@ -202,7 +202,12 @@ def test_pretrain_stage_feeds_the_main_run_with_a_new_head(tmp_path):
 def test_the_plan_predicts_the_cache_sizes_within_ten_percent(tmp_path):
     from freezecache.steps.plan import plan
 
-    cfg = _config(tmp_path)
+    """The plan measures with the starting weights, so this fine-tunes them barely (a tiny
+    learning rate) and checks the estimator itself: layout, extras, HDF5 overhead. How far
+    real fine-tuning moves the sizes is measured on the default (results/plan.md vs cache.csv);
+    from random init the prediction can be several times off, which the plan says."""
+    raw = load_profile("smoke")
+    cfg = _config(tmp_path, pretrain=raw["pretrain"], train={"lr": 1e-6})
     prepare(cfg)
     pretrain(cfg)
     plan(cfg)
@@ -215,4 +220,5 @@ def test_the_plan_predicts_the_cache_sizes_within_ten_percent(tmp_path):
         actual = STAGES["cache"].path("cache", cfg, seed=0, method=method, p=first).stat().st_size
         assert rows[first.block][key] == pytest.approx(actual, rel=0.10), method
     assert predicted["caches_bytes"] > 0 and predicted["free_bytes"] > 0
-    assert "| 2 (point 1) |" in STAGES["plan"].path("md", cfg).read_text()
+    text = STAGES["plan"].path("md", cfg).read_text()
+    assert "| 2 (point 1) |" in text and "starting weights: pre-trained" in text

@@ -17,6 +17,8 @@ from freezecache.errors import FreezecacheError
 # HDF5 object headers, attributes and the superblock of a cache file: a few KB, claimed generously
 # (the writer reserves this much for HDF5, which must never meet a full disk).
 H5_OVERHEAD = 1 << 20
+# What they actually take in a cache file (measured 8-9 KB): for predicting a file's size.
+H5_HEADERS = 16 << 10
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -58,13 +60,15 @@ def estimate_cache_bytes(
     chunk_size: int = 1,
     pos_width: int = 0,
     extra_index: list[int] | None = None,
+    overhead: int = H5_OVERHEAD,
 ) -> int:
     """Bytes a cache of ``num_samples`` will take, from a measured ``sample_batch`` (n, ...).
 
     ``sample_batch`` (and ``extra_batch``, the matching extra data) are encoded chunk by chunk
     as the cache writer would; their bytes per sample are scaled to ``num_samples``, plus the
-    labels, offsets, crcs, ``pos_width`` token positions per sample and the HDF5 overhead.
-    The blob part is also what the build's spool holds.
+    labels, offsets, crcs, ``pos_width`` token positions per sample and ``overhead`` for HDF5
+    (the generous reserve by default; :data:`H5_HEADERS` to predict the file's size). The blob
+    part is also what the build's spool holds.
     """
     if len(sample_batch) == 0:
         raise ValueError("estimate_cache_bytes: sample_batch is empty")
@@ -75,7 +79,7 @@ def estimate_cache_bytes(
         blob_sets = 2
     chunks = math.ceil(num_samples / chunk_size)
     index = num_samples * 8 * (1 + pos_width) + blob_sets * chunks * (8 + 4) + 8
-    return math.ceil(per_sample * num_samples) + index + H5_OVERHEAD
+    return math.ceil(per_sample * num_samples) + index + overhead
 
 
 def _existing(path: Path) -> Path:

@@ -19,7 +19,7 @@ from freezecache import augment, rank
 from freezecache.codec import make_codec
 from freezecache.config import Config
 from freezecache.costs import method_costs
-from freezecache.disk import estimate_cache_bytes, free_bytes
+from freezecache.disk import H5_HEADERS, H5_OVERHEAD, estimate_cache_bytes, free_bytes
 from freezecache.errors import FreezecacheError
 from freezecache.methods import method
 from freezecache.models import split
@@ -66,7 +66,9 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
             extra = _extra(cfg, model, feats, prefix(x.flip(-1)).float()) if ranked else None
         codec = codec_for(cfg, model, points.get(pos, 1))
         sample = feats.cpu().numpy()
-        x_bytes = estimate_cache_bytes(codec, sample, n, chunk_size=cfg.cache.chunk_size)
+        x_bytes = estimate_cache_bytes(
+            codec, sample, n, chunk_size=cfg.cache.chunk_size, overhead=H5_HEADERS
+        )
         with_extra = x_bytes
         if extra is not None:
             pos_width = extra.shape[1] if model.kind == "vit" else 0
@@ -77,6 +79,7 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
                 extra.cpu().numpy(),
                 chunk_size=cfg.cache.chunk_size,
                 pos_width=pos_width,
+                overhead=H5_HEADERS,
             )
         fp32 = 4 * math.prod(feats.shape[1:])
         flops = part_flops(model, pos, input_shape)
@@ -102,10 +105,11 @@ def make_plan(ctx, model: nn.Module) -> dict:
     cfg = ctx.cfg
     rows = candidates(ctx, model)
     by_block = {r["block"]: r for r in rows}
-    need = 0
+    need = files = 0
     for name in cfg.methods.discard:
         key = "cache_bytes_with_extra" if method(name).needs_ranking else "cache_bytes"
         need += len(cfg.seeds) * sum(by_block[p.block][key] for p in cfg.points)
+        files += len(cfg.seeds) * len(cfg.points)
     free = free_bytes(Path(cfg.paths.cache))
     normal = method_costs(ctx, model, "normal", [])
     schedule = {}
@@ -119,8 +123,15 @@ def make_plan(ctx, model: nn.Module) -> dict:
             "avg_memory_mb": costs["avg_memory_mb"],
             "memory_saved": 1 - costs["avg_memory_mb"] / normal["avg_memory_mb"],
         }
+    if cfg.pretrain is not None:
+        weights = "pre-trained (stage pretrain)"
+    elif cfg.model.checkpoint:
+        weights = f"the checkpoint {cfg.model.checkpoint}"
+    else:
+        weights = "random init"
     plan = {
         "model": cfg.model.name,
+        "weights": weights,
         "dataset": cfg.data.name,
         "train_samples": len(ctx.train),
         "codec": cfg.cache.codec,
@@ -133,7 +144,7 @@ def make_plan(ctx, model: nn.Module) -> dict:
         "caches_bytes": need,
         "free_bytes": free,
     }
-    if need * MARGIN > free:
+    if need * MARGIN + files * (H5_OVERHEAD - H5_HEADERS) > free:  # what the writer reserves
         raise FreezecacheError(
             f"the freeze schedule's caches need {need / 1e9:.2f} GB (+10%) but "
             f"{cfg.paths.cache} has {free / 1e9:.2f} GB free — free space, point paths.cache "
@@ -148,6 +159,14 @@ def render_markdown(plan: dict) -> str:
         f"### Freeze plan: {plan['model']} on {plan['dataset']}, {plan['train_samples']} "
         f"training samples, {plan['codec']} at tolerance {plan['tolerance']}"
         f"{' (relative)' if plan['relative'] else ''}",
+        "",
+        f"Measured with the starting weights: {plan['weights']}."
+        + (
+            " Untrained features compress differently from trained ones, so the sizes can "
+            "be several times off: trust the shapes and FLOPs, not the sizes."
+            if plan["weights"] == "random init"
+            else ""
+        ),
         "",
         "| Block | Output shape | fp32 B/sample | Cache B/sample | Ratio | Cache MB | "
         "+ stored flips MB | Suffix share of forward FLOPs |",
