@@ -222,3 +222,17 @@ def test_the_plan_predicts_the_cache_sizes_within_ten_percent(tmp_path):
     assert predicted["caches_bytes"] > 0 and predicted["free_bytes"] > 0
     text = STAGES["plan"].path("md", cfg).read_text()
     assert "| 2 (point 1) |" in text and "starting weights: pre-trained" in text
+
+
+@needs_fashion
+def test_only_stages_that_declare_plots_write_dvclive_curves(tmp_path):
+    """Undeclared files under runs/ would change the report's folder dependency on checkout."""
+    raw = load_profile("smoke")
+    cfg = _config(tmp_path, pretrain=raw["pretrain"])
+    prepare(cfg)
+    pretrain(cfg)
+    train_prefix(cfg, 0)
+    assert "plots" not in STAGES["pretrain"].outs and "plots" in STAGES["train_prefix"].outs
+    assert (tmp_path / "runs/pretrain/live/metrics.json").exists()
+    assert not (tmp_path / "runs/pretrain/live/plots").exists()
+    assert (tmp_path / "runs/s0/prefix/live/plots/metrics/val_acc.tsv").exists()

@@ -19,9 +19,12 @@ CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"
 class EpochLog:
     """Logs epoch rows (dicts from :class:`freezecache.train.Trainer`) to a DVCLive folder."""
 
-    def __init__(self, folder: Path, history: list[dict]) -> None:
+    def __init__(self, folder: Path, history: list[dict], curves: bool = True) -> None:
+        """``curves``: also write DVCLive's plots/ files (a stage that declares no plots
+        output must not, or files DVC does not track appear under a tracked folder)."""
         from dvclive import Live
 
+        self.curves = curves
         logging.getLogger("dvclive").setLevel(logging.ERROR)  # no git/DVC repo chatter
         self.live = Live(
             dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None
@@ -34,7 +37,7 @@ class EpochLog:
         self.live.step = int(row["epoch"])
         for name in CURVES:
             if row.get(name) is not None:
-                self.live.log_metric(name, float(row[name]))
+                self.live.log_metric(name, float(row[name]), plot=self.curves)
         self.live.make_summary()
 
     def finish(self, summary: dict[str, float]) -> None:

@@ -152,7 +152,13 @@ class Context:
             sync_batchnorm=self.cfg.distributed.sync_batchnorm,
         )
         self.live = (
-            EpochLog(self.out("metrics").parent, trainer.state.history) if self.main else None
+            EpochLog(
+                self.out("metrics").parent,
+                trainer.state.history,
+                curves="plots" in self.stage.outs,
+            )
+            if self.main
+            else None
         )
         trainer.on_epoch = self.live.log if self.live else None
         return trainer
