@@ -161,8 +161,51 @@ def render_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_spec(rows: list[dict]) -> dict:
+    """Vega-Lite: accuracy (mean and std over seeds) against stored bits per value, per method."""
+    values = [{**r, "method": label(r["method"])} for r in rows]
+    x = {
+        "field": "bits_per_value",
+        "type": "quantitative",
+        "scale": {"type": "log"},
+        "title": "stored bits per cached value (log scale; 32 = lossless fp32)",
+    }
+    color = {"field": "method", "type": "nominal", "title": None}
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "title": "Codec sweep: test accuracy against cache size, mean ± std over seeds",
+        "width": 480,
+        "height": 280,
+        "data": {"values": values},
+        "layer": [
+            {
+                "mark": {"type": "errorbar", "extent": "stdev", "ticks": True},
+                "encoding": {
+                    "x": x,
+                    "y": {"field": "accuracy", "type": "quantitative"},
+                    "color": color,
+                },
+            },
+            {
+                "mark": {"type": "line", "point": True},
+                "encoding": {
+                    "x": x,
+                    "y": {
+                        "field": "accuracy",
+                        "type": "quantitative",
+                        "aggregate": "mean",
+                        "scale": {"zero": False},
+                        "title": "test accuracy (%)",
+                    },
+                    "color": color,
+                },
+            },
+        ],
+    }
+
+
 def write(rows: list[dict], results: Path) -> None:
-    """results/codec_sweep.csv, .json and .md."""
+    """results/codec_sweep.csv, .json, .md and .svg (the plot)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -170,3 +213,7 @@ def write(rows: list[dict], results: Path) -> None:
     atomic_write_text(results / "codec_sweep.csv", buf.getvalue())
     atomic_write_json(results / "codec_sweep.json", rows)
     atomic_write_text(results / "codec_sweep.md", render_markdown(rows))
+    import vl_convert
+
+    svg = vl_convert.vegalite_to_svg(plot_spec(rows))
+    atomic_write_text(results / "codec_sweep.svg", svg)

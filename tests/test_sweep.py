@@ -1,0 +1,53 @@
+"""The codec sweep's bookkeeping: experiments found in `dvc exp show`, rows per seed and method,
+the table against the lossless cache, and the plot file."""
+
+import csv
+import json
+
+import pytest
+
+from freezecache import sweep
+
+
+def _report(accs: dict[str, list[float]], ratio: float) -> dict:
+    return {
+        "seeds": [0, 1],
+        "methods": {m: {"accuracy_per_seed": a} for m, a in accs.items()},
+        "cache": [
+            {"method": m, "stored_mb": 10.0 * ratio, "compression_ratio": ratio}
+            for m in accs
+            if m != "normal"
+        ],
+    }
+
+
+def test_rows_skip_methods_without_a_cache_and_count_bits_per_value():
+    report = _report({"normal": [95.0, 96.0], "discard": [94.0, 94.5]}, ratio=0.125)
+    rows = sweep.rows_of(report, "quant", 0.1, False)
+    assert [r["method"] for r in rows] == ["discard", "discard"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["bits_per_value"] == pytest.approx(4.0)
+    assert rows[1]["accuracy"] == 94.5
+
+
+def test_the_table_gives_each_setting_against_the_lossless_cache(tmp_path):
+    rows = sweep.rows_of(_report({"discard": [94.0, 95.0]}, 1.0), "none", 0.1, False)
+    rows += sweep.rows_of(_report({"discard": [93.0, 93.5]}, 0.0625), "quant", 0.5, True)
+    md = sweep.render_markdown(rows)
+    assert "| none | – | 32.00 | Ours w/ Discard | 94.50 ± 0.71 | +0.00 |" in md
+    assert "| quant | 0.5 × channel std | 2.00 | Ours w/ Discard | 93.25 ± 0.35 | -1.25 |" in md
+    sweep.write(rows, tmp_path)
+    with open(tmp_path / "codec_sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert json.loads((tmp_path / "codec_sweep.json").read_text()) == rows
+    svg = (tmp_path / "codec_sweep.svg").read_text()
+    assert svg.lstrip().startswith("<svg") and "Discard" in svg
+
+
+def test_experiments_are_found_by_name_anywhere_in_exp_show():
+    shown = [
+        {"rev": "workspace", "name": None},
+        {"rev": "abc", "experiments": [{"revs": [{"rev": "def1", "name": "sweep-abs-0.1"}]}]},
+        {"rev": "x", "name": "other"},
+    ]
+    assert sweep._experiments(shown) == {"sweep-abs-0.1": "def1"}
