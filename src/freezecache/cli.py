@@ -85,7 +85,7 @@ def sweep(
     results: Path = typer.Option(Path("results"), help="where codec_sweep.* go"),
 ) -> None:
     """Run the default over a grid of codecs and tolerances (queued DVC experiments, 3 seeds
-    each) and write results/codec_sweep.{csv,json,md}."""
+    each) and write results/codec_sweep.{csv,json,md,svg}."""
     from freezecache import sweep as sw
 
     with stage_free():
@@ -122,6 +122,7 @@ README_SECTIONS = {
     "flips": "results/flip_symmetry.md",
     "results": "results/report.md",
     "scratch": "results/scratch/report.md",
+    "timm": "results/timm/report.md",
     "plan": "results/plan.md",
     "sweep": "results/codec_sweep.md",
     "bench": "results/bench.md",
