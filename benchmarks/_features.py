@@ -69,9 +69,7 @@ def real_features(
     train, _, _ = data.load_source("fashion_mnist", None)
     train = data.stratified_subset(train, train_size, seed)
     mean, std = data._channel_stats(train.images)  # the prepare step's normalisation
-    x = augment.normalize(
-        torch.from_numpy(train.images), torch.tensor(mean), torch.tensor(std)
-    )
+    x = augment.normalize(torch.from_numpy(train.images), torch.tensor(mean), torch.tensor(std))
     model = _train(x, torch.from_numpy(train.labels).long(), epochs, seed)
     feats = _block_outputs(model, x[:samples], blocks)
     folder.mkdir(parents=True, exist_ok=True)

@@ -91,8 +91,9 @@ def stages(train: np.ndarray) -> dict[str, tuple[Callable, Callable] | str]:
     c1, c3, c9 = (zstandard.ZstdCompressor(level=n) for n in (1, 3, 9))
     d = zstandard.ZstdDecompressor()
     dictionary = zstandard.train_dictionary(16384, [s.tobytes() for s in train])
-    cd, dd = zstandard.ZstdCompressor(level=3, dict_data=dictionary), zstandard.ZstdDecompressor(
-        dict_data=dictionary
+    cd, dd = (
+        zstandard.ZstdCompressor(level=3, dict_data=dictionary),
+        zstandard.ZstdDecompressor(dict_data=dictionary),
     )
 
     def raw(dec):

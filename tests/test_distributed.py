@@ -359,3 +359,52 @@ def test_dvc_exp_run_on_two_processes_produces_the_report(tmp_path):
     report = json.loads((repo / "results/report.json").read_text())
     assert set(report["methods"]) == {"normal", "freezeout", "discard", "discard_aug"}
     assert yaml.safe_load((repo / "params.yaml").read_text())["distributed"]["nproc_per_node"] == 2
+
+
+@needs_fashion
+def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
+    """600 training images: rank 0 encodes samples 0..511, rank 1 the rest, rank 0 writes the
+    file. A relative rANS codec, whose calibration rank 0 measures and shares, so the ranks'
+    chunks decode alike: the file is byte for byte the one-process file."""
+    one = _tiny(
+        tmp_path / "one",
+        data__train_size=600,
+        cache__relative=True,
+        cache__coding="rans",
+        cache__tolerance=0.25,
+    )
+    for script, args in (("pretrain", []), ("train_prefix", ["--seed", "0"])):
+        _run([PY, str(ROOT / f"stages/{script}.py"), *args, "--params", "params.yaml"], one)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    raw = yaml.safe_load((two / "params.yaml").read_text())
+    raw["distributed"]["nproc_per_node"] = 2
+    (two / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cmd = [PY, "-m", "freezecache.launch", str(ROOT / "stages/cache.py"), "--seed", "0"]
+    cmd += ["--method", "discard_aug", "--block", "2", "--params", "params.yaml"]
+    _run(cmd, one)
+    done = _run(cmd, two)
+    log = done.stdout + done.stderr
+    assert "--nproc-per-node 2" in log and "rank 1 encodes samples 512..600 of 600" in log
+    cache = "data/cache/s0/discard_aug/b2.h5"
+    assert (one / cache).read_bytes() == (two / cache).read_bytes()
+    info = store.open_cache(two / cache, full=True)
+    assert info.num_samples == 600 and info.codec_options["coding"] == "rans"
+    stats = json.loads((two / "runs/s0/discard_aug/b2/cache.json").read_text())
+    assert stats["stored_bytes"] == info.stats["stored_bytes"]
+    assert not list((two / ".ckpt").rglob("journal.bin"))  # every rank's spool removed
+
+
+@pytest.mark.parametrize(
+    "n,chunk,world", [(600, 1, 2), (96, 1, 2), (10_000, 3, 4), (1000, 512, 3), (5000, 2, 7)]
+)
+def test_cache_build_ranges_cover_the_chunks_from_resume_points(n, chunk, world):
+    from freezecache.steps.cache import BUILD_BATCH, build_ranges
+
+    ranges = build_ranges(n, chunk, world)
+    chunks = -(-n // chunk)
+    assert 1 <= len(ranges) <= world and ranges[0][0] == 0 and ranges[-1][1] == chunks
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(lo < hi and lo * chunk % BUILD_BATCH == 0 for lo, hi in ranges)
+    if n // BUILD_BATCH >= world and chunk <= BUILD_BATCH:
+        assert len(ranges) == world

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from freezecache import disk, spool, store
-from freezecache.codec import QuantCodec, make_codec
+from freezecache.codec import Codec, QuantCodec, make_codec
 from freezecache.errors import FreezecacheError
 
 SHAPE = (4, 6, 6)
@@ -51,18 +51,18 @@ def build(
     *,
     batch: int = 7,
     workers: int = 2,
-    codec: str = "quant",
+    codec: str | Codec = "quant",
     chunk_size: int = 3,
     stop_after: int | None = None,
     **kw,
 ) -> store.CacheWriter:
-    """Write ``d`` from ``writer.resume_from`` on; ``stop_after`` samples: leave the writer as a
-    SIGKILL would (committed spool on disk, nothing closed or cleaned)."""
+    """Write ``d`` from ``writer.resume_from`` to the writer's range end; ``stop_after``
+    samples: leave the writer as a SIGKILL would (committed spool on disk, nothing closed)."""
     n = len(d["x"])
     kw.setdefault("extra_index", [3, 1] if "extra" in d else None)
     writer = store.CacheWriter(
         path,
-        codec=make_codec(codec, 1e-2),
+        codec=make_codec(codec, 1e-2) if isinstance(codec, str) else codec,
         sample_shape=d["x"].shape[1:],
         chunk_size=chunk_size,
         num_samples=n,
@@ -73,8 +73,8 @@ def build(
         **kw,
     )
     try:
-        for lo in range(writer.resume_from, n, batch):
-            part = slice(lo, lo + batch)
+        for lo in range(writer.resume_from, writer.range_end, batch):
+            part = slice(lo, min(lo + batch, writer.range_end))
             writer.add(
                 d["x"][part],
                 d["y"][part],
@@ -596,4 +596,86 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_file(tmp_path):
     resumed = int(out.split()[1])
     assert code == 0 and 0 < resumed <= kill_at and resumed % 50 == 0, (out, err)
     assert f"done {resumed}" in out
+    assert filecmp.cmp(tmp_path / "ref.h5", tmp_path / "c.h5", shallow=False)
+
+
+# Options of a codec that calibrates on the data it first sees, and of one that does not.
+CALIBRATED = {"relative": True, "coding": "rans", "channel_axis": 1}
+
+
+def _calibrated(options: dict, first: np.ndarray) -> Codec:
+    """A codec calibrated up front on ``first``, as the cache stage calibrates it."""
+    codec = make_codec("quant", 0.25 if options else 1e-2, **options)
+    store.calibrate(codec, first, 3)
+    return codec
+
+
+@pytest.mark.parametrize("options", [{}, CALIBRATED], ids=["absolute", "relative-rans"])
+def test_ranks_build_one_cache_together_that_equals_the_one_process_file(tmp_path, options):
+    """Each rank writes its chunk range to its own spool; the first range's writer publishes
+    the file one writer would, the calibration shared as rank 0 shares it (its options)."""
+    d = data(20)  # 7 chunks of 3
+    ref = build(tmp_path / "ref.h5", d, batch=6, codec=_calibrated(options, d["x"][:6]))
+    first = _calibrated(options, d["x"][:6])
+    kw = {"batch": 6, "resume_key": "k", "align": 6, "publish": False}
+    build(tmp_path / "multi.h5", d, codec=first, chunk_range=(0, 4), spool_dir=tmp_path / "r0",
+          **kw)  # fmt: skip
+    other = make_codec("quant", first.tolerance, **first.options)
+    build(tmp_path / "multi.h5", d, codec=other, chunk_range=(4, 7), spool_dir=tmp_path / "r1",
+          **kw)  # fmt: skip
+    assert not (tmp_path / "multi.h5").exists()
+    writer = store.CacheWriter(
+        tmp_path / "multi.h5",
+        codec=make_codec("quant", first.tolerance, **first.options),
+        sample_shape=SHAPE,
+        chunk_size=3,
+        num_samples=20,
+        prefix_hash=HASH,
+        extra_shape=(2, 6, 6),
+        extra_index=[3, 1],
+        meta={"point": 1},
+        spool_dir=tmp_path / "r0",
+        resume_key="k",
+        align=6,
+        chunk_range=(0, 4),
+        publish=False,
+    )
+    assert writer.resume_from == 12  # a rerun of rank 0 finds its range done
+    writer.close()
+    stats = writer.publish_ranges([(tmp_path / "r1", (4, 7))])
+    assert filecmp.cmp(tmp_path / "ref.h5", tmp_path / "multi.h5", shallow=False)
+    assert {k: stats[k] for k in ("stored_bytes", "max_abs_error")} == {
+        k: ref.stats[k] for k in ("stored_bytes", "max_abs_error")
+    }
+    assert not (tmp_path / "r0").exists() and not (tmp_path / "r1").exists()
+
+
+def test_publishing_with_a_range_missing_is_one_line(tmp_path):
+    d = data(20)
+    kw = {"batch": 6, "resume_key": "k", "align": 6, "publish": False}
+    w = build(tmp_path / "m.h5", d, chunk_range=(0, 4), spool_dir=tmp_path / "r0", **kw)
+    build(tmp_path / "m.h5", d, chunk_range=(4, 7), spool_dir=tmp_path / "r1", stop_after=14,
+          **kw)  # fmt: skip
+    with pytest.raises(FreezecacheError, match=r"spools hold chunks .* rerun the stage"):
+        w.publish_ranges([(tmp_path / "r1", (4, 7))])
+    assert not (tmp_path / "m.h5").exists() and (tmp_path / "r1").exists()
+
+
+def test_a_range_must_start_at_a_resume_point(tmp_path):
+    with pytest.raises(ValueError, match="start at a multiple of 6 samples"):
+        build(tmp_path / "m.h5", data(20), batch=6, resume_key="k", align=6, publish=False,
+              chunk_range=(1, 4), spool_dir=tmp_path / "r")  # fmt: skip
+
+
+def test_a_calibrated_codec_resumes_to_the_uninterrupted_file(tmp_path):
+    """A relative/rANS codec left to calibrate itself calibrates a resumed build on the chunk
+    it resumes at (its earlier chunks would decode with the wrong steps and tables);
+    calibrated on the data set's first samples, the resumed build is the uninterrupted one."""
+    d = data(60)
+    build(tmp_path / "ref.h5", d, batch=6, codec=_calibrated(CALIBRATED, d["x"][:6]))
+    kw = {"spool_dir": tmp_path / "ckpt", "resume_key": "k", "align": 6, "commit_s": 0.0}
+    build(tmp_path / "c.h5", d, batch=6, workers=0, stop_after=40,
+          codec=_calibrated(CALIBRATED, d["x"][:6]), **kw)  # fmt: skip
+    again = build(tmp_path / "c.h5", d, batch=6, codec=_calibrated(CALIBRATED, d["x"][:6]), **kw)
+    assert again.resume_from == 42
     assert filecmp.cmp(tmp_path / "ref.h5", tmp_path / "c.h5", shallow=False)

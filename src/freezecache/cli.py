@@ -126,6 +126,7 @@ README_SECTIONS = {
     "plan": "results/plan.md",
     "sweep": "results/codec_sweep.md",
     "bench": "results/bench.md",
+    "scaling": "results/bench_scaling.md",
 }
 
 

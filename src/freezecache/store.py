@@ -199,6 +199,25 @@ def _compress_group(
     ]
 
 
+def needs_calibration(codec: Codec) -> bool:
+    """Whether ``codec`` fixes parameters from the first data it encodes (a relative quant's
+    channel scales, rANS tables): a build must then :func:`calibrate` it up front."""
+    return isinstance(codec, QuantCodec) and (codec.relative or codec.coding == "rans")
+
+
+def calibrate(codec: Codec, first: np.ndarray, chunk_size: int) -> None:
+    """Calibrate ``codec`` on samples ``first`` (n, *sample_shape), cut into chunks of
+    ``chunk_size``: a codec left to itself calibrates on whatever it encodes first (a writer's
+    space estimate: one chunk), which for a resumed build is the chunk it resumes at. Calibrated
+    up front on the data set's first samples, an interrupted, resumed or shared build encodes
+    every chunk alike; the parameters are then in ``codec.options`` (and the spool's identity)."""
+    if not needs_calibration(codec):
+        return
+    full = len(first) - len(first) % chunk_size
+    chunks = first[:full].reshape(-1, chunk_size, *first.shape[1:]) if full else first[None]
+    codec.quantize(np.ascontiguousarray(chunks, np.float32))
+
+
 class CacheWriter:
     """Writes a cache file chunk by chunk; use as a context manager.
 
@@ -218,6 +237,11 @@ class CacheWriter:
     (:func:`freezecache.disk.estimate_cache_bytes`) and refused with one line when the spool's
     and the file's filesystems lack room. A disk that fills anyway stops the writer with one
     line; the temporary file is removed and nothing is published.
+
+    Several processes can build one cache together: each writes the chunks of its own
+    ``chunk_range`` with ``publish=False`` (samples from the range's first one, which must be a
+    multiple of ``chunk_size`` and ``align``) and closes; then the writer of the first range
+    calls :meth:`publish_ranges` with the other spools, which writes the file one writer would.
     """
 
     def __init__(
@@ -239,6 +263,8 @@ class CacheWriter:
         align: int = 1,
         check_space: bool = True,
         commit_s: float = 1.0,
+        chunk_range: tuple[int, int] | None = None,
+        publish: bool = True,
     ) -> None:
         if chunk_size < 1 or num_samples < 1 or align < 1:
             raise FreezecacheError(
@@ -255,6 +281,20 @@ class CacheWriter:
         self.chunk_size = chunk_size
         self.num_samples = num_samples
         self.num_chunks = math.ceil(num_samples / chunk_size)
+        self.first_chunk, self.end_chunk = chunk_range or (0, self.num_chunks)
+        self.range_start = self.first_chunk * chunk_size
+        self.range_end = min(self.end_chunk * chunk_size, num_samples)
+        step = math.lcm(chunk_size, align)
+        if not (0 <= self.first_chunk < self.end_chunk <= self.num_chunks) or (
+            self.range_start % step
+        ):
+            raise ValueError(
+                f"cache {path}: chunk range {chunk_range} must lie in [0, {self.num_chunks}) and "
+                f"start at a multiple of {step} samples"
+            )
+        if not publish and resume_key is None:
+            raise ValueError(f"cache {path}: a writer that only spools needs a resume_key")
+        self.publish = publish
         self.prefix_hash = prefix_hash
         self.meta = meta or {}
         self.verify = verify
@@ -279,12 +319,12 @@ class CacheWriter:
             self._spool.close()
             raise
         self._received = self.resume_from
-        self._next_chunk = self._spool.num_chunks
+        self._next_chunk = self.first_chunk + self._spool.num_chunks
         index = self._spool.index()
         self._pos_width: int | None = index.pos.shape[1] if index.num_chunks else None
         self._last_commit = time.monotonic()
         self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
-        if self.resume_from:
+        if self.resume_from > self.range_start:
             log.info("cache %s: resuming at sample %d", self.path, self.resume_from)
 
     def _open_spool(self, resume_key: str | None) -> Spool:
@@ -293,7 +333,7 @@ class CacheWriter:
             return Spool(
                 self.spool_dir,
                 self._identity(resume_key),
-                (0, self.num_chunks),
+                (self.first_chunk, self.end_chunk),
                 resume=self.resumable,
                 durable=self.resumable,
             )
@@ -327,14 +367,15 @@ class CacheWriter:
         return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
     def _resume_point(self) -> int:
-        """Samples kept from the spool: all of them, or a multiple of chunk_size and align."""
-        if self._spool.num_chunks == self.num_chunks:
-            return self.num_samples
+        """The data-set sample to go on from: the range's end when the spool holds all of it,
+        else the range's start plus a multiple of chunk_size and align."""
+        if self._spool.num_chunks == self.end_chunk - self.first_chunk:
+            return self.range_end
         step = math.lcm(self.chunk_size, self.align)
         keep = self._spool.num_samples // step * step
         if keep // self.chunk_size != self._spool.num_chunks:
             self._spool.cut(keep // self.chunk_size)
-        return keep
+        return self.range_start + keep
 
     @property
     def stats(self) -> dict:
@@ -404,9 +445,9 @@ class CacheWriter:
             self._pos_width = width
         elif width != self._pos_width:
             raise ValueError("add: pass extra_pos of one width in every call or in none")
-        if self._received + n > self.num_samples:
+        if self._received + n > self.range_end:
             raise FreezecacheError(
-                f"cache {self.path}: got more than the declared {self.num_samples} samples "
+                f"cache {self.path}: got more than the declared {self.range_end} samples "
                 f"(resumed at {self.resume_from}) — pass the data set's length as num_samples "
                 "and add samples from writer.resume_from on"
             )
@@ -425,11 +466,11 @@ class CacheWriter:
             pos_width=0 if pos is None else pos.shape[1],
             extra_index=self.extra_index or None,
         )
-        todo = (self.num_samples - self.resume_from) / self.num_samples
-        check_free_space(
-            {self.path.parent: estimate, self.spool_dir: estimate * todo},
-            what=f"cache {self.path} (its build spool and the file)",
-        )
+        todo = (self.range_end - self.resume_from) / self.num_samples
+        places = {self.spool_dir: estimate * todo}
+        if self.publish:
+            places[self.path.parent] = estimate
+        check_free_space(places, what=f"cache {self.path} (its build spool and the file)")
         self._space_checked = True
 
     def _cut_chunks(self, final: bool) -> None:
@@ -539,6 +580,11 @@ class CacheWriter:
             self._shutdown()
             index = self._spool.index()
             self._check_complete(index)
+            if not self.publish:  # one range of a build: its spool waits for publish_ranges
+                self._spool.close()
+                self._closed = True
+                self._stats_done = self._timings(0.0)
+                return self._stats_done
             stats = self._file_stats(index)
             start = time.perf_counter()
             try:
@@ -560,15 +606,52 @@ class CacheWriter:
             stats["compression_ratio"],
             stats["max_abs_error"],
         )
+        self._stats_done = {**stats, **self._timings(assemble_s)}
+        return self._stats_done
+
+    def _timings(self, assemble_s: float) -> dict:
         raw_mb = self._encoded_samples * self._raw_per_sample() / 1e6
-        self._stats_done = {
-            **stats,
+        return {
             # Summed over worker threads, so MB/s is per thread.
             "encode_s": self._encode_s,
             "encode_mb_s": raw_mb / self._encode_s if self._encode_s > 0 else None,
             "assemble_s": assemble_s,
-            "resumed_samples": self.resume_from,
+            "resumed_samples": self.resume_from - self.range_start,
         }
+
+    def publish_ranges(self, others: list[tuple[Path, tuple[int, int]]]) -> dict:
+        """After this writer's own range (the first) and every other range's writer closed:
+        check the ranges' spools (``others``: spool folder and chunk range, in chunk order),
+        write the one cache file from all of them, remove the spools; returns the file's stats
+        plus this writer's timings. The file is the one a single writer would write."""
+        if self._stats_done is None or self.publish or self.first_chunk != 0:
+            raise ValueError("publish_ranges: close the writer of the first range (publish=False)")
+        self._spool = Spool(self.spool_dir, self._spool.identity, (0, self.end_chunk), resume=True)
+        spools = [self._spool]
+        try:
+            for folder, chunk_range in others:
+                spools.append(Spool(folder, self._spool.identity, chunk_range, resume=True))
+            done = [(s.first_chunk, s.first_chunk + s.num_chunks) for s in spools]
+            wanted = [(0, self.end_chunk), *[r for _, r in others]]
+            if done != wanted or wanted[-1][1] != self.num_chunks:
+                raise FreezecacheError(
+                    f"cache {self.path}: the ranks' spools hold chunks {done}, expected {wanted} "
+                    f"covering 0..{self.num_chunks} — rerun the stage"
+                )
+            index = SpoolIndex.concat([s.index() for s in spools])
+            self.range_end = self._received = self.num_samples  # now the whole data set
+            self._check_complete(index)
+            stats = self._file_stats(index)
+            start = time.perf_counter()
+            assemble_cache(self.path, spools, self._attrs(stats))
+            assemble_s = time.perf_counter() - start
+        except BaseException:
+            for s in spools:
+                s.close()
+            raise
+        for s in spools:
+            s.remove()
+        self._stats_done = {**stats, **self._timings(assemble_s)}
         return self._stats_done
 
     def _raw_per_sample(self) -> int:
@@ -577,10 +660,11 @@ class CacheWriter:
         return 4 * math.prod(self.sample_shape) + extra
 
     def _check_complete(self, index: SpoolIndex) -> None:
-        """All declared samples arrived and the codec kept its bound."""
-        if self._received != self.num_samples or index.num_samples != self.num_samples:
+        """All declared samples (of the range) arrived and the codec kept its bound."""
+        count = self.range_end - self.range_start
+        if self._received != self.range_end or index.num_samples != count:
             raise FreezecacheError(
-                f"cache {self.path}: got {self._received} samples, declared {self.num_samples} — "
+                f"cache {self.path}: got {self._received} samples, declared {self.range_end} — "
                 "pass the data set's length as num_samples"
             )
         cols = index.columns

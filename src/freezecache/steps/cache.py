@@ -9,6 +9,8 @@ pushed through more blocks.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,8 @@ from freezecache.methods import method
 from freezecache.models import feature_shape, split
 from freezecache.steps.context import Context, start_of_point
 from freezecache.train import progress
+
+log = logging.getLogger(__name__)
 
 BUILD_BATCH = 256  # samples per forward pass of a cache build (and its resume granularity)
 
@@ -93,9 +97,30 @@ def ranking(ctx: Context, model: nn.Module, block: int) -> dict:
     }
 
 
+def build_ranges(num_samples: int, chunk_size: int, world: int) -> list[tuple[int, int]]:
+    """The chunk ranges the ranks encode, in rank order: contiguous, each starting at a
+    multiple of BUILD_BATCH samples (a resume point), as even as that allows; fewer ranges
+    than ranks when the data set is too small to give every rank one."""
+    chunks = math.ceil(num_samples / chunk_size)
+    unit = math.lcm(chunk_size, BUILD_BATCH) // chunk_size  # chunks per resumable unit
+    units = math.ceil(chunks / unit)
+    ranges = []
+    for r in range(min(world, units)):
+        part = distributed.share(units, r, min(world, units))
+        ranges.append((part.start * unit, min(part.stop * unit, chunks)))
+    return ranges
+
+
+def spool_name(key: str, rank: int, ranges: int) -> str:
+    """The build spool's folder name under the stage's checkpoint folder (one process: the
+    key alone, as a resumed single-process build expects)."""
+    return key if ranges == 1 else f"{key}-r{rank}of{ranges}"
+
+
 def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     """Builds the cache of method ``name`` at the freeze point at ``block`` (with several ranks:
-    rank 0 builds it and returns its stats, the others {})."""
+    each encodes its range of the training set, rank 0 writes the file and returns its stats,
+    the others {})."""
     stats = _cache_point(cfg, seed, name, block)
     distributed.barrier()  # the stage ends on every rank once the cache is published
     return stats
@@ -125,16 +150,6 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         extra_shape = (count, shape[1]) if count else None
     if extra_shape is None:
         channels = None
-    # Seam for the per-rank build (issue 12). CacheWriter spools chunks 0..num_chunks of one
-    # process and publishes the file itself, so with several ranks rank 0 encodes the whole
-    # training set and the others stop here. Left to do: a writer over a chunk range that only
-    # spools (store.Spool takes a range already); each rank would encode the chunks
-    # distributed.share(num_chunks, rank, world) with the same ranking and channels (the
-    # feature_pairs of its samples), then after a barrier rank 0 would merge the ranks' stats
-    # and call store.assemble_cache(path, spools in chunk order, attrs), which gives the file
-    # one process writes.
-    if not ctx.main:
-        return {}
     path = ctx.out("cache")
     # Identity of the build's inputs: a killed build resumes from its spool only when it matches.
     key = ctx.run_key(start_file, ctx.data_dir / "train.npz")
@@ -143,9 +158,27 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     options = {}
     if c.codec == "quant":
         options = {"channel_axis": model.channel_axis, "relative": c.relative, "coding": c.coding}
+    codec = make_codec(c.codec, tol, **options)
+    if store.needs_calibration(codec):
+        # Fixed on the data set's first batches whatever sample a build resumes at, and the
+        # same on every rank: the chunks of a resumed or shared build decode alike.
+        if ctx.main:
+            first = min(len(ctx.train), math.ceil(c.chunk_size / BUILD_BATCH) * BUILD_BATCH)
+            feats = feature_pairs(ctx, model, block, False, BUILD_BATCH, first)
+            store.calibrate(codec, torch.cat([f for f, _, _ in feats]).cpu().numpy(), c.chunk_size)
+        codec = make_codec(c.codec, tol, **distributed.broadcast_object(codec.options))
+    # With several ranks each encodes its own range of chunks into its own spool; rank 0 then
+    # writes the one file from all of them (the file one process writes: tested).
+    ranges = build_ranges(len(ctx.train), c.chunk_size, distributed.world_size())
+    me = distributed.rank()
+    spools = [ctx.checkpoint_dir() / spool_name(key, r, len(ranges)) for r in range(len(ranges))]
+    if me >= len(ranges):  # fewer ranges than ranks (a tiny data set): nothing to encode
+        if len(ranges) > 1:
+            distributed.barrier()  # rank 0 publishes once every range is spooled
+        return {}
     writer = store.CacheWriter(
         path,
-        codec=make_codec(cfg.cache.codec, tol, **options),
+        codec=codec,
         sample_shape=shape,
         chunk_size=cfg.cache.chunk_size,
         num_samples=len(ctx.train),
@@ -160,14 +193,27 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             "model": cfg.model.name,
         },
         workers=cfg.cache.encode_workers,
-        spool_dir=ctx.checkpoint_dir() / key,
+        spool_dir=spools[me],
         resume_key=key,
         align=BUILD_BATCH,
+        chunk_range=ranges[me],
+        publish=len(ranges) == 1,
     )
-    bar = progress(len(ctx.train), f"cache {ctx.name}")
-    bar.update(writer.resume_from)
+    if len(ranges) > 1:
+        log.info(
+            "cache %s: rank %d encodes samples %d..%d of %d",
+            ctx.name, me, writer.range_start, writer.range_end, len(ctx.train),
+        )  # fmt: skip
+    bar = progress(writer.range_end - writer.range_start, f"cache {ctx.name}")
+    bar.update(writer.resume_from - writer.range_start)
     pairs = feature_pairs(
-        ctx, model, block, extra_shape is not None, BUILD_BATCH, None, start=writer.resume_from
+        ctx,
+        model,
+        block,
+        extra_shape is not None,
+        BUILD_BATCH,
+        writer.range_end,
+        start=writer.resume_from,
     )
     with writer:
         for f, fa, y in pairs:
@@ -186,6 +232,11 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             bar.update(y.numel())
     bar.close()
     stats = writer.close()  # idempotent: the stats of the published file (and build timings)
+    if len(ranges) > 1:
+        distributed.barrier()  # every range's spool is complete and durable
+        if not ctx.main:
+            return {}
+        stats = writer.publish_ranges(list(zip(spools[1:], ranges[1:], strict=True)))
     stats.update(
         point=index,
         block=block,
