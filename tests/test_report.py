@@ -113,6 +113,8 @@ def test_report_json_shape_and_statistics(tmp_path):
     # every stage process of the method: the shared prefix, two suffixes, two cache builds
     assert report["methods"]["discard"]["wall_time_s"] == pytest.approx(4.0 + 2 * 10.0 + 2 * 2.0)
     assert report["methods"]["normal"]["wall_time_s"] == pytest.approx(4.0 + 10.0)
+    # the whole run, each stage once: per seed the prefix, 2 baselines, 2 x (2 suffixes, 2 caches)
+    assert report["stage_seconds"] == pytest.approx(2 * (4.0 + 2 * 10.0 + 2 * (2 * 10.0 + 2 * 2.0)))
     assert report["methods"]["discard"]["peak_rss_mb"] == 1001.0
     # accounted memory plus each point's cache held in RAM (1 MB at block 2, 2 MB at block 5)
     assert report["methods"]["discard"]["avg_host_memory_mb"] == pytest.approx((100 + 51 + 22) / 3)

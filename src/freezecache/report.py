@@ -89,6 +89,18 @@ def _curve(path: Path) -> dict[int, float]:
     return {int(r["step"]): float(r[name]) for r in rows}
 
 
+def _stage_seconds(cfg: Config) -> float:
+    """Every training and cache stage process of the run, each counted once (pretrain, every
+    seed's prefix, baselines, cache builds and suffixes): seconds on this machine."""
+    from freezecache.pipeline import STAGES
+
+    files = {STAGES["pretrain"].path("costs", cfg)}
+    for seed in cfg.seeds:
+        for name in cfg.methods.all:
+            files.update(_stage_files(cfg, seed, name)[1])
+    return sum(read_json(f).get("stage_wall_s", 0.0) for f in files if f.is_file())
+
+
 def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean and spread over seeds of the per-seed difference a - b."""
     return _mean_std([x - y for x, y in zip(a, b, strict=True)])
@@ -144,6 +156,7 @@ def collect(cfg: Config) -> dict:
         "freeze_points": [{"block": p.block, "epoch": p.epoch} for p in cfg.points],
         "methods": methods,
         "summary": summary,
+        "stage_seconds": _stage_seconds(cfg),
         "cache": _cache_rows(cfg),
         "curves": _curves(rows),
     }
@@ -273,7 +286,8 @@ def render_markdown(report: dict) -> str:
         "= 2 x ptflops MACs, a trained part costs 3 x its forward; discard methods include each "
         "cache build from raw images (and the flipped pass and ranking for stored channels). "
         "Wall time: every stage process of the method, start-up included, the shared prefix "
-        "run included.",
+        f"run included. All training and cache stages of this run, one after another: "
+        f"{report['stage_seconds'] / 60:.1f} min on this machine.",
         "",
         "Host memory when the compressed cache is held in RAM (`loader.in_memory`):",
         "",
