@@ -179,3 +179,15 @@ def test_update_readme_replaces_only_the_marked_sections(tmp_path):
     assert readme.read_text() == f"intro\n{begin}\nnew table\n{end}\noutro\n"
     with pytest.raises(FreezecacheError, match="no bench markers"):
         update_readme({"bench": source}, readme)
+
+
+@pytest.mark.parametrize(
+    "gap,std,words",
+    [(0.75, 0.35, "flips hurt"), (-1.0, 0.2, "flips help"), (0.1, 0.3, "no measurable")],
+)
+def test_the_flip_control_is_read_out_in_words(gap, std, words):
+    from freezecache.report import _flip_lines
+
+    lines = _flip_lines({"normal_noflip": {"gap_to_normal": gap, "gap_to_normal_std": std}})
+    assert words in lines[-1] and f"{gap:+.2f} ± {std:.2f}" in lines[-1]
+    assert _flip_lines({"normal": {}}) == []

@@ -222,6 +222,32 @@ def _saving(value: float, base: float) -> str:
     return "" if base == 0 else f" ({100.0 * (value - base) / base:+.1f}%)"
 
 
+def _flip_lines(methods: dict) -> list[str]:
+    """What the control (Normal without flips) says about flip repair on this data."""
+    control = methods.get("normal_noflip")
+    if control is None or "gap_to_normal" not in control:
+        return []
+    gap, std = control["gap_to_normal"], control["gap_to_normal_std"]
+    if gap - std > 0:
+        verdict = (
+            "horizontal flips hurt on this data, so repairing flipped features (Discard & Aug. "
+            "over Discard) cannot show a gain here; what the discard methods' augmentation "
+            "still does is crop and noise"
+        )
+    elif gap + std < 0:
+        verdict = "horizontal flips help on this data, so flip repair can matter"
+    else:
+        verdict = (
+            "horizontal flips make no measurable difference on this data, so flip repair "
+            "cannot show a gain here"
+        )
+    return [
+        "",
+        f"Control: Normal trained without flips is {gap:+.2f} ± {std:.2f} points against "
+        f"Normal: {verdict}.",
+    ]
+
+
 def render_markdown(report: dict) -> str:
     methods = report["methods"]
     base = methods.get("normal")
@@ -264,6 +290,7 @@ def render_markdown(report: dict) -> str:
             f"Discard & Aug. wins back {100 * won:.0f}% of Discard's gap to Normal "
             "(the paper, from scratch: 32%)."
         )
+    lines += _flip_lines(methods)
     bn = {m: r for m, r in methods.items() if "bn_clean_gain" in r}
     if bn:
         lines += [
