@@ -179,6 +179,8 @@ def test_update_readme_replaces_only_the_marked_sections(tmp_path):
     assert readme.read_text() == f"intro\n{begin}\nnew table\n{end}\noutro\n"
     with pytest.raises(FreezecacheError, match="no bench markers"):
         update_readme({"bench": source}, readme)
+    update_readme({"results": tmp_path / "absent.md"}, readme)
+    assert "Not measured in this revision" in readme.read_text()
 
 
 @pytest.mark.parametrize(

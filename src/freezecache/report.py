@@ -402,12 +402,13 @@ def update_readme(sources: dict[str, Path], target: Path) -> None:
         begin, end = (README_MARK.format(name=name, edge=e) for e in ("start", "end"))
         if begin not in text or end not in text:
             raise FreezecacheError(f"{target}: no {name} markers — add {begin} ... {end}")
-        if not source.is_file():
-            raise FreezecacheError(
-                f"{source}: missing — run `make repro`, `make scratch`, `make sweep` or "
-                "`make bench` first"
-            )
+        body = (
+            source.read_text()
+            if source.is_file()
+            else f"_Not measured in this revision: `{source}` is missing (its `make` target "
+            "writes it; then `make readme`)._\n"
+        )
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
-        text = f"{head}{begin}\n{source.read_text()}{end}{tail}"
+        text = f"{head}{begin}\n{body}{end}{tail}"
     atomic_write_text(target, text)

@@ -158,6 +158,10 @@ def render_markdown(rows: list[dict]) -> str:
             f"| {codec} | {tol_text} | {v[0]['bits_per_value']:.2f} | {label(m)} | "
             f"{mean:.2f} ± {std:.2f} | {gap} |"
         )
+    lines += [
+        "",
+        "![Codec sweep: test accuracy against stored bits per value](results/codec_sweep.svg)",
+    ]
     return "\n".join(lines) + "\n"
 
 
