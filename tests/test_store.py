@@ -126,6 +126,25 @@ def test_batched_reads_match_single_reads(cache):
         assert all(torch.equal(item[k], single[k]) for k in single)
 
 
+def test_file_reads_are_preads_of_the_contiguous_blobs_and_a_cut_file_is_refused(cache):
+    path, _ = cache
+    info = store.open_cache(path)
+    dataset = store.CacheDataset(path, info)
+    ids, last = [3, 0, 2], info.num_chunks - 1
+    batch = dataset.__getitems__(ids)
+    with h5py.File(path, "r") as f:  # the reader found where HDF5 keeps the bytes...
+        assert dataset._at == {"x": f["x"].id.get_offset()}
+        off = f["x_offsets"][()]
+        sliced = [f["x"][off[i] : off[i + 1]].tobytes() for i in ids]
+    assert [bytes(b) for _, b, _ in dataset.read(ids)] == sliced  # ...and reads them
+    memory = store.CacheDataset(path, info, in_memory=True).__getitems__(ids)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batch, memory, strict=True) for k in a)
+    with open(path, "r+b") as f:  # cut inside the last blob, after the reader opened the file
+        f.truncate(dataset._at["x"] + int(off[-1]) - 3)
+    with pytest.raises(FreezecacheError, match=f"chunk {last} of 'x' is corrupt"):
+        dataset[last]
+
+
 def test_extra_channels_roundtrip(tmp_path):
     x = activations(7)
     extra = activations(7, shape=(2, 6, 6), seed=1)  # e.g. two stored flipped channels
