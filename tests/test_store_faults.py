@@ -470,6 +470,37 @@ def test_full_tmpfs_then_more_space_resumes_to_the_same_file(tmp_path, small_fs)
     assert filecmp.cmp(tmp_path / "ref.h5", small_fs / "c.h5", shallow=False)
 
 
+def test_a_state_file_that_fills_the_disk_keeps_the_old_one_and_says_so(small_fs):
+    from freezecache.io import atomic_write_bytes
+
+    target = small_fs / "state.pt"
+    atomic_write_bytes(target, b"old state")
+    with pytest.raises(FreezecacheError) as err:
+        atomic_write_bytes(target, bytes(4 << 20))  # 4 MB into a 3 MB filesystem
+    assert "the disk filled up while writing it (4.0 MB); nothing was replaced" in one_line(err)
+    assert os.listdir(small_fs) == ["state.pt"] and target.read_bytes() == b"old state"
+
+
+def test_training_checkpoints_that_cannot_fit_are_refused_before_the_first_epoch(
+    tmp_path, monkeypatch
+):
+    from freezecache.config import Train
+    from freezecache.models import create_model
+    from freezecache.train import Trainer
+
+    model = create_model("resnet20", num_classes=10, in_chans=1, img_size=12)
+    need = disk.state_bytes(model)  # weights + momentum: about 2 x 1.1 MB for ResNet-20
+    assert 2 * 4 * sum(p.numel() for p in model.parameters()) < need < 2.5 * 2**20
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 3 * need)  # no room for the margin
+    with pytest.raises(FreezecacheError) as err:
+        Trainer(model, Train(), seed=0, device=torch.device("cpu"), checkpoint=tmp_path / "c.pt")
+    line = one_line(err)
+    assert line.startswith(f"training checkpoints ({tmp_path / 'c.pt'}) needs about ")
+    assert line.endswith("— free space or set paths.checkpoints to a larger filesystem")
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 4 * need)
+    Trainer(model, Train(), seed=0, device=torch.device("cpu"), checkpoint=tmp_path / "c.pt")
+
+
 # -- resumable builds ------------------------------------------------------------------------------
 def test_resume_after_a_crash_gives_the_same_file(tmp_path):
     d = data(60)

@@ -95,7 +95,13 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(_existing(path)).free
 
 
-def check_free_space(needs: Mapping[Path, int], *, what: str, margin: float = 0.2) -> None:
+def check_free_space(
+    needs: Mapping[Path, int],
+    *,
+    what: str,
+    margin: float = 0.2,
+    advice: str = "put the cache on a larger filesystem",
+) -> None:
     """Raise one line when the filesystems of ``needs`` (path -> bytes) lack room for them.
 
     Needs on one filesystem add up; each must fit with ``margin`` (a fraction) to spare.
@@ -113,8 +119,7 @@ def check_free_space(needs: Mapping[Path, int], *, what: str, margin: float = 0.
             detail = f" ({human(need)} estimated + {margin:.0%} margin)" if margin else ""
             raise FreezecacheError(
                 f"{what} needs about {human(wanted)}{detail} on the filesystem of {where}, "
-                f"which has {human(free)} free — free space or put the cache on a larger "
-                "filesystem"
+                f"which has {human(free)} free — free space or {advice}"
             )
 
 
@@ -133,3 +138,11 @@ def is_no_space(err: BaseException | None) -> bool:
         err = err.__cause__ or err.__context__
         seen += 1
     return False
+
+
+def state_bytes(model) -> int:
+    """Bytes of a training checkpoint of ``model`` (an nn.Module): its parameters and buffers
+    plus SGD momentum for every parameter, and 64 KB for the rest of the archive."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 2 * params + buffers + (64 << 10)

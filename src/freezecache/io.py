@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -18,10 +19,21 @@ def _tmp(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file: the old content, or nothing, until
+    the new one is complete. A full disk removes the temporary file and raises one line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FreezecacheError(
+            f"{path}: the disk filled up while writing it ({len(data) / 2**20:.1f} MB); "
+            "nothing was replaced — free space and rerun"
+        ) from None
     os.replace(tmp, path)
 
 

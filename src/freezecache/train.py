@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from freezecache import augment, distributed, runtime
+from freezecache import augment, disk, distributed, runtime
 from freezecache.config import Train
 from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_torch_save
@@ -153,6 +153,14 @@ class Trainer:
         self.seed = seed
         self.device = device
         self.checkpoint = checkpoint  # written by rank 0 only
+        if checkpoint is not None and distributed.is_main():
+            # Each epoch end writes a checkpoint next to the last one (atomic replace), the
+            # stage then its state: refuse before the first epoch rather than after it.
+            disk.check_free_space(
+                {Path(checkpoint): 3 * disk.state_bytes(model)},
+                what=f"training checkpoints ({checkpoint})",
+                advice="set paths.checkpoints to a larger filesystem",
+            )
         self.sync_batchnorm = sync_batchnorm  # with several ranks: global BatchNorm statistics
         self._ddp: nn.Module | None = None  # the DDP wrapper of what trains, several ranks only
         self.on_epoch: Callable[[dict], None] | None = None  # called with each epoch's row
