@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezecache import augment, rank
+from freezecache import augment, rank, store
 from freezecache.codec import make_codec
 from freezecache.config import Config
 from freezecache.costs import method_costs
@@ -40,13 +40,16 @@ def codec_for(cfg: Config, model: nn.Module, index: int):
 
 def _extra(cfg: Config, model: nn.Module, feats: torch.Tensor, flipped: torch.Tensor):
     """What a ranking method stores next to the features: some channels or tokens of the
-    flipped view (the sizes only depend on how many)."""
+    flipped view (the sizes only depend on how many), and for channels their indices (a
+    relative tolerance is per channel); (None, None) when it stores nothing."""
     if model.kind == "cnn":
         c = feats.shape[1 if model.layout == "nchw" else -1]
         k = round(cfg.rank.gamma * c)
-        return augment.take_channels(flipped, torch.arange(k), model.layout) if k else None
+        if not k:
+            return None, None
+        return augment.take_channels(flipped, torch.arange(k), model.layout), list(range(k))
     k = rank.num_selected_tokens(feats.shape[1], cfg.rank.alpha, model.num_prefix_tokens)
-    return flipped[:, :k] if k else None
+    return (flipped[:, :k], None) if k else (None, None)
 
 
 def candidates(ctx, model: nn.Module) -> list[dict]:
@@ -63,9 +66,11 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
         prefix, _ = split(model, pos)
         with torch.no_grad():
             feats = prefix(x).float()
-            extra = _extra(cfg, model, feats, prefix(x.flip(-1)).float()) if ranked else None
+            flipped = prefix(x.flip(-1)).float() if ranked else None
+        extra, extra_index = _extra(cfg, model, feats, flipped) if ranked else (None, None)
         codec = codec_for(cfg, model, points.get(pos, 1))
         sample = feats.cpu().numpy()
+        store.calibrate(codec, sample, cfg.cache.chunk_size)  # as the cache stage does
         x_bytes = estimate_cache_bytes(
             codec, sample, n, chunk_size=cfg.cache.chunk_size, overhead=H5_HEADERS
         )
@@ -73,12 +78,13 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
         if extra is not None:
             pos_width = extra.shape[1] if model.kind == "vit" else 0
             with_extra = estimate_cache_bytes(
-                codec_for(cfg, model, points.get(pos, 1)),
+                codec,
                 sample,
                 n,
                 extra.cpu().numpy(),
                 chunk_size=cfg.cache.chunk_size,
                 pos_width=pos_width,
+                extra_index=extra_index,
                 overhead=H5_HEADERS,
             )
         fp32 = 4 * math.prod(feats.shape[1:])

@@ -44,7 +44,12 @@ def _dvc(*args: str) -> str:
 
 
 def queue(grid=GRID) -> list[str]:
-    """Queues one experiment per grid entry; returns their names."""
+    """Queues one experiment per grid entry; returns their names.
+
+    Failed tasks of an earlier sweep leave the queue first (their logs with them), so that
+    `run_queue` judges this run alone. Entries that an earlier run finished cost a run-cache
+    checkout: their stages' inputs are unchanged."""
+    _dvc("queue", "remove", "--failed")
     names = []
     for name, codec, tol, relative in grid:
         exp = PREFIX + name
