@@ -36,10 +36,17 @@ def test_the_table_gives_each_setting_against_the_lossless_cache(tmp_path):
     md = sweep.render_markdown(rows)
     assert "| none | – | 32.00 | Ours w/ Discard | 94.50 ± 0.71 | +0.00 |" in md
     assert "| quant | 0.5 × channel std | 2.00 | Ours w/ Discard | 93.25 ± 0.35 | -1.25 |" in md
+    rows += sweep.rows_of(_report({"discard": [93.0, 93.5]}, 0.05), "quant", 0.5, True, "rans")
+    md = sweep.render_markdown(rows)
+    assert (
+        "| quant + rans | 0.5 × channel std | 1.60 | Ours w/ Discard | 93.25 ± 0.35 | -1.25 |" in md
+    )
     sweep.write(rows, tmp_path)
     with open(tmp_path / "codec_sweep.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        got = list(csv.DictReader(f))
+    assert len(got) == 6 and [r["coding"] for r in got[-2:]] == ["rans", "rans"]
     assert json.loads((tmp_path / "codec_sweep.json").read_text()) == rows
+    assert all(set(r) == set(sweep.COLUMNS) for r in rows)
     svg = (tmp_path / "codec_sweep.svg").read_text()
     assert svg.lstrip().startswith("<svg") and "Discard" in svg
 

@@ -23,17 +23,23 @@ from freezecache.methods import label
 
 log = logging.getLogger(__name__)
 
-# (name, codec, tolerance, relative): the grid `make sweep` runs; lossless first.
+# (name, codec, tolerance, relative, coding): the grid `make sweep` runs; lossless first. rANS
+# codes the same quant codes as zstd (the same decoded features, so the same accuracy when
+# training is deterministic): its entries measure the bits and check that.
 GRID = (
-    ("lossless", "none", 0.1, False),
-    ("abs-0.1", "quant", 0.1, False),
-    ("rel-0.1", "quant", 0.1, True),
-    ("rel-0.25", "quant", 0.25, True),
-    ("rel-0.5", "quant", 0.5, True),
-    ("rel-1.0", "quant", 1.0, True),
+    ("lossless", "none", 0.1, False, "zstd"),
+    ("abs-0.1", "quant", 0.1, False, "zstd"),
+    ("rel-0.1", "quant", 0.1, True, "zstd"),
+    ("rel-0.25", "quant", 0.25, True, "zstd"),
+    ("rel-0.5", "quant", 0.5, True, "zstd"),
+    ("rel-1.0", "quant", 1.0, True, "zstd"),
+    ("rel-0.25-rans", "quant", 0.25, True, "rans"),
+    ("rel-0.5-rans", "quant", 0.5, True, "rans"),
 )
 PREFIX = "sweep-"
-COLUMNS = ("codec", "tolerance", "relative", "bits_per_value", "seed", "method", "accuracy")
+COLUMNS = (
+    "codec", "coding", "tolerance", "relative", "bits_per_value", "seed", "method", "accuracy",
+)  # fmt: skip
 
 
 def _dvc(*args: str) -> str:
@@ -51,12 +57,12 @@ def queue(grid=GRID) -> list[str]:
     checkout: their stages' inputs are unchanged."""
     _dvc("queue", "remove", "--failed")
     names = []
-    for name, codec, tol, relative in grid:
+    for name, codec, tol, relative, coding in grid:
         exp = PREFIX + name
         _dvc(
             "exp", "run", "--queue", "--name", exp,
             "-S", f"cache.codec={codec}", "-S", f"cache.tolerance={tol}",
-            "-S", f"cache.relative={str(relative).lower()}",
+            "-S", f"cache.relative={str(relative).lower()}", "-S", f"cache.coding={coding}",
         )  # fmt: skip
         names.append(exp)
     return names
@@ -98,7 +104,9 @@ def _bits_per_value(cache_rows: list[dict], method: str) -> float:
     return 32.0 * stored / raw
 
 
-def rows_of(report: dict, codec: str, tolerance: float, relative: bool) -> list[dict]:
+def rows_of(
+    report: dict, codec: str, tolerance: float, relative: bool, coding: str = "zstd"
+) -> list[dict]:
     """One row per seed and discard method of one experiment's report."""
     out = []
     for m, r in report["methods"].items():
@@ -109,6 +117,7 @@ def rows_of(report: dict, codec: str, tolerance: float, relative: bool) -> list[
             out.append(
                 {
                     "codec": codec,
+                    "coding": coding,
                     "tolerance": tolerance,
                     "relative": relative,
                     "bits_per_value": round(bits, 4),
@@ -124,7 +133,7 @@ def collect(grid=GRID) -> list[dict]:
     """Rows of every finished sweep experiment, in grid order."""
     exps = _experiments(json.loads(_dvc("exp", "show", "--json")))
     rows = []
-    for name, codec, tol, relative in grid:
+    for name, codec, tol, relative, coding in grid:
         rev = exps.get(PREFIX + name)
         if rev is None:
             raise FreezecacheError(f"no experiment {PREFIX + name} — run `make sweep`")
@@ -133,7 +142,7 @@ def collect(grid=GRID) -> list[dict]:
         )
         if shown.returncode != 0:
             raise FreezecacheError(f"experiment {PREFIX + name} has no results/report.json")
-        rows += rows_of(json.loads(shown.stdout), codec, tol, relative)
+        rows += rows_of(json.loads(shown.stdout), codec, tol, relative, coding)
     return rows
 
 
@@ -143,7 +152,8 @@ def render_markdown(rows: list[dict]) -> str:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["codec"], r["tolerance"], r["relative"], r["method"]), []).append(r)
+        codec = r["codec"] if r.get("coding", "zstd") == "zstd" else f"{r['codec']} + {r['coding']}"
+        groups.setdefault((codec, r["tolerance"], r["relative"], r["method"]), []).append(r)
     base = {
         k[3]: statistics.fmean(x["accuracy"] for x in v)
         for k, v in groups.items()
