@@ -182,7 +182,14 @@ def render_markdown(rows: list[dict]) -> str:
 
 def plot_spec(rows: list[dict]) -> dict:
     """Vega-Lite: accuracy (mean and std over seeds) against stored bits per value, per method."""
-    values = [{**r, "method": label(r["method"])} for r in rows]
+    values = [
+        {
+            **r,
+            "method": label(r["method"]),
+            "stage": "rANS" if r.get("coding") == "rans" else "zstd (and lossless fp32)",
+        }
+        for r in rows
+    ]
     x = {
         "field": "bits_per_value",
         "type": "quantitative",
@@ -190,6 +197,9 @@ def plot_spec(rows: list[dict]) -> dict:
         "title": "stored bits per cached value (log scale; 32 = lossless fp32)",
     }
     color = {"field": "method", "type": "nominal", "title": None}
+    # One line per method and lossless stage: rANS and zstd store the same values (the same
+    # accuracy) at different sizes, so a line through both would zigzag.
+    dash = {"field": "stage", "type": "nominal", "title": "lossless stage"}
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
         "title": "Codec sweep: test accuracy against cache size, mean ± std over seeds",
@@ -201,8 +211,9 @@ def plot_spec(rows: list[dict]) -> dict:
                 "mark": {"type": "errorbar", "extent": "stdev", "ticks": True},
                 "encoding": {
                     "x": x,
-                    "y": {"field": "accuracy", "type": "quantitative"},
+                    "y": {"field": "accuracy", "type": "quantitative", "title": None},
                     "color": color,
+                    "detail": {"field": "stage", "type": "nominal"},
                 },
             },
             {
@@ -217,6 +228,8 @@ def plot_spec(rows: list[dict]) -> dict:
                         "title": "test accuracy (%)",
                     },
                     "color": color,
+                    "strokeDash": {**dash, "legend": None},  # the shape's legend says it
+                    "shape": dash,
                 },
             },
         ],
