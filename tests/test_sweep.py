@@ -3,6 +3,8 @@ the table against the lossless cache, and the plot file."""
 
 import csv
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -51,10 +53,32 @@ def test_the_table_gives_each_setting_against_the_lossless_cache(tmp_path):
     assert svg.lstrip().startswith("<svg") and "Discard" in svg
 
 
-def test_experiments_are_found_by_name_anywhere_in_exp_show():
-    shown = [
-        {"rev": "workspace", "name": None},
-        {"rev": "abc", "experiments": [{"revs": [{"rev": "def1", "name": "sweep-abs-0.1"}]}]},
-        {"rev": "x", "name": "other"},
-    ]
-    assert sweep._experiments(shown) == {"sweep-abs-0.1": "def1"}
+def test_experiments_are_found_on_head_first_then_the_newest(tmp_path, monkeypatch):
+    def git(*args, date="2026-01-01T00:00:00"):
+        env = {**os.environ, "GIT_COMMITTER_DATE": date, "GIT_AUTHOR_DATE": date}
+        done = subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    def experiment(baseline, name, date):
+        rev = git("commit-tree", "-m", name, "-p", baseline, f"{baseline}^{{tree}}", date=date)
+        git("update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}", rev)
+        return rev
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "old")
+    old = git("rev-parse", "HEAD")
+    a_old = experiment(old, "sweep-a", "2026-01-02T00:00:00")
+    b_old = experiment(old, "sweep-b", "2026-01-02T00:00:00")
+    git("commit", "-q", "--allow-empty", "-m", "code changed")
+    mid = git("rev-parse", "HEAD")
+    b_newer = experiment(mid, "sweep-b", "2026-01-04T00:00:00")  # run again on a later commit
+    git("commit", "-q", "--allow-empty", "-m", "results committed")
+    head = git("rev-parse", "HEAD")
+    a_head = experiment(head, "sweep-a", "2026-01-03T00:00:00")
+    experiment(head, "other", "2026-01-05T00:00:00")  # not the sweep's
+    monkeypatch.chdir(tmp_path)
+    assert sweep._experiments() == {"sweep-a": a_head, "sweep-b": b_newer}
+    assert a_old != a_head and b_old != b_newer

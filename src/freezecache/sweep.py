@@ -77,22 +77,37 @@ def run_queue(poll_s: float = 10.0) -> None:
         raise FreezecacheError(f"a sweep experiment failed — see `dvc queue logs`:\n{status}")
 
 
-def _experiments(shown: list) -> dict[str, str]:
-    """name -> commit of every experiment in `dvc exp show --json` whose name starts PREFIX."""
-    found = {}
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise FreezecacheError(f"git {' '.join(args)} failed: {done.stderr.strip()[-300:]}")
+    return done.stdout
 
-    def walk(node):
-        if isinstance(node, dict):
-            name, rev = node.get("name"), node.get("rev")
-            if isinstance(name, str) and name.startswith(PREFIX) and rev:
-                found[name] = rev
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
 
-    walk(shown)
+def _experiments() -> dict[str, str]:
+    """name -> commit of each finished sweep experiment.
+
+    DVC keeps an experiment under refs/exps/<baseline commit>/<name>. One run on HEAD wins;
+    otherwise the newest, so that committing the results (a new HEAD) does not hide the runs
+    that made them, as `dvc exp show` (HEAD's experiments only) would.
+    """
+    head = _git("rev-parse", "HEAD").strip()
+    listed = _git(
+        "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)", "refs/exps"
+    )
+    found: dict[str, str] = {}
+    on_head: set[str] = set()
+    for line in listed.splitlines():
+        ref, rev = line.split()
+        parts = ref.split("/")  # refs, exps, baseline[:2], baseline[2:], name
+        if len(parts) != 5 or not parts[4].startswith(PREFIX) or parts[4] in on_head:
+            continue
+        name = parts[4]
+        if parts[2] + parts[3] == head:
+            found[name] = rev
+            on_head.add(name)
+        else:
+            found.setdefault(name, rev)  # newest first
     return found
 
 
@@ -131,7 +146,7 @@ def rows_of(
 
 def collect(grid=GRID) -> list[dict]:
     """Rows of every finished sweep experiment, in grid order."""
-    exps = _experiments(json.loads(_dvc("exp", "show", "--json")))
+    exps = _experiments()
     rows = []
     for name, codec, tol, relative, coding in grid:
         rev = exps.get(PREFIX + name)
