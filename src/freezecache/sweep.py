@@ -42,11 +42,16 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _dvc(*args: str) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+def _run(*cmd: str) -> str:
+    """stdout of ``cmd`` (dvc or git); one line with the end of its stderr when it fails."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise FreezecacheError(f"dvc {' '.join(args)} failed: {done.stderr.strip()[-300:]}")
+        raise FreezecacheError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
     return done.stdout
+
+
+def _dvc(*args: str) -> str:
+    return _run("dvc", *args)
 
 
 def queue(grid=GRID) -> list[str]:
@@ -77,13 +82,6 @@ def run_queue(poll_s: float = 10.0) -> None:
         raise FreezecacheError(f"a sweep experiment failed — see `dvc queue logs`:\n{status}")
 
 
-def _git(*args: str) -> str:
-    done = subprocess.run(["git", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise FreezecacheError(f"git {' '.join(args)} failed: {done.stderr.strip()[-300:]}")
-    return done.stdout
-
-
 def _experiments() -> dict[str, str]:
     """name -> commit of each finished sweep experiment.
 
@@ -91,10 +89,11 @@ def _experiments() -> dict[str, str]:
     otherwise the newest, so that committing the results (a new HEAD) does not hide the runs
     that made them, as `dvc exp show` (HEAD's experiments only) would.
     """
-    head = _git("rev-parse", "HEAD").strip()
-    listed = _git(
-        "for-each-ref", "--sort=-committerdate", "--format=%(refname) %(objectname)", "refs/exps"
-    )
+    head = _run("git", "rev-parse", "HEAD").strip()
+    listed = _run(
+        "git", "for-each-ref", "--sort=-committerdate",
+        "--format=%(refname) %(objectname)", "refs/exps",
+    )  # fmt: skip
     found: dict[str, str] = {}
     on_head: set[str] = set()
     for line in listed.splitlines():
