@@ -34,21 +34,23 @@ import tempfile
 from itertools import islice
 from pathlib import Path
 
+import benchlib as bench
 import numpy as np
 import torch
 import typer
 from torch import nn
 
-from freezecache import bench, store
-from freezecache.codec import make_codec
+from freezecache.cache.format import CacheInfo, open_cache
+from freezecache.cache.loader import fits_in_memory
+from freezecache.codecs.registry import make_codec
 from freezecache.config import Config
 from freezecache.errors import FreezecacheError
+from freezecache.flops import part_flops, training_flops
 from freezecache.guard import stage
 from freezecache.io import atomic_write_json, atomic_write_text, read_json
 from freezecache.methods import method as method_info
 from freezecache.models import split
-from freezecache.pipeline import STAGES, START, fill
-from freezecache.profiling import part_flops, training_flops
+from freezecache.pipeline import STAGES, start_of_point
 from freezecache.steps import suffix
 from freezecache.steps.cache import BUILD_BATCH, cache_point, feature_pairs, frozen_model
 from freezecache.steps.context import Context
@@ -113,8 +115,16 @@ def prefix_state(cfg: Config, work: Config, seed: int) -> tuple[RunState, str]:
 def stage_caches(work: Config, seed: int, name: str, state: RunState) -> list[dict]:
     """Every freeze point's cache, built by the cache stage from the same frozen weights."""
     for p in work.points:  # each point continues from the same run here
-        state.save(fill(START, work, seed=seed, method=name, p=p))
+        state.save(start_of_point(work, seed, name, p))
     return [cache_point(work, seed, name, p.block) for p in work.points]
+
+
+def _loader_ctx(ctx: Context, in_memory: bool) -> Context:
+    """The stage's context with ``loader.in_memory`` set: the file and the in-memory path."""
+    other = copy.copy(ctx)
+    loader = ctx.cfg.loader.model_copy(update={"in_memory": in_memory})
+    other.cfg = ctx.cfg.model_copy(update={"loader": loader})
+    return other
 
 
 # -- P3, P4 --------------------------------------------------------------------------------------
@@ -125,7 +135,7 @@ def point_features(ctx: Context, model: nn.Module, block: int) -> tuple[np.ndarr
     return x, torch.cat([y for _, _, y in parts]).cpu().numpy()
 
 
-def build_settings(info: store.CacheInfo) -> dict:
+def build_settings(info: CacheInfo) -> dict:
     """label -> codec for the builds at one point: the profile's settings first."""
     builds = {"profile": bench.fresh_codec(info)}
     if info.codec_name == "quant":
@@ -139,7 +149,7 @@ def build_settings(info: store.CacheInfo) -> dict:
 
 def measure_point(cfg: Config, i: int, stats: dict, x, y, folder: Path) -> dict:
     """P3 and the build rates at freeze point ``i`` (1-based) on its features ``x``."""
-    info = store.open_cache(stats["path"])
+    info = open_cache(stats["path"])
     row = {
         "point": i,
         "block": cfg.points[i - 1].block,
@@ -195,7 +205,7 @@ def p4_summary(points: list[dict]) -> dict:
 
 
 # -- P1, P2 --------------------------------------------------------------------------------------
-def epoch_runs(ctx: Context, model: nn.Module, path: Path, info: store.CacheInfo, name: str):
+def epoch_runs(ctx: Context, model: nn.Module, path: Path, info: CacheInfo, name: str):
     """setting -> run(epoch, max_steps=None): one timed training epoch.
 
     The suffix epochs (cache in RAM, cache file, float32 features in RAM) share one suffix
@@ -205,8 +215,8 @@ def epoch_runs(ctx: Context, model: nn.Module, path: Path, info: store.CacheInfo
     cfg, device, seed, block = ctx.cfg, ctx.device, ctx.seed, ctx.item["p"].block
     mode, layout = method_info(name).augment, model.layout
     loaders = {
-        "cache in memory": suffix.cache_loader(ctx, path, info, in_memory=True),
-        "cache file": suffix.cache_loader(ctx, path, info, in_memory=False),
+        "cache in memory": suffix.cache_loader(_loader_ctx(ctx, True), path, info),
+        "cache file": suffix.cache_loader(_loader_ctx(ctx, False), path, info),
     }
     arrays = bench.features_in_ram(path, info, device)
     suffix_model, full_model = copy.deepcopy(model), copy.deepcopy(model)
@@ -274,12 +284,12 @@ def suffix_flops(ctx: Context, model: nn.Module, block: int) -> dict:
 def measure_p1_p2(ctx, model, path: Path, name: str, repeats: int, warmup_steps: int) -> dict:
     """P1 for the cache in RAM and from the file, and P2 for the cache as the stage reads it."""
     block = ctx.item["p"].block
-    info = store.open_cache(path)
+    info = open_cache(path)
     times = time_interleaved(epoch_runs(ctx, model, path, info, name), repeats, warmup_steps)
     flops = suffix_flops(ctx, model, block)
     flops_ratio = flops["discard"] / flops["full"]
     in_ram = ctx.cfg.loader.in_memory  # as train_suffix resolves it
-    in_ram = store.fits_in_memory(info) if in_ram == "auto" else in_ram
+    in_ram = fits_in_memory(info) if in_ram == "auto" else in_ram
     stage_path = "cache in memory" if in_ram else "cache file"
     ram, cache = times["ram"]["min_s"], times[stage_path]["min_s"]
     return {

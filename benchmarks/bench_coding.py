@@ -11,7 +11,7 @@ idea codes each chunk on its own, as the cache stores it:
   device dequantizes);
 - lossless stages alone on the same codes: zstd levels, zstd with a trained dictionary, blosc2
   bitshuffle + zstd / lz4, bit packing, a zero bitmap + nonzero codes, a Lorenzo residual + zstd,
-  order-0 rANS (constriction), and the context rANS of ``freezecache.rans``;
+  order-0 rANS (constriction), and the context rANS of ``freezecache.codecs.rans``;
 - reference: order-0 entropy of the codes (bits per value).
 
 MB/s are float32 MB per second of one thread's CPU time (``time.thread_time``), so that other
@@ -38,10 +38,14 @@ import typer
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).parent))
+import benchlib as bench  # noqa: E402
 from _features import real_features  # noqa: E402
 
-from freezecache import bench, rans, store  # noqa: E402
-from freezecache.codec import QuantCodec, make_codec  # noqa: E402
+from freezecache.cache.format import CacheInfo, open_cache  # noqa: E402
+from freezecache.cache.reader import CacheDataset  # noqa: E402
+from freezecache.codecs import rans  # noqa: E402
+from freezecache.codecs.quant import QuantCodec  # noqa: E402
+from freezecache.codecs.registry import make_codec  # noqa: E402
 
 log = logging.getLogger("bench_coding")
 MB = 1e6
@@ -243,7 +247,7 @@ def codec_rows(x: np.ndarray, tol: float, relative: bool) -> list[dict]:
                 make_codec("quant", tol, coding=coding, relative=relative),
                 chunk_size=1, workers=2,
             )  # fmt: skip
-            info = store.open_cache(Path(tmp) / "c.h5")
+            info = open_cache(Path(tmp) / "c.h5")
             loader_mb_s = loader_rate(Path(tmp) / "c.h5", info, x.nbytes)
         rows.append({
             "idea": f"quant {coding} (codec end to end)",
@@ -257,10 +261,10 @@ def codec_rows(x: np.ndarray, tol: float, relative: bool) -> list[dict]:
     return rows
 
 
-def loader_rate(path: Path, info: store.CacheInfo, raw_bytes: int) -> float:
+def loader_rate(path: Path, info: CacheInfo, raw_bytes: int) -> float:
     """float32 MB/s of the training loader's CPU part: in-memory cache, device-decode batches of
     64 (the default profile's path), one thread's CPU time."""
-    dataset = store.CacheDataset(path, info, device_decode=True, in_memory=True)
+    dataset = CacheDataset(path, info, device_decode=True, in_memory=True)
     ids = list(range(info.num_chunks))
     batches = [ids[i : i + 64] for i in range(0, len(ids), 64)]
     _, seconds = timed(dataset.__getitems__, batches)

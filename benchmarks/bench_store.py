@@ -49,8 +49,8 @@ def build(
     in ``make bench``); otherwise each batch is made when it is due and its time is left out of
     ``write_s``.
     """
-    from freezecache import store
-    from freezecache.codec import make_codec
+    from freezecache.cache import Build, CacheWriter, Layout
+    from freezecache.codecs.registry import make_codec
 
     shape = tuple(args.shape)
     kw = {}
@@ -63,15 +63,12 @@ def build(
             size = min(args.batch, args.samples - lo)
             made[lo] = batch_of(args.seed, lo // args.batch, size, shape)
     start = time.perf_counter()
-    with store.CacheWriter(
+    with CacheWriter(
         out,
-        codec=make_codec(args.codec, args.tol),
-        sample_shape=shape,
-        chunk_size=args.chunk_size,
-        num_samples=args.samples,
+        make_codec(args.codec, args.tol),
+        Layout(sample_shape=shape, num_samples=args.samples, chunk_size=args.chunk_size),
         prefix_hash="bench",
-        workers=args.workers,
-        **kw,
+        build=Build(workers=args.workers, **kw),
     ) as writer:
         first = getattr(writer, "resume_from", 0)
         make_s = 0.0

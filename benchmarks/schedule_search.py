@@ -12,6 +12,7 @@ has run for the profile to search:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -19,9 +20,9 @@ import yaml
 
 from freezecache.config import parse_config
 from freezecache.costs import method_costs
-from freezecache.models import split
 from freezecache.schedule import phases
 from freezecache.steps.context import Context
+from freezecache.steps.run import image_spec
 from freezecache.train import Trainer
 
 
@@ -40,19 +41,7 @@ def val_accuracy(cfg, method: str, seed: int) -> tuple[float, dict]:
     model = ctx.new_model()
     trainer = Trainer(model, cfg.train, seed=seed, device=ctx.device)
     for ph in phases(cfg, method):
-        prefix, suffix = split(model, ph.position)
-        trainer.fit(
-            state=ph.state,
-            position=ph.position,
-            start=ph.start,
-            end=ph.end,
-            total_epochs=cfg.train.epochs,
-            batches=ctx.image_batches(),
-            forward=model if ph.state == "full" else suffix,
-            frozen=None if ph.state == "full" else prefix,
-            steps_per_epoch=ctx.image_steps,
-            evaluate=lambda: {},
-        )
+        trainer.fit(dataclasses.replace(image_spec(ctx, model, ph), evaluate=lambda: {}))
     costs = method_costs(ctx, model, method, trainer.state.history)
     return 100 * ctx.evaluate(model)["val_acc"], costs
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from freezecache.flops import forward_flops_counter, forward_macs_ptflops
 from freezecache.models import create_model
-from freezecache.profiling import forward_flops_counter, forward_macs_ptflops
 
 TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_timm_models.py"
 HEADER = "| family | timm name | px | blocks | layout | prefix | MFLOPs | 2*ptflops/counter | s |"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' helpers (not a package)
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 

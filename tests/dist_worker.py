@@ -22,7 +22,7 @@ from freezecache import distributed
 from freezecache.config import load_config
 from freezecache.guard import setup_logging
 from freezecache.pipeline import STAGES
-from freezecache.steps import context
+from freezecache.steps import run as stage_run
 from freezecache.steps.baselines import baseline, train_prefix
 from freezecache.steps.cache import cache_point
 from freezecache.steps.pretrain import pretrain
@@ -31,14 +31,14 @@ from freezecache.train import Trainer
 
 
 def _dump_on_finish(folder: Path) -> None:
-    finish = context.Context.finish
+    finish = stage_run.Run.finish
 
-    def dumping(self, trainer, model, costs, *, final=False):
-        finish(self, trainer, model, costs, final=final)
-        state = {"model": model.state_dict(), "momentum": trainer.state.momentum}
-        torch.save(state, folder / f"{self.name}.rank{distributed.rank()}.pt")
+    def dumping(self, costs, *, final=False):
+        finish(self, costs, final=final)
+        state = {"model": self.model.state_dict(), "momentum": self.state.momentum}
+        torch.save(state, folder / f"{self.ctx.name}.rank{distributed.rank()}.pt")
 
-    context.Context.finish = dumping
+    stage_run.Run.finish = dumping
 
 
 def _kill_at(rank: int, epoch: int, step: int) -> None:

@@ -3,7 +3,7 @@
 import torch
 
 from freezecache import augment, rank
-from freezecache.codec import make_codec
+from freezecache.codecs.registry import make_codec
 from freezecache.models import create_model, split
 
 

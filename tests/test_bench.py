@@ -6,6 +6,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import benchlib as bench
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,10 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import ROOT, load_profile
-from freezecache import bench, store
-from freezecache.codec import make_codec
+from freezecache.cache.format import Layout, open_cache
+from freezecache.cache.loader import make_loader
+from freezecache.cache.writer import Build, CacheWriter
+from freezecache.codecs.registry import make_codec
 from freezecache.config import Augment
 from freezecache.steps import suffix
 
@@ -146,7 +149,7 @@ def test_p3_per_freeze_point(bench_out):
 
 def test_the_bench_times_the_stages_batch_functions(bench_out):
     _, _, calls = bench_out
-    paths = [kwargs["in_memory"] for _, kwargs in calls["cache_loader"]]
+    paths = [args[0].cfg.loader.in_memory for args, _ in calls["cache_loader"]]
     assert sorted(paths) == [False, True]  # the cache in RAM and read from the file
     modes = {(args[3], args[4]) for args, _ in calls["cached_batches"]}
     assert modes == {("similarity", "nchw")}  # discard_aug's augmentation, as the stage does
@@ -186,13 +189,21 @@ def cache_with_extras(path, chunk_size: int):
     rng = np.random.default_rng(0)
     x = np.maximum(rng.standard_normal((11, 4, 6, 6)), 0).astype(np.float32)
     extra = np.maximum(rng.standard_normal((11, 2, 6, 6)), 0).astype(np.float32)
-    with store.CacheWriter(
-        path, codec=make_codec("quant", 0.05), sample_shape=x.shape[1:], chunk_size=chunk_size,
-        num_samples=len(x), prefix_hash="t", extra_shape=extra.shape[1:], extra_index=[1, 3],
-        workers=0,
-    ) as writer:  # fmt: skip
+    with CacheWriter(
+        path,
+        make_codec("quant", 0.05),
+        Layout(
+            sample_shape=x.shape[1:],
+            num_samples=len(x),
+            chunk_size=chunk_size,
+            extra_shape=extra.shape[1:],
+            extra_index=[1, 3],
+        ),
+        prefix_hash="t",
+        build=Build(workers=0),
+    ) as writer:
         writer.add(x, np.arange(len(x)), extra=extra)
-    return store.open_cache(path)
+    return open_cache(path)
 
 
 @pytest.mark.parametrize("chunk_size,device_decode", [(1, True), (3, False)])
@@ -205,7 +216,7 @@ def test_ram_baseline_batches_equal_the_stage_batches(tmp_path, chunk_size, devi
         cfg=SimpleNamespace(augment=Augment(crop_pad=2, noise_std=0.05, flip_p=0.5)),
         seed=4, device=torch.device("cpu"), meta={"img_size": 12},
     )  # fmt: skip
-    loader = store.make_loader(
+    loader = make_loader(
         path, info, batch_size=7, seed=4, workers=0, device_decode=device_decode, in_memory=True
     )
     stage = list(suffix.cached_batches(ctx, info, loader, "similarity", "nchw")(1))

@@ -13,16 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from freezecache import rans, store
-from freezecache.codec import (
-    QuantCodec,
-    byte_planes,
-    channel_std,
-    dequantize,
-    exact_step,
-    join_planes,
-    make_codec,
-)
+from freezecache.cache.format import Layout, open_cache
+from freezecache.cache.loader import make_loader
+from freezecache.cache.reader import CacheDataset, finish_batch
+from freezecache.cache.writer import Build, CacheWriter
+from freezecache.codecs import rans
+from freezecache.codecs.planes import byte_planes, channel_std, dequantize, exact_step, join_planes
+from freezecache.codecs.quant import QuantCodec
+from freezecache.codecs.registry import make_codec
 from freezecache.errors import FreezecacheError
 
 TOLERANCES = (1e-1, 1e-2, 1e-3)
@@ -523,21 +521,30 @@ def test_relative_cache_with_extra_channels_round_trips(tmp_path):
     extra = x[:, [3, 1]][:, :, :, ::-1].copy()  # flipped copies of channels 3 and 1
     path = tmp_path / "rel.h5"
     codec = make_codec("quant", 0.2, relative=True, **RANS)
-    with store.CacheWriter(
-        path, codec=codec, sample_shape=x.shape[1:], chunk_size=1, num_samples=6,
-        prefix_hash="h", extra_shape=extra.shape[1:], extra_index=[3, 1], workers=2,
-    ) as writer:  # fmt: skip
+    with CacheWriter(
+        path,
+        codec,
+        Layout(
+            sample_shape=x.shape[1:],
+            num_samples=6,
+            chunk_size=1,
+            extra_shape=extra.shape[1:],
+            extra_index=[3, 1],
+        ),
+        prefix_hash="h",
+        build=Build(workers=2),
+    ) as writer:
         writer.add(x, np.arange(6), extra=extra)
-    info = store.open_cache(path)
+    info = open_cache(path)
     bounds = np.asarray(info.codec_options["channel_scale"]) * 0.2
-    items = [store.CacheDataset(path, info)[i] for i in range(6)]
+    items = [CacheDataset(path, info)[i] for i in range(6)]
     got = np.concatenate([it["x"].numpy() for it in items])
     got_extra = np.concatenate([it["extra"].numpy() for it in items])
     assert (per_channel_error(x, got, 1) <= bounds).all()
     assert (per_channel_error(extra, got_extra, 1) <= bounds[[3, 1]]).all()
     assert info.stats["max_abs_error"] <= bounds.max()
-    loader = store.make_loader(path, info, batch_size=6, seed=0, workers=0, device_decode=True)
-    batch = store.finish_batch(next(iter(loader)), info, "cpu")
+    loader = make_loader(path, info, batch_size=6, seed=0, workers=0, device_decode=True)
+    batch = finish_batch(next(iter(loader)), info, "cpu")
     order = batch["index"].numpy()
     assert torch.equal(batch["x"], torch.from_numpy(got[order]))
 

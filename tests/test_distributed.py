@@ -19,7 +19,9 @@ import yaml
 from torch import nn
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
-from freezecache import distributed, pipeline, store
+from freezecache import distributed, pipeline
+from freezecache.cache.format import open_cache
+from freezecache.cache.loader import ChunkShuffleSampler, ShardedChunkBatches
 from freezecache.train import Images
 
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -38,10 +40,8 @@ def test_shares_cover_the_batch_once_and_rank_0_is_never_empty(n, world):
 
 
 def test_sharded_chunk_batches_make_the_one_process_batches():
-    order = store.ChunkShuffleSampler(41, seed=3)
-    sharded = [
-        store.ShardedChunkBatches(store.ChunkShuffleSampler(41, seed=3), 8, r, 3) for r in range(3)
-    ]
+    order = ChunkShuffleSampler(41, seed=3)
+    sharded = [ShardedChunkBatches(ChunkShuffleSampler(41, seed=3), 8, r, 3) for r in range(3)]
     for epoch in (0, 1):
         order.set_epoch(epoch)
         ids = list(order)
@@ -57,7 +57,7 @@ def test_sharded_chunk_batches_make_the_one_process_batches():
             got = [c for p in per_rank if step < len(p) for c in p[step]]
             assert got == batch
     with pytest.raises(Exception, match="cannot be shared by 3 processes"):
-        store.ShardedChunkBatches(order, 2, 0, 3)
+        ShardedChunkBatches(order, 2, 0, 3)
 
 
 def test_sharded_image_batches_make_the_one_process_batches():
@@ -388,7 +388,7 @@ def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
     assert "--nproc-per-node 2" in log and "rank 1 encodes samples 512..600 of 600" in log
     cache = "data/cache/s0/discard_aug/b2.h5"
     assert (one / cache).read_bytes() == (two / cache).read_bytes()
-    info = store.open_cache(two / cache, full=True)
+    info = open_cache(two / cache, full=True)
     assert info.num_samples == 600 and info.codec_options["coding"] == "rans"
     stats = json.loads((two / "runs/s0/discard_aug/b2/cache.json").read_text())
     assert stats["stored_bytes"] == info.stats["stored_bytes"]

@@ -8,6 +8,7 @@ from conftest import load_profile
 from freezecache.config import parse_config
 from freezecache.errors import FreezecacheError
 from freezecache.pipeline import STAGES
+from freezecache.records import COSTS_VERSION
 from freezecache.report import README_MARK, update_readme, write_report
 
 ACC = {
@@ -48,7 +49,7 @@ def _fixture(tmp_path):
     for i, seed in enumerate(cfg.seeds):
         _write(
             STAGES["train_prefix"].path("costs", cfg, seed=seed),
-            {"stage_wall_s": 4.0, "peak_rss_mb": 900.0},
+            {"stage_wall_s": 4.0, "peak_rss_mb": 900.0, "version": COSTS_VERSION},
         )
         for m in cfg.methods.all:
             item = {"seed": seed, "method": m}
@@ -68,6 +69,7 @@ def _fixture(tmp_path):
                 "states": _states(m, low),
                 "stage_wall_s": 10.0,
                 "peak_rss_mb": 1000.0 + i,
+                "version": COSTS_VERSION,
             }
             _write(folder / "costs.json", costs)
             if m in cfg.methods.discard:

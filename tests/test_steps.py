@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import load_profile, needs_fashion
-from freezecache import store
+from freezecache.cache.format import open_cache
+from freezecache.cache.reader import iter_cache
 from freezecache.config import parse_config
 from freezecache.errors import FreezecacheError
 from freezecache.guard import stage
@@ -31,7 +32,7 @@ def _config(tmp_path, **changes):
         raw[section] = (
             {**(raw.get(section) or {}), **values} if isinstance(values, dict) else values
         )
-    return parse_config(raw, check_model=False)
+    return parse_config(raw)
 
 
 def _run_chain(cfg, method):
@@ -75,7 +76,7 @@ def test_every_model_runs_the_discard_chain(tmp_path, model, kwargs, blocks):
     assert [r["state"] for r in state.history] == ["full", "discard", "discard"]
     metrics = json.loads((folder / "live/metrics.json").read_text())
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["step"] == cfg.train.epochs
-    info = store.open_cache(tmp_path / f"cache/s0/discard_aug/b{blocks[1]}.h5")
+    info = open_cache(tmp_path / f"cache/s0/discard_aug/b{blocks[1]}.h5")
     assert info.num_samples == 96 and info.extra_shape is not None
     if model == "deit_tiny":
         assert info.has_extra_pos  # token replacement stores positions per sample
@@ -94,10 +95,10 @@ def test_the_second_cache_holds_exact_flipped_features(tmp_path):
     model, _ = frozen_model(ctx, point)
     prefix, _ = split(model, point.block)
     path = ctx.out("cache")
-    info = store.open_cache(path, expect_prefix_hash=prefix_hash(model, point.block))
+    info = open_cache(path, expect_prefix_hash=prefix_hash(model, point.block))
     channels = torch.tensor(info.extra_index)
     assert len(channels) == round(cfg.rank.gamma * info.sample_shape[0])
-    batches = list(store.iter_cache(path, info))
+    batches = list(iter_cache(path, info))
     cached = torch.cat([b["x"] for b in batches])
     stored = torch.cat([b["extra"] for b in batches])
     with torch.no_grad():

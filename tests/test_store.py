@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from freezecache import store
-from freezecache.codec import make_codec
+from freezecache.cache import loader as cache_loader
+from freezecache.cache.format import RUN_KEYS, Layout, attrs_digest, open_cache
+from freezecache.cache.loader import ChunkShuffleSampler, fits_in_memory, make_loader
+from freezecache.cache.reader import CacheDataset, collate_chunks, finish_batch, iter_cache
+from freezecache.cache.writer import Build, CacheWriter
+from freezecache.codecs.registry import make_codec
 from freezecache.errors import FreezecacheError
 
 SHAPE = (4, 6, 6)
@@ -39,17 +43,19 @@ def write(
     """Write ``x`` with labels 0..n-1 (mod 10) in uneven batches; returns the stats."""
     n = len(x)
     y = np.arange(n) % 10
-    with store.CacheWriter(
+    with CacheWriter(
         path,
-        codec=make_codec(codec, tol),
-        sample_shape=x.shape[1:],
-        chunk_size=chunk_size,
-        num_samples=n,
+        make_codec(codec, tol),
+        Layout(
+            sample_shape=x.shape[1:],
+            num_samples=n,
+            chunk_size=chunk_size,
+            extra_shape=None if extra is None else extra.shape[1:],
+            extra_index=extra_index,
+        ),
         prefix_hash=HASH,
-        extra_shape=None if extra is None else extra.shape[1:],
-        extra_index=extra_index,
         meta={"point": 1},
-        workers=workers,
+        build=Build(workers=workers),
     ) as writer:
         for lo in range(0, n, batch):
             writer.add(
@@ -76,19 +82,19 @@ def test_writer_reader_roundtrip(tmp_path, chunk_size, codec):
     path = tmp_path / "c.h5"
     stats = write(path, x, chunk_size=chunk_size, codec=codec, workers=2 if chunk_size == 3 else 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]  # no .tmp left
-    info = store.open_cache(path, expect_prefix_hash=HASH)
+    info = open_cache(path, expect_prefix_hash=HASH)
     assert (info.num_samples, info.chunk_size, info.sample_shape) == (10, chunk_size, SHAPE)
     assert info.num_chunks == math.ceil(10 / chunk_size)
     assert (info.codec_name, info.tolerance, info.meta) == (codec, 1e-2, {"point": 1})
-    assert set(stats) - set(info.stats) == set(store.RUN_KEYS)  # timings stay out of the file
+    assert set(stats) - set(info.stats) == set(RUN_KEYS)  # timings stay out of the file
     assert info.stats == json.loads(json.dumps({k: stats[k] for k in info.stats}))
     assert 0 < stats["max_abs_error"] <= 1e-2
     assert stats["compression_ratio"] == pytest.approx(stats["stored_bytes"] / x.nbytes)
     assert stats["raw_bytes"] == x.nbytes and stats["encode_mb_s"] > 0
-    dataset = store.CacheDataset(path, info)
+    dataset = CacheDataset(path, info)
     items = [dataset[i] for i in range(len(dataset))]
     assert [len(item["y"]) for item in items][-1] == 10 - chunk_size * (info.num_chunks - 1)
-    got = store.collate_chunks(items)
+    got = collate_chunks(items)
     assert torch.equal(got["index"], torch.arange(10))
     assert torch.equal(got["y"], torch.arange(10) % 10)
     assert got["x"].dtype == torch.float32 and got["x"].shape == (10, *SHAPE)
@@ -101,25 +107,23 @@ def test_raw_codec_roundtrip(tmp_path, dtype):
     # Raw blobs all have the same length, which h5py's vlen slice writes mishandle.
     x = activations(8)
     path = tmp_path / "c.h5"
-    with store.CacheWriter(
+    with CacheWriter(
         path,
-        codec=make_codec("none", 1e-2, dtype=dtype),
-        sample_shape=SHAPE,
-        chunk_size=2,
-        num_samples=8,
+        make_codec("none", 1e-2, dtype=dtype),
+        Layout(sample_shape=SHAPE, num_samples=8, chunk_size=2),
         prefix_hash=HASH,
     ) as writer:
         writer.add(x, np.zeros(8))
-    info = store.open_cache(path)
+    info = open_cache(path)
     assert info.codec_options == {"dtype": dtype}
-    got = next(store.iter_cache(path, info))["x"].numpy()
+    got = next(iter_cache(path, info))["x"].numpy()
     assert np.array_equal(got, x) if dtype == "float32" else np.allclose(got, x, rtol=2**-11)
     assert writer.stats["max_abs_error"] == float(np.abs(got - x).max())
 
 
 def test_batched_reads_match_single_reads(cache):
     path, _ = cache
-    dataset = store.CacheDataset(path, store.open_cache(path))
+    dataset = CacheDataset(path, open_cache(path))
     batch = dataset.__getitems__([3, 0, 3, 1])  # unsorted, with a repeat
     for item, i in zip(batch, [3, 0, 3, 1], strict=True):
         single = dataset[i]
@@ -128,8 +132,8 @@ def test_batched_reads_match_single_reads(cache):
 
 def test_file_reads_are_preads_of_the_contiguous_blobs_and_a_cut_file_is_refused(cache):
     path, _ = cache
-    info = store.open_cache(path)
-    dataset = store.CacheDataset(path, info)
+    info = open_cache(path)
+    dataset = CacheDataset(path, info)
     ids, last = [3, 0, 2], info.num_chunks - 1
     batch = dataset.__getitems__(ids)
     with h5py.File(path, "r") as f:  # the reader found where HDF5 keeps the bytes...
@@ -137,7 +141,7 @@ def test_file_reads_are_preads_of_the_contiguous_blobs_and_a_cut_file_is_refused
         off = f["x_offsets"][()]
         sliced = [f["x"][off[i] : off[i + 1]].tobytes() for i in ids]
     assert [bytes(b) for _, b, _ in dataset.read(ids)] == sliced  # ...and reads them
-    memory = store.CacheDataset(path, info, in_memory=True).__getitems__(ids)
+    memory = CacheDataset(path, info, in_memory=True).__getitems__(ids)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(batch, memory, strict=True) for k in a)
     with open(path, "r+b") as f:  # cut inside the last blob, after the reader opened the file
         f.truncate(dataset._at["x"] + int(off[-1]) - 3)
@@ -150,12 +154,12 @@ def test_extra_channels_roundtrip(tmp_path):
     extra = activations(7, shape=(2, 6, 6), seed=1)  # e.g. two stored flipped channels
     path = tmp_path / "c.h5"
     stats = write(path, x, extra=extra, extra_index=[3, 1])
-    info = store.open_cache(path)
+    info = open_cache(path)
     assert info.extra_shape == (2, 6, 6) and info.extra_index == (3, 1)
     assert not info.has_extra_pos
     assert 0 < stats["extra_max_abs_error"] <= 1e-2
     assert stats["raw_bytes"] == x.nbytes + extra.nbytes
-    got = store.collate_chunks([store.CacheDataset(path, info)[i] for i in range(info.num_chunks)])
+    got = collate_chunks([CacheDataset(path, info)[i] for i in range(info.num_chunks)])
     assert (got["extra"] - torch.from_numpy(extra)).abs().max() <= 1e-2
 
 
@@ -166,30 +170,30 @@ def test_extra_tokens_and_positions_roundtrip(tmp_path):
     pos = np.stack([rng.permutation(9)[:3] for _ in range(5)]).astype(np.int32)
     path = tmp_path / "c.h5"
     write(path, tokens, chunk_size=2, codec="zfp", extra=extra, extra_pos=pos)
-    info = store.open_cache(path)
+    info = open_cache(path)
     assert info.has_extra_pos and info.extra_index == ()
-    got = store.collate_chunks([store.CacheDataset(path, info)[i] for i in range(info.num_chunks)])
+    got = collate_chunks([CacheDataset(path, info)[i] for i in range(info.num_chunks)])
     assert torch.equal(got["extra_pos"], torch.from_numpy(pos).long())
     assert (got["extra"] - torch.from_numpy(extra)).abs().max() <= 1e-2
     assert (got["x"] - torch.from_numpy(tokens)).abs().max() <= 1e-2
 
 
 def test_sampler_orders():
-    sampler = store.ChunkShuffleSampler(50, seed=3)
+    sampler = ChunkShuffleSampler(50, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(50)) and len(sampler) == 50
     assert list(sampler) == first  # same (seed, epoch): same order
     sampler.set_epoch(1)
     second = list(sampler)
     assert sorted(second) == list(range(50)) and second != first
-    assert list(store.ChunkShuffleSampler(50, seed=4)) != first
-    assert list(store.ChunkShuffleSampler(5, seed=3, shuffle=False)) == [0, 1, 2, 3, 4]
+    assert list(ChunkShuffleSampler(50, seed=4)) != first
+    assert list(ChunkShuffleSampler(5, seed=3, shuffle=False)) == [0, 1, 2, 3, 4]
 
 
 def test_loader_visits_every_sample_once_per_epoch(cache):
     path, _ = cache
-    info = store.open_cache(path)
-    loader = store.make_loader(path, info, batch_size=7, seed=0, workers=0)
+    info = open_cache(path)
+    loader = make_loader(path, info, batch_size=7, seed=0, workers=0)
     assert loader.batch_size == 2  # 7 samples // chunk_size 3
     seen = []
     for epoch in range(2):
@@ -201,10 +205,10 @@ def test_loader_visits_every_sample_once_per_epoch(cache):
 
 def test_loader_workers_give_the_same_batches(cache):
     path, _ = cache
-    info = store.open_cache(path)
+    info = open_cache(path)
     runs = []
     for workers in (0, 2):
-        loader = store.make_loader(path, info, batch_size=6, seed=5, workers=workers)
+        loader = make_loader(path, info, batch_size=6, seed=5, workers=workers)
         loader.sampler.set_epoch(2)
         runs.append(list(loader))
     assert len(runs[0]) == len(runs[1]) == 2
@@ -215,17 +219,17 @@ def test_loader_workers_give_the_same_batches(cache):
 
 def test_device_decode_matches_cpu_decode(cache):
     path, _ = cache
-    info = store.open_cache(path)
-    plain = next(iter(store.make_loader(path, info, batch_size=6, seed=1, workers=0)))
+    info = open_cache(path)
+    plain = next(iter(make_loader(path, info, batch_size=6, seed=1, workers=0)))
     packed = next(
-        iter(store.make_loader(path, info, batch_size=6, seed=1, workers=0, device_decode=True))
+        iter(make_loader(path, info, batch_size=6, seed=1, workers=0, device_decode=True))
     )
     assert packed["x"].dtype == torch.uint8  # tolerance 1e-2 on these maps needs < 256 codes
     assert packed["x_lo"].shape == (6, 4, 1, 1)
-    done = store.finish_batch(packed, info, "cpu")
+    done = finish_batch(packed, info, "cpu")
     assert "x_lo" not in done
     assert torch.equal(done["x"], plain["x"])
-    assert torch.equal(store.finish_batch(plain, info, "cpu")["x"], plain["x"])
+    assert torch.equal(finish_batch(plain, info, "cpu")["x"], plain["x"])
 
 
 def test_device_decode_pads_chunks_to_the_widest_code(tmp_path):
@@ -233,14 +237,12 @@ def test_device_decode_pads_chunks_to_the_widest_code(tmp_path):
     x[:2] /= 1000  # the first chunk needs one byte
     path = tmp_path / "c.h5"
     write(path, x, chunk_size=2, tol=1e-3)
-    info = store.open_cache(path)
+    info = open_cache(path)
     assert info.stats["max_code_bytes"] == 3
-    batch = store.collate_chunks(
-        [store.CacheDataset(path, info, device_decode=True)[i] for i in range(2)]
-    )
+    batch = collate_chunks([CacheDataset(path, info, device_decode=True)[i] for i in range(2)])
     assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (4, 3, math.prod(SHAPE))
     assert not batch["x"][:2, 1:].any()  # the narrow chunk's missing planes are zero
-    x_dec = store.finish_batch(batch, info, "cpu")["x"]
+    x_dec = finish_batch(batch, info, "cpu")["x"]
     assert (x_dec - torch.from_numpy(x)).abs().max() <= 1e-3
 
 
@@ -249,10 +251,10 @@ def test_in_memory_loader_gives_the_same_batches(tmp_path, codec):
     x = activations(10)
     path = tmp_path / "c.h5"
     write(path, x, codec=codec, extra=activations(10, (2, 6, 6), seed=1), extra_index=[0, 3])
-    info = store.open_cache(path)
+    info = open_cache(path)
     runs = []
     for in_memory in (False, True):
-        loader = store.make_loader(path, info, batch_size=6, seed=5, workers=0, in_memory=in_memory)
+        loader = make_loader(path, info, batch_size=6, seed=5, workers=0, in_memory=in_memory)
         loader.sampler.set_epoch(1)
         runs.append(list(loader))
     for a, b in zip(*runs, strict=True):
@@ -261,25 +263,25 @@ def test_in_memory_loader_gives_the_same_batches(tmp_path, codec):
 
 
 def test_fits_in_memory_compares_stored_bytes(cache, monkeypatch):
-    info = store.open_cache(cache[0])
+    info = open_cache(cache[0])
     stored = info.stats["stored_bytes"]
-    monkeypatch.setattr(store, "_available_bytes", lambda: 4 * stored + 4)
-    assert store.fits_in_memory(info)
-    monkeypatch.setattr(store, "_available_bytes", lambda: 4 * stored - 4)
-    assert not store.fits_in_memory(info)
+    monkeypatch.setattr(cache_loader, "_available_bytes", lambda: 4 * stored + 4)
+    assert fits_in_memory(info)
+    monkeypatch.setattr(cache_loader, "_available_bytes", lambda: 4 * stored - 4)
+    assert not fits_in_memory(info)
 
 
 def test_device_decode_needs_quant(tmp_path):
     path = tmp_path / "c.h5"
     write(path, activations(3), codec="zfp")
     with pytest.raises(FreezecacheError, match="device_decode needs the quant codec"):
-        store.CacheDataset(path, store.open_cache(path), device_decode=True)
+        CacheDataset(path, open_cache(path), device_decode=True)
 
 
 def test_iter_cache_reads_everything_in_order(cache):
     path, x = cache
-    info = store.open_cache(path)
-    batches = list(store.iter_cache(path, info, batch_chunks=2))
+    info = open_cache(path)
+    batches = list(iter_cache(path, info, batch_chunks=2))
     assert [len(b["y"]) for b in batches] == [6, 4]
     got = torch.cat([b["x"] for b in batches])
     assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(10))
@@ -288,21 +290,19 @@ def test_iter_cache_reads_everything_in_order(cache):
 
 def test_iter_cache_starts_at_a_chunk(cache):
     path, _ = cache
-    info = store.open_cache(path)
-    whole = list(store.iter_cache(path, info, batch_chunks=2))
-    rest = list(store.iter_cache(path, info, batch_chunks=2, first_chunk=2))
+    info = open_cache(path)
+    whole = list(iter_cache(path, info, batch_chunks=2))
+    rest = list(iter_cache(path, info, batch_chunks=2, first_chunk=2))
     assert len(rest) == 1 and all(torch.equal(rest[0][k], whole[1][k]) for k in whole[1])
 
 
 def test_exception_inside_writer_leaves_no_file(tmp_path):
     path = tmp_path / "c.h5"
     with pytest.raises(RuntimeError, match="boom"):
-        with store.CacheWriter(
+        with CacheWriter(
             path,
-            codec=make_codec("zfp", 1e-2),
-            sample_shape=SHAPE,
-            chunk_size=2,
-            num_samples=4,
+            make_codec("zfp", 1e-2),
+            Layout(sample_shape=SHAPE, num_samples=4, chunk_size=2),
             prefix_hash=HASH,
         ) as writer:
             writer.add(activations(3), np.zeros(3))
@@ -321,12 +321,10 @@ def test_nan_activations_fail_cleanly(tmp_path):
 def test_short_sample_count_fails_cleanly(tmp_path):
     path = tmp_path / "c.h5"
     with pytest.raises(FreezecacheError, match="got 3 samples, declared 5"):
-        with store.CacheWriter(
+        with CacheWriter(
             path,
-            codec=make_codec("quant", 1e-2),
-            sample_shape=SHAPE,
-            chunk_size=2,
-            num_samples=5,
+            make_codec("quant", 1e-2),
+            Layout(sample_shape=SHAPE, num_samples=5, chunk_size=2),
             prefix_hash=HASH,
         ) as writer:
             writer.add(activations(3), np.zeros(3))
@@ -348,12 +346,10 @@ class _LeakyCodec:
 def test_broken_bound_is_refused(tmp_path):
     path = tmp_path / "c.h5"
     with pytest.raises(FreezecacheError, match="broke its bound"):
-        with store.CacheWriter(
+        with CacheWriter(
             path,
-            codec=_LeakyCodec(),
-            sample_shape=SHAPE,
-            chunk_size=2,
-            num_samples=2,
+            _LeakyCodec(),
+            Layout(sample_shape=SHAPE, num_samples=2, chunk_size=2),
             prefix_hash=HASH,
         ) as writer:
             writer.add(activations(2), np.zeros(2))
@@ -370,12 +366,12 @@ def test_corrupt_blob_is_caught_by_crc(cache):
     assert at > 0 and raw.find(blob, at + 1) == -1
     raw[at + len(blob) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    dataset = store.CacheDataset(path, store.open_cache(path))
+    dataset = CacheDataset(path, open_cache(path))
     dataset[0]  # other chunks still read
     with pytest.raises(FreezecacheError, match=r"chunk 1 of 'x' is corrupt \(crc mismatch\)"):
         dataset[1]
     with pytest.raises(FreezecacheError, match=r"chunk 1 of 'x' is corrupt"):
-        store.CacheDataset(path, store.open_cache(path), in_memory=True)
+        CacheDataset(path, open_cache(path), in_memory=True)
 
 
 def test_truncated_file_is_refused(cache):
@@ -383,21 +379,21 @@ def test_truncated_file_is_refused(cache):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(FreezecacheError, match=r"not a readable HDF5 file .*dvc repro cache_p1"):
-        store.open_cache(path, stage="cache_p1")
+        open_cache(path, stage="cache_p1")
 
 
 def test_not_hdf5_and_missing_files_are_refused(tmp_path):
     with pytest.raises(FreezecacheError, match=r"c\.h5 does not exist — rerun `dvc repro"):
-        store.open_cache(tmp_path / "c.h5")
+        open_cache(tmp_path / "c.h5")
     (tmp_path / "c.h5").write_text("hello")
     with pytest.raises(FreezecacheError, match="not a readable HDF5 file"):
-        store.open_cache(tmp_path / "c.h5")
+        open_cache(tmp_path / "c.h5")
 
 
 def test_wrong_prefix_hash_names_both(cache):
     path, _ = cache
     with pytest.raises(FreezecacheError, match="prefix a1b2c3d4e5f6 but this run's prefix is ffff"):
-        store.open_cache(path, expect_prefix_hash="ffff00001111")
+        open_cache(path, expect_prefix_hash="ffff00001111")
 
 
 @pytest.mark.parametrize(
@@ -415,7 +411,7 @@ def test_damaged_attributes_are_refused(cache, edit, message):
     with h5py.File(path, "r+") as f:
         edit(f.attrs)
     with pytest.raises(FreezecacheError, match=message) as err:
-        store.open_cache(path)
+        open_cache(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
@@ -433,7 +429,7 @@ def test_inconsistent_attributes_are_refused_behind_a_fresh_digest(cache, edit, 
     path, _ = cache
     with h5py.File(path, "r+") as f:
         edit(f.attrs)
-        f.attrs["attrs_digest"] = store.attrs_digest(f.attrs)
+        f.attrs["attrs_digest"] = attrs_digest(f.attrs)
     with pytest.raises(FreezecacheError, match=message) as err:
-        store.open_cache(path)
+        open_cache(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)

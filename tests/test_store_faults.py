@@ -19,8 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from freezecache import disk, spool, store
-from freezecache.codec import Codec, QuantCodec, make_codec
+from freezecache import disk
+from freezecache.cache import assemble, spool
+from freezecache.cache.assemble import assemble_cache
+from freezecache.cache.format import ROOT_ATTRS, Layout, open_cache
+from freezecache.cache.reader import CacheDataset, collate_chunks
+from freezecache.cache.size import H5_OVERHEAD, estimate_cache_bytes
+from freezecache.cache.writer import Build, CacheWriter
+from freezecache.codecs import Codec
+from freezecache.codecs.quant import QuantCodec
+from freezecache.codecs.registry import calibrate, make_codec
 from freezecache.errors import FreezecacheError
 
 SHAPE = (4, 6, 6)
@@ -55,22 +63,24 @@ def build(
     chunk_size: int = 3,
     stop_after: int | None = None,
     **kw,
-) -> store.CacheWriter:
+) -> CacheWriter:
     """Write ``d`` from ``writer.resume_from`` to the writer's range end; ``stop_after``
     samples: leave the writer as a SIGKILL would (committed spool on disk, nothing closed)."""
     n = len(d["x"])
-    kw.setdefault("extra_index", [3, 1] if "extra" in d else None)
-    writer = store.CacheWriter(
+    extra_index = kw.pop("extra_index", [3, 1] if "extra" in d else ())
+    writer = CacheWriter(
         path,
-        codec=make_codec(codec, 1e-2) if isinstance(codec, str) else codec,
-        sample_shape=d["x"].shape[1:],
-        chunk_size=chunk_size,
-        num_samples=n,
+        make_codec(codec, 1e-2) if isinstance(codec, str) else codec,
+        Layout(
+            sample_shape=d["x"].shape[1:],
+            num_samples=n,
+            chunk_size=chunk_size,
+            extra_shape=d["extra"].shape[1:] if "extra" in d else None,
+            extra_index=tuple(extra_index or ()),
+        ),
         prefix_hash=HASH,
-        extra_shape=d["extra"].shape[1:] if "extra" in d else None,
         meta={"point": 1},
-        workers=workers,
-        **kw,
+        build=Build(workers=workers, **kw),
     )
     try:
         for lo in range(writer.resume_from, writer.range_end, batch):
@@ -91,7 +101,7 @@ def build(
     return writer
 
 
-def crash(writer: store.CacheWriter) -> None:
+def crash(writer: CacheWriter) -> None:
     """What a SIGKILL leaves: the committed spool; the writer's lock released by the OS."""
     writer._spool.commit()
     writer._shutdown()
@@ -101,9 +111,9 @@ def crash(writer: store.CacheWriter) -> None:
 
 def read_all(path: Path) -> dict:
     """Every field training reads, through the real reader (checks everything on the way)."""
-    info = store.open_cache(path, full=True)
-    dataset = store.CacheDataset(path, info, in_memory=True)
-    items = store.collate_chunks([dataset[i] for i in range(len(dataset))])
+    info = open_cache(path, full=True)
+    dataset = CacheDataset(path, info, in_memory=True)
+    items = collate_chunks([dataset[i] for i in range(len(dataset))])
     return {**items, "info": (info.extra_index, info.sample_shape, info.meta, info.codec_name)}
 
 
@@ -145,7 +155,7 @@ def test_same_inputs_give_byte_identical_files(tmp_path, codec):
 
 def test_close_returns_the_timings_the_file_leaves_out(full_cache, tmp_path):
     writer = build(tmp_path / "d.h5", data())
-    stats, info = writer.close(), store.open_cache(full_cache)
+    stats, info = writer.close(), open_cache(full_cache)
     assert {k: stats[k] for k in info.stats} == info.stats
     assert stats["encode_s"] > 0 and stats["encode_mb_s"] > 0 and stats["assemble_s"] > 0
     assert stats["resumed_samples"] == 0
@@ -163,7 +173,7 @@ def test_random_bytes_in_labels_are_refused(full_cache):
         f.seek(at + size // 2 - 4)
         f.write(np.random.default_rng(7).bytes(8))
     with pytest.raises(FreezecacheError) as err:
-        store.open_cache(full_cache, stage="cache_p1")
+        open_cache(full_cache, stage="cache_p1")
     assert "dataset 'y' does not match its digest" in one_line(err)
     assert "dvc repro cache_p1" in str(err.value)
 
@@ -179,15 +189,15 @@ def test_corrupt_bytes_in_each_dataset_are_refused(full_cache, name):
         f.seek(at + size // 2)
         f.write(bytes([byte ^ 0x10]))
     if name in ("x", "extra"):  # blobs: crc-checked when read, or all at once with full=True
-        info = store.open_cache(full_cache)
+        info = open_cache(full_cache)
         with pytest.raises(FreezecacheError, match=f"of '{name}' is corrupt") as err:
-            store.CacheDataset(full_cache, info, in_memory=True)
+            CacheDataset(full_cache, info, in_memory=True)
         one_line(err)
         with pytest.raises(FreezecacheError, match=f"of '{name}' is corrupt") as err:
-            store.open_cache(full_cache, full=True)
+            open_cache(full_cache, full=True)
     else:
         with pytest.raises(FreezecacheError, match=f"'{name}' does not match its digest") as err:
-            store.open_cache(full_cache)
+            open_cache(full_cache)
     assert str(full_cache) in one_line(err)
 
 
@@ -205,7 +215,7 @@ def _attr_value_at(raw: bytes, name: str, value) -> int:
     return at + len(data) // 2
 
 
-ATTRS = [*store.ROOT_ATTRS, "digests", "complete", "attrs_digest"]
+ATTRS = [*ROOT_ATTRS, "digests", "complete", "attrs_digest"]
 
 
 @pytest.mark.parametrize("name", ATTRS)
@@ -216,7 +226,7 @@ def test_corrupt_bytes_in_each_attribute_are_refused(full_cache, name):
     raw[_attr_value_at(bytes(raw), name, value)] ^= 0x01
     full_cache.write_bytes(bytes(raw))
     with pytest.raises(FreezecacheError) as err:
-        store.open_cache(full_cache)
+        open_cache(full_cache)
     assert str(full_cache) in one_line(err)
 
 
@@ -233,7 +243,7 @@ def test_edited_attributes_are_refused(full_cache, name):
     with h5py.File(full_cache, "r+") as f:
         f.attrs[name] = _other(f.attrs[name])
     with pytest.raises(FreezecacheError) as err:
-        store.open_cache(full_cache)
+        open_cache(full_cache)
     assert str(full_cache) in one_line(err)
 
 
@@ -259,24 +269,24 @@ def test_random_byte_flips_never_pass_silently(full_cache, tmp_path):
 
 
 def test_reader_rechecks_the_index_it_loads(full_cache):
-    info = store.open_cache(full_cache)
+    info = open_cache(full_cache)
     with h5py.File(full_cache, "r+") as f:
         f["y"][0] = 9 - f["y"][0]  # after open_cache: a worker still notices
     with pytest.raises(FreezecacheError, match="'y' does not match its digest"):
-        store.CacheDataset(full_cache, info)[0]
+        CacheDataset(full_cache, info)[0]
 
 
 # -- disk space ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("codec", ["quant", "zfp"])
 def test_estimate_is_close_to_the_file_size(tmp_path, codec):
     d = {k: np.concatenate([v] * 20) for k, v in data(30).items()}  # 600 samples
-    est = disk.estimate_cache_bytes(
+    est = estimate_cache_bytes(
         make_codec(codec, 1e-2), d["x"][:64], 600, d["extra"][:64], chunk_size=3, pos_width=3
     )
     path = tmp_path / "c.h5"
     build(path, d, codec=codec, batch=50)
     size = path.stat().st_size
-    assert size <= est and est - size <= disk.H5_OVERHEAD + 0.1 * size
+    assert size <= est and est - size <= H5_OVERHEAD + 0.1 * size
 
 
 def test_too_little_space_is_refused_before_writing(tmp_path, monkeypatch):
@@ -331,9 +341,9 @@ INJECTIONS = {
     "encoder thread": lambda m: m.setattr(
         QuantCodec, "compress", _fail_on_call(12, QuantCodec.compress)
     ),
-    "file reservation": lambda m: m.setattr(store.os, "posix_fallocate", _enospc),
-    "hdf5 write": lambda m: m.setattr(store, "_write_skeleton", _h5py_style),
-    "blob copy": lambda m: m.setattr(store, "_copy_blobs", _enospc),
+    "file reservation": lambda m: m.setattr(assemble.os, "posix_fallocate", _enospc),
+    "hdf5 write": lambda m: m.setattr(assemble, "_write_skeleton", _h5py_style),
+    "blob copy": lambda m: m.setattr(assemble, "_copy_blobs", _enospc),
 }
 
 
@@ -383,8 +393,8 @@ CHILD = textwrap.dedent(
     import signal, sys
     from pathlib import Path
     import numpy as np
-    from freezecache import store
-    from freezecache.codec import make_codec
+    from freezecache.cache import Build, CacheWriter, Layout
+    from freezecache.codecs.registry import make_codec
     from freezecache.errors import FreezecacheError
 
     out, spool_dir, n, check = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -393,11 +403,19 @@ CHILD = textwrap.dedent(
     y = np.arange(n) % 10
     batch = 50
     try:
-        with store.CacheWriter(
-            out, codec=make_codec("quant", 1e-2), sample_shape=x.shape[1:], chunk_size=2,
-            num_samples=n, prefix_hash="h", workers=2, check_space=check == "check",
-            spool_dir=None if spool_dir == "-" else Path(spool_dir),
-            resume_key=None if spool_dir == "-" else "key", align=batch, commit_s=0.0,
+        with CacheWriter(
+            out,
+            make_codec("quant", 1e-2),
+            Layout(sample_shape=x.shape[1:], num_samples=n, chunk_size=2),
+            prefix_hash="h",
+            build=Build(
+                workers=2,
+                spool_dir=None if spool_dir == "-" else Path(spool_dir),
+                resume_key=None if spool_dir == "-" else "key",
+                align=batch,
+                check_space=check == "check",
+                commit_s=0.0,
+            ),
         ) as writer:
             print("resume_from", writer.resume_from, flush=True)
             for lo in range(writer.resume_from, n, batch):
@@ -516,16 +534,12 @@ def test_resume_after_a_crash_gives_the_same_file(tmp_path):
 def test_resume_point_is_a_multiple_of_chunk_size_and_align(tmp_path):
     kw = {"spool_dir": tmp_path / "ckpt", "resume_key": "k", "commit_s": 0.0, "workers": 0}
     build(tmp_path / "c.h5", data(60), batch=5, align=5, stop_after=40, **kw)
-    writer = store.CacheWriter(
+    writer = CacheWriter(
         tmp_path / "c.h5",
-        codec=make_codec("quant", 1e-2),
-        sample_shape=SHAPE,
-        chunk_size=3,
-        num_samples=60,
+        make_codec("quant", 1e-2),
+        Layout(sample_shape=SHAPE, num_samples=60, chunk_size=3, extra_shape=(2, 6, 6)),
         prefix_hash=HASH,
-        extra_shape=(2, 6, 6),
-        align=5,
-        **kw,
+        build=Build(align=5, **kw),
     )
     assert writer.resume_from == 30  # lcm(3, 5) = 15
     crash(writer)
@@ -560,24 +574,20 @@ def test_torn_journal_and_corrupt_spool_blobs_are_cut(tmp_path):
 
 def test_a_spool_in_use_is_refused(tmp_path):
     kw = {"spool_dir": tmp_path / "ckpt", "resume_key": "k", "workers": 0}
-    first = store.CacheWriter(
+    first = CacheWriter(
         tmp_path / "c.h5",
-        codec=make_codec("quant", 1e-2),
-        sample_shape=SHAPE,
-        chunk_size=3,
-        num_samples=6,
+        make_codec("quant", 1e-2),
+        Layout(sample_shape=SHAPE, num_samples=6, chunk_size=3),
         prefix_hash=HASH,
-        **kw,
+        build=Build(**kw),
     )
     with pytest.raises(FreezecacheError, match="is in use by another build"):
-        store.CacheWriter(
+        CacheWriter(
             tmp_path / "c.h5",
-            codec=make_codec("quant", 1e-2),
-            sample_shape=SHAPE,
-            chunk_size=3,
-            num_samples=6,
+            make_codec("quant", 1e-2),
+            Layout(sample_shape=SHAPE, num_samples=6, chunk_size=3),
             prefix_hash=HASH,
-            **kw,
+            build=Build(**kw),
         )
     first._abort()
 
@@ -606,8 +616,8 @@ def test_spools_of_chunk_ranges_assemble_into_the_one_process_file(tmp_path):
         part.commit()
         spools.append(part)
     with h5py.File(tmp_path / "ref.h5") as f:
-        attrs = {name: f.attrs[name] for name in store.ROOT_ATTRS}
-    store.assemble_cache(tmp_path / "multi.h5", spools, attrs)
+        attrs = {name: f.attrs[name] for name in ROOT_ATTRS}
+    assemble_cache(tmp_path / "multi.h5", spools, attrs)
     assert filecmp.cmp(tmp_path / "ref.h5", tmp_path / "multi.h5", shallow=False)
 
 
@@ -637,7 +647,7 @@ CALIBRATED = {"relative": True, "coding": "rans", "channel_axis": 1}
 def _calibrated(options: dict, first: np.ndarray) -> Codec:
     """A codec calibrated up front on ``first``, as the cache stage calibrates it."""
     codec = make_codec("quant", 0.25 if options else 1e-2, **options)
-    store.calibrate(codec, first, 3)
+    calibrate(codec, first, 3)
     return codec
 
 
@@ -655,21 +665,21 @@ def test_ranks_build_one_cache_together_that_equals_the_one_process_file(tmp_pat
     build(tmp_path / "multi.h5", d, codec=other, chunk_range=(4, 7), spool_dir=tmp_path / "r1",
           **kw)  # fmt: skip
     assert not (tmp_path / "multi.h5").exists()
-    writer = store.CacheWriter(
+    writer = CacheWriter(
         tmp_path / "multi.h5",
-        codec=make_codec("quant", first.tolerance, **first.options),
-        sample_shape=SHAPE,
-        chunk_size=3,
-        num_samples=20,
+        make_codec("quant", first.tolerance, **first.options),
+        Layout(
+            sample_shape=SHAPE,
+            num_samples=20,
+            chunk_size=3,
+            extra_shape=(2, 6, 6),
+            extra_index=[3, 1],
+        ),
         prefix_hash=HASH,
-        extra_shape=(2, 6, 6),
-        extra_index=[3, 1],
         meta={"point": 1},
-        spool_dir=tmp_path / "r0",
-        resume_key="k",
-        align=6,
-        chunk_range=(0, 4),
-        publish=False,
+        build=Build(
+            spool_dir=tmp_path / "r0", resume_key="k", align=6, chunk_range=(0, 4), publish=False
+        ),
     )
     assert writer.resume_from == 12  # a rerun of rank 0 finds its range done
     writer.close()

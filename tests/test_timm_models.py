@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from freezecache import augment, rank
-from freezecache.codec import make_codec
+from freezecache.codecs.registry import make_codec
 from freezecache.errors import FreezecacheError
+from freezecache.flops import forward_flops_counter, forward_macs_ptflops, part_flops
 from freezecache.models import (
     BlockModel,
     create_model,
@@ -26,7 +27,6 @@ from freezecache.models import (
     load_checkpoint,
     split,
 )
-from freezecache.profiling import forward_flops_counter, forward_macs_ptflops, part_flops
 from freezecache.train import RunState
 
 IMG = 32

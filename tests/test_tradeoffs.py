@@ -12,10 +12,10 @@ import yaml
 from torch import nn
 
 from conftest import load_profile, needs_fashion
-from freezecache import pipeline
+from freezecache import render
 from freezecache.config import Train, parse_config
+from freezecache.memory import accounted_memory
 from freezecache.models import BlockModel, create_model
-from freezecache.profiling import accounted_memory
 from freezecache.steps.prepare import prepare
 from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
 from freezecache.train import Trainer
@@ -249,7 +249,7 @@ def test_measure_tradeoffs_rejects_zero_steps(tiny_cfg):
 
 
 def test_pipeline_has_the_tradeoffs_stage_before_the_report():
-    stages = pipeline.render()["stages"]
+    stages = render.render()["stages"]
     stage = stages["tradeoffs"]
     assert stage["cmd"] == "python stages/tradeoffs.py"
     assert "${paths.runs}/s${seeds[0]}/prefix/state.pt" in stage["deps"]

@@ -12,7 +12,8 @@ import yaml
 from conftest import ROOT, env_with_venv, load_profile, needs_fashion, run
 from freezecache.config import Train
 from freezecache.models import create_model
-from freezecache.train import RunState, Trainer, cosine_lr, set_frozen
+from freezecache.schedule import Phase
+from freezecache.train import RunState, Trainer, TrainSpec, cosine_lr, set_frozen
 
 
 def test_cosine_lr_schedule():
@@ -41,15 +42,13 @@ def test_freeze_state_leaves_prefix_untouched_and_keeps_momentum_by_name():
     trainer = Trainer(model, Train(epochs=2, batch_size=8), seed=0, device=torch.device("cpu"))
     before = {k: v.clone() for k, v in model.stem.state_dict().items()}
     trainer.fit(
-        state="freeze",
-        position=2,
-        start=0,
-        end=1,
-        total_epochs=2,
-        batches=_toy_batches,
-        forward=model,
-        steps_per_epoch=3,
-        evaluate=lambda: {"test_acc": 0.0},
+        TrainSpec(
+            phase=Phase("freeze", 2, 0, 1),
+            forward=model,
+            batches=_toy_batches,
+            steps_per_epoch=3,
+            evaluate=lambda: {"test_acc": 0.0},
+        )
     )
     after = model.stem.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats too: frozen = eval

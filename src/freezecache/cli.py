@@ -15,8 +15,11 @@ PROFILES = Path("configs")
 
 @app.command()
 def check(params: Path = typer.Option(Path("params.yaml"), help="params file to validate")) -> None:
-    """Validate a params file: every problem reported at once."""
-    with stage(params):
+    """Validate a params file, the model it names included: every problem reported at once."""
+    from freezecache.steps.model import check_model
+
+    with stage(params) as cfg:
+        check_model(cfg, str(params))
         print(f"{params}: ok")
 
 
@@ -40,15 +43,15 @@ def render_pipeline(
     check_only: bool = typer.Option(False, "--check", help="fail if dvc.yaml is out of date"),
 ) -> None:
     """Render dvc.yaml from the stage declarations (for developers; params never need it)."""
-    from freezecache import pipeline
+    from freezecache import render
 
     setup_logging()
     if check_only:
-        if pipeline.render_text() != (pipeline.ROOT / "dvc.yaml").read_text():
+        if render.render_text() != (render.ROOT / "dvc.yaml").read_text():
             fail("dvc.yaml is older than src/freezecache/pipeline.py — run `freezecache pipeline`")
         print("dvc.yaml: up to date")
     else:
-        print("dvc.yaml: " + ("rendered" if pipeline.write() else "up to date"))
+        print("dvc.yaml: " + ("rendered" if render.write() else "up to date"))
 
 
 @app.command()

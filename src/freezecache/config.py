@@ -1,7 +1,12 @@
 """Typed, validated params: `params.yaml` (and every profile in `configs/`) loads into `Config`.
 
 Every problem is reported at once, one line each, before any work starts: unknown keys, wrong
-types, out-of-range values and inconsistent freeze schedules.
+types, out-of-range values and inconsistent freeze schedules. What needs the model (its number
+of blocks, its constructor's arguments) is checked where the model is built
+(:mod:`freezecache.steps.model`), so that validating params imports no model file.
+
+Defaults are the default profile's values (configs/default.yaml; a test keeps them equal), except
+``data``'s subsets, whose default None means all of them.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from freezecache.codecs import CODECS, CODINGS
 from freezecache.errors import FreezecacheError
-from freezecache.methods import BASELINES, DISCARD
+from freezecache.methods import BASELINES, DISCARD, method
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -42,7 +48,7 @@ class Methods(Section):
     """Which methods run: DVC iterates each list (stages/baseline.py, the discard stages)."""
 
     baselines: list[Literal[BASELINES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["normal", "freezeout"]
+        default_factory=lambda: ["normal", "freezeout", "normal_noflip"]
     )
     discard: list[Literal[DISCARD]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["discard", "discard_aug"]
@@ -75,14 +81,14 @@ class Model(Section):
 
 
 class Train(Section):
-    epochs: PosInt = 6
-    batch_size: PosInt = 128
-    lr: PosFloat = 0.1
+    epochs: PosInt = 8
+    batch_size: PosInt = 64
+    lr: PosFloat = 0.01
     momentum: Unit = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
-    crop_pad: NonNegInt = 4
+    crop_pad: NonNegInt = 2
     hflip: bool = True
-    eval_batch_size: PosInt = 512
+    eval_batch_size: PosInt = 500
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_checkpointing: NonNegInt = 0  # 0: off; k: recompute every k trainable blocks
     micro_batch: PosInt | None = None
@@ -118,23 +124,23 @@ class Pretrain(Section):
 
 
 class Freeze(Section):
-    points: list[FreezePoint] = Field(default_factory=lambda: [FreezePoint(block=3, epoch=2)])
+    points: list[FreezePoint] = Field(default_factory=lambda: [FreezePoint(block=3, epoch=1)])
 
 
 class Rank(Section):
-    samples: PosInt = 512
-    batch_size: PosInt = 128
+    samples: PosInt = 1024
+    batch_size: PosInt = 256
     gamma: Unit = 0.25  # fraction of flip-sensitive channels stored (CNN)
     alpha: Unit = 0.1  # fraction of least-similar augmented tokens stored (ViT)
 
 
 class Cache(Section):
-    codec: Literal["zfp", "quant", "none"] = "zfp"
-    tolerance: PosFloat | list[PosFloat] = 1e-2
+    codec: Literal[CODECS] = "quant"  # type: ignore[valid-type]
+    tolerance: PosFloat | list[PosFloat] = 0.1
     # quant: the tolerance as a fraction of each channel's std at build time (one setting
     # carries over between depths and models); the absolute bound per channel is recorded.
     relative: bool = False
-    coding: Literal["zstd", "rans"] = "zstd"  # quant's lossless stage (rans: smaller, slower)
+    coding: Literal[CODINGS] = "zstd"  # type: ignore[valid-type]  # quant's lossless stage
     chunk_size: PosInt = 1
     encode_workers: PosInt = 2
 
@@ -154,7 +160,7 @@ class Loader(Section):
 
 class Augment(Section):
     flip_p: Unit = 0.5
-    crop_pad: NonNegInt = 4  # in input pixels; scaled to each feature map's resolution
+    crop_pad: NonNegInt = 2  # in input pixels; scaled to each feature map's resolution
     noise_std: Annotated[float, Field(ge=0.0)] = 0.05  # relative to the batch's feature std
     blur_p: Unit = 0.0
     blur_sigma: PosFloat = 0.5
@@ -175,7 +181,9 @@ class Distributed(Section):
 
 class Config(Section):
     paths: Paths = Field(default_factory=Paths)
-    seeds: Annotated[list[NonNegInt], Field(min_length=1)] = Field(default_factory=lambda: [0])
+    seeds: Annotated[list[NonNegInt], Field(min_length=1)] = Field(
+        default_factory=lambda: [0, 1, 2]
+    )
     methods: Methods = Field(default_factory=Methods)
     data: Data = Field(default_factory=Data)
     pretrain: Pretrain | None = None
@@ -231,22 +239,18 @@ def _format_pydantic(err: ValidationError, source: str) -> list[str]:
     return lines
 
 
-def _schedule_problems(cfg: Config, num_blocks: int | None) -> list[str]:
-    """The freeze schedule against epochs, the model depth and the chain DVC builds from it."""
+def _schedule_problems(cfg: Config) -> list[str]:
+    """The freeze schedule against epochs and the chain DVC builds from it (against the model's
+    depth: :func:`freezecache.steps.model.model_problems`)."""
     problems = []
     points = cfg.freeze.points
-    if not points and (cfg.methods.discard or "freezeout" in cfg.methods.baselines):
+    if not points and any(method(m).uses_points for m in cfg.methods.all):
         problems.append("freeze.points is empty — give at least one {block, epoch, after}")
     for i, p in enumerate(points):
         key = f"freeze.points.{i}"
         if p.epoch >= cfg.train.epochs:
             problems.append(
                 f"{key}.epoch = {p.epoch} must be below train.epochs = {cfg.train.epochs}"
-            )
-        if num_blocks is not None and p.block > num_blocks:
-            problems.append(
-                f"{key}.block = {p.block} is past the last block of "
-                f"{cfg.model.name} ({num_blocks} blocks)"
             )
         if i and (p.block <= points[i - 1].block or p.epoch <= points[i - 1].epoch):
             problems.append(
@@ -305,11 +309,9 @@ def _path_problems(cfg: Config, repo: Path) -> list[str]:
     return problems
 
 
-def _semantic_problems(
-    cfg: Config, source: str, num_blocks: int | None, repo: Path | None
-) -> list[str]:
+def _semantic_problems(cfg: Config, source: str, repo: Path | None) -> list[str]:
     """Checks that span several keys, each reported as one line."""
-    problems = _schedule_problems(cfg, num_blocks)
+    problems = _schedule_problems(cfg)
     if repo is not None:
         problems += _path_problems(cfg, repo)
     problems += _class_problems("data", cfg.data)
@@ -336,27 +338,7 @@ def _semantic_problems(
     return [f"{source}: {p}" for p in problems]
 
 
-def _num_blocks(model: Model, data: Data) -> int | None:
-    from freezecache.models import create_model
-
-    try:
-        net = create_model(
-            model.name,
-            num_classes=10,
-            in_chans=data.channels or 3,
-            img_size=data.img_size,
-            **model.kwargs,
-        )
-    except FreezecacheError:
-        raise
-    except Exception:  # reported by the stage that builds it, with the full context
-        return None
-    return net.num_blocks
-
-
-def parse_config(
-    raw: object, source: str = "params.yaml", check_model: bool = True, repo: Path | None = None
-) -> Config:
+def parse_config(raw: object, source: str = "params.yaml", repo: Path | None = None) -> Config:
     """Validates a params mapping; raises FreezecacheError listing every problem, one per line.
 
     ``repo``: the repository the params belong to; its paths must then lie inside it."""
@@ -368,20 +350,13 @@ def parse_config(
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise FreezecacheError("\n".join(_format_pydantic(err, source))) from None
-    problems = []
-    num_blocks = None
-    if check_model:
-        try:
-            num_blocks = _num_blocks(cfg.model, cfg.data)
-        except FreezecacheError as err:
-            problems.append(f"{source}: model.name: {err}")
-    problems += _semantic_problems(cfg, source, num_blocks, repo)
+    problems = _semantic_problems(cfg, source, repo)
     if problems:
         raise FreezecacheError("\n".join(problems))
     return cfg
 
 
-def load_config(path: str | Path = "params.yaml", check_model: bool = True) -> Config:
+def load_config(path: str | Path = "params.yaml") -> Config:
     """Reads and validates a params file."""
     path = Path(path)
     if not path.is_file():
@@ -394,7 +369,7 @@ def load_config(path: str | Path = "params.yaml", check_model: bool = True) -> C
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise FreezecacheError(f"{path}:{where}: not valid YAML — fix the syntax") from None
-    return parse_config(raw, str(path), check_model=check_model, repo=path.resolve().parent)
+    return parse_config(raw, str(path), repo=path.resolve().parent)
 
 
 def dump_config(cfg: Config) -> dict:

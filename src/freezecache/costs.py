@@ -14,14 +14,11 @@ import torch
 from torch import nn
 
 from freezecache import runtime
+from freezecache.flops import part_flops, training_flops
+from freezecache.memory import accounted_memory, average_and_min_memory
 from freezecache.methods import method
 from freezecache.models import split
-from freezecache.profiling import (
-    accounted_memory,
-    average_and_min_memory,
-    part_flops,
-    training_flops,
-)
+from freezecache.records import Costs, StateCost
 from freezecache.schedule import phases
 from freezecache.train import set_frozen
 
@@ -80,7 +77,7 @@ def method_costs(
     history: list[dict],
     host_cache_mb: dict | None = None,
     schedule: list[tuple[str, int, int]] | None = None,
-) -> dict:
+) -> Costs:
     """costs.json of method ``name`` for its whole schedule (or ``schedule``): accounted memory
     per freezing state, FLOPs, and (discard methods) the compressed cache each state holds in
     host memory."""
@@ -100,24 +97,21 @@ def method_costs(
         rows = [r for r in history if r.get("state") == state and r.get("position") == position]
         peaks = [r["cuda_peak_mb"] for r in rows if r.get("cuda_peak_mb") is not None]
         states.append(
-            {
-                "state": state,
-                "position": position,
-                "epochs": epochs,
-                "accounted_memory_mb": mem["total_mb"],
-                "memory_breakdown_mb": {k[:-3]: v for k, v in mem.items() if k.endswith("_mb")},
-                "cuda_peak_mb": max(peaks) if peaks else None,
-                "cache_in_ram_mb": (host_cache_mb or {}).get(position, 0.0),
-            }
+            StateCost(
+                state=state,
+                position=position,
+                epochs=epochs,
+                accounted_memory_mb=mem["total_mb"],
+                memory_breakdown_mb={k[:-3]: v for k, v in mem.items() if k.endswith("_mb")},
+                cuda_peak_mb=max(peaks) if peaks else None,
+                cache_in_ram_mb=(host_cache_mb or {}).get(position, 0.0),
+            )
         )
-    avg, low = average_and_min_memory([(s["accounted_memory_mb"], s["epochs"]) for s in states])
-    summary = {"avg_memory_mb": avg, "min_memory_mb": low, "train_flops": flops["train_flops"]}
-    if all(s["cuda_peak_mb"] is not None for s in states):
-        cavg, clow = average_and_min_memory([(s["cuda_peak_mb"], s["epochs"]) for s in states])
-        summary.update(cuda_avg_memory_mb=cavg, cuda_min_memory_mb=clow)
-    return {
-        **summary,
-        "states": states,
-        "flops": flops,
-        "parts": {str(k): v for k, v in parts.items()},
-    }
+    avg, low = average_and_min_memory([(s.accounted_memory_mb, s.epochs) for s in states])
+    costs = Costs(avg_memory_mb=avg, min_memory_mb=low, train_flops=flops["train_flops"])
+    if all(s.cuda_peak_mb is not None for s in states):
+        cavg, clow = average_and_min_memory([(s.cuda_peak_mb, s.epochs) for s in states])
+        costs.cuda_avg_memory_mb, costs.cuda_min_memory_mb = cavg, clow
+    costs.states, costs.flops = states, flops
+    costs.parts = {str(k): v for k, v in parts.items()}
+    return costs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from freezecache.disk import NO_SPACE
 from freezecache.errors import FreezecacheError
 
 
@@ -28,7 +28,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno not in NO_SPACE:
             raise
         raise FreezecacheError(
             f"{path}: the disk filled up while writing it ({len(data) / 2**20:.1f} MB); "

@@ -1,4 +1,6 @@
-"""The methods freezecache compares, declared once: name, label, kind and augmentation.
+"""The methods freezecache compares, declared once: name, kind, augmentation and what follows
+from them (labels for tables and plots live with the report, :data:`freezecache.report.LABELS`,
+so renaming one reruns no training).
 
 ``baseline`` methods train the model on raw images (one stage each); ``discard`` methods freeze
 at every freeze point, cache the frozen prefix's outputs and train the rest from the cache.
@@ -13,7 +15,6 @@ from typing import Literal
 @dataclass(frozen=True)
 class Method:
     name: str
-    label: str  # as the paper's tables print it
     kind: Literal["baseline", "discard"]
     freezes: bool = False  # baselines: freeze blocks at the freeze points (FreezeOut)
     hflip: bool = True  # baselines: random horizontal flips of the raw images
@@ -25,24 +26,23 @@ class Method:
         """Stores flip-sensitive channels (CNN) or tokens (ViT) chosen by a ranking pass."""
         return self.augment == "similarity"
 
+    @property
+    def uses_points(self) -> bool:
+        """Follows the freeze points: freezes there (FreezeOut) or discards (the discard kind)."""
+        return self.freezes or self.kind == "discard"
+
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("normal", "Normal", "baseline"),
-        Method("freezeout", "FreezeOut", "baseline", freezes=True),
+        Method("normal", "baseline"),
+        Method("freezeout", "baseline", freezes=True),
         # Control: does Normal gain from flips at all on this data? Trained without flips from
         # the starting weights, so no epoch of it saw a flip.
-        Method(
-            "normal_noflip",
-            "Normal, no flips (control)",
-            "baseline",
-            hflip=False,
-            shared_prefix=False,
-        ),  # fmt: skip
-        Method("discard", "Ours w/ Discard", "discard", augment="standard"),
-        Method("discard_aug", "Ours w/ Discard & Aug.", "discard", augment="similarity"),
-        Method("discard_noaug", "Discard, no augmentation", "discard", augment="none"),
+        Method("normal_noflip", "baseline", hflip=False, shared_prefix=False),
+        Method("discard", "discard", augment="standard"),
+        Method("discard_aug", "discard", augment="similarity"),
+        Method("discard_noaug", "discard", augment="none"),
     )
 }
 BASELINES = tuple(n for n, m in METHODS.items() if m.kind == "baseline")
@@ -52,7 +52,3 @@ DISCARD = tuple(n for n, m in METHODS.items() if m.kind == "discard")
 def method(name: str) -> Method:
     """The registered method ``name`` (names are validated with the params)."""
     return METHODS[name]
-
-
-def label(name: str) -> str:
-    return METHODS[name].label

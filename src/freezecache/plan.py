@@ -15,41 +15,32 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezecache import augment, rank, store
-from freezecache.codec import make_codec
-from freezecache.config import Config
+from freezecache import augment
+from freezecache.cache.size import H5_HEADERS, H5_OVERHEAD, estimate_cache_bytes
+from freezecache.cache.spec import CacheSpec
+from freezecache.codecs.registry import calibrate
 from freezecache.costs import method_costs
-from freezecache.disk import H5_HEADERS, H5_OVERHEAD, estimate_cache_bytes, free_bytes
+from freezecache.disk import free_bytes
 from freezecache.errors import FreezecacheError
+from freezecache.flops import part_flops
+from freezecache.labels import label
 from freezecache.methods import method
 from freezecache.models import split
-from freezecache.profiling import part_flops
 
 SAMPLE = 256  # samples measured per candidate block
 MARGIN = 1.10  # the caches must fit in the free disk space with 10% to spare
 
 
-def codec_for(cfg: Config, model: nn.Module, index: int):
-    """The codec the cache stage builds the cache of freeze point ``index`` with."""
-    c = cfg.cache
-    options = {}
-    if c.codec == "quant":
-        options = {"channel_axis": model.channel_axis, "relative": c.relative, "coding": c.coding}
-    return make_codec(c.codec, c.tolerance_at(index), **options)
-
-
-def _extra(cfg: Config, model: nn.Module, feats: torch.Tensor, flipped: torch.Tensor):
-    """What a ranking method stores next to the features: some channels or tokens of the
-    flipped view (the sizes only depend on how many), and for channels their indices (a
+def _extra(spec: CacheSpec, flipped: torch.Tensor):
+    """What a ranking method stores next to the features: ``spec.stored`` channels or tokens of
+    the flipped view (the sizes only depend on how many), and for channels their indices (a
     relative tolerance is per channel); (None, None) when it stores nothing."""
-    if model.kind == "cnn":
-        c = feats.shape[1 if model.layout == "nchw" else -1]
-        k = round(cfg.rank.gamma * c)
-        if not k:
-            return None, None
-        return augment.take_channels(flipped, torch.arange(k), model.layout), list(range(k))
-    k = rank.num_selected_tokens(feats.shape[1], cfg.rank.alpha, model.num_prefix_tokens)
-    return (flipped[:, :k], None) if k else (None, None)
+    if spec.extras == "channels":
+        k = spec.stored
+        return augment.take_channels(flipped, torch.arange(k), spec.layout), list(range(k))
+    if spec.extras == "tokens":
+        return flipped[:, : spec.stored], None
+    return None, None
 
 
 def candidates(ctx, model: nn.Module) -> list[dict]:
@@ -67,16 +58,17 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
         with torch.no_grad():
             feats = prefix(x).float()
             flipped = prefix(x.flip(-1)).float() if ranked else None
-        extra, extra_index = _extra(cfg, model, feats, flipped) if ranked else (None, None)
-        codec = codec_for(cfg, model, points.get(pos, 1))
+        spec = CacheSpec.at(cfg, model, pos, points.get(pos, 1), ranked)
+        extra, extra_index = _extra(spec, flipped)
+        codec = spec.new_codec()
         sample = feats.cpu().numpy()
-        store.calibrate(codec, sample, cfg.cache.chunk_size)  # as the cache stage does
+        calibrate(codec, sample, cfg.cache.chunk_size)  # as the cache stage does
         x_bytes = estimate_cache_bytes(
             codec, sample, n, chunk_size=cfg.cache.chunk_size, overhead=H5_HEADERS
         )
         with_extra = x_bytes
         if extra is not None:
-            pos_width = extra.shape[1] if model.kind == "vit" else 0
+            pos_width = spec.stored if spec.extras == "tokens" else 0
             with_extra = estimate_cache_bytes(
                 codec,
                 sample,
@@ -120,14 +112,14 @@ def make_plan(ctx, model: nn.Module) -> dict:
     normal = method_costs(ctx, model, "normal", [])
     schedule = {}
     for name in (*cfg.methods.baselines, *cfg.methods.discard):
-        if name == "normal" or not (method(name).freezes or method(name).kind == "discard"):
+        if name == "normal" or not method(name).uses_points:
             continue
         costs = method_costs(ctx, model, name, [])
         schedule[name] = {
-            "train_flops": costs["train_flops"],
-            "flops_saved": 1 - costs["train_flops"] / normal["train_flops"],
-            "avg_memory_mb": costs["avg_memory_mb"],
-            "memory_saved": 1 - costs["avg_memory_mb"] / normal["avg_memory_mb"],
+            "train_flops": costs.train_flops,
+            "flops_saved": 1 - costs.train_flops / normal.train_flops,
+            "avg_memory_mb": costs.avg_memory_mb,
+            "memory_saved": 1 - costs.avg_memory_mb / normal.avg_memory_mb,
         }
     if cfg.pretrain is not None:
         weights = "pre-trained (stage pretrain)"
@@ -145,7 +137,7 @@ def make_plan(ctx, model: nn.Module) -> dict:
         "relative": cfg.cache.relative,
         "points": [p.block for p in cfg.points],
         "blocks": rows,
-        "normal": {"train_flops": normal["train_flops"], "avg_memory_mb": normal["avg_memory_mb"]},
+        "normal": {"train_flops": normal.train_flops, "avg_memory_mb": normal.avg_memory_mb},
         "schedule": schedule,
         "caches_bytes": need,
         "free_bytes": free,
@@ -194,8 +186,7 @@ def render_markdown(plan: dict) -> str:
     lines += ["| Method | Training FLOPs saved | Avg. accounted memory saved |", "|---|---|---|"]
     for name, s in plan["schedule"].items():
         lines.append(
-            f"| {method(name).label} | {100 * s['flops_saved']:.1f}% | "
-            f"{100 * s['memory_saved']:.1f}% |"
+            f"| {label(name)} | {100 * s['flops_saved']:.1f}% | {100 * s['memory_saved']:.1f}% |"
         )
     lines += [
         "",

@@ -10,6 +10,35 @@ from pathlib import Path
 from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_text
 
+# Plots across stages, from the report's long tables (one row per method and x): the template
+# .dvc/plots/by_method.json colours by the `method` column, so any set of methods draws.
+PLOTS = [
+    {
+        "validation_accuracy": {
+            "template": "by_method",
+            "x": "epoch",
+            "y": {"${paths.results}/curves.csv": "val_acc"},
+            "y_label": "validation accuracy, mean over seeds",
+        }
+    },
+    {
+        "memory_per_freezing_state": {
+            "template": "by_method",
+            "x": "epoch",
+            "y": {"${paths.results}/memory.csv": "memory_mb"},
+            "y_label": "accounted memory (MB)",
+        }
+    },
+    {
+        # one point per freeze point; `dvc plots diff` over a tolerance sweep overlays them
+        "compression_vs_tolerance": {
+            "template": "scatter",
+            "x": "tolerance",
+            "y": {"${paths.results}/cache.csv": "compression_ratio"},
+        }
+    },
+]
+
 PAGE = """<!DOCTYPE html>
 <html>
 <head>

@@ -29,7 +29,7 @@ def phases(cfg: Config, name: str) -> list[Phase]:
     """The phases of method ``name`` over the whole run, the shared prefix included."""
     m = method(name)
     total = cfg.train.epochs
-    if not (m.freezes or m.kind == "discard") or not cfg.points:
+    if not m.uses_points or not cfg.points:
         return [Phase("full", 0, 0, total)]
     state = "discard" if m.kind == "discard" else "freeze"
     out = [Phase("full", 0, 0, cfg.prefix_epochs)]

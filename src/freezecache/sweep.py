@@ -19,7 +19,7 @@ from pathlib import Path
 
 from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_json, atomic_write_text
-from freezecache.methods import label
+from freezecache.labels import label
 
 log = logging.getLogger(__name__)
 

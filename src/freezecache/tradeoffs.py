@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from freezecache import data, profiling, runtime
+from freezecache import data, flops, memory, runtime
 from freezecache.config import Config
 from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_json, atomic_write_text
-from freezecache.models import BlockModel, create_model, split
+from freezecache.models import BlockModel, split
+from freezecache.steps.model import build_model
 from freezecache.train import Images, RunState, Trainer, set_frozen
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,7 @@ def _fixed_batch(cfg: Config, device: torch.device) -> tuple[Tensor, Tensor, dic
 def _base_model(cfg: Config, meta: dict, weights: Path | None, device: torch.device) -> BlockModel:
     """The params' model with trained weights when given (realistic activations), else fresh."""
     torch.manual_seed(runtime.derive_seed(cfg.seeds[0], "init"))
-    model = create_model(
-        cfg.model.name,
-        num_classes=meta["num_classes"],
-        in_chans=meta["channels"],
-        img_size=meta["img_size"],
-        **cfg.model.kwargs,
-    )
+    model = build_model(cfg.model, meta)
     if weights is not None:
         model.load_state_dict(RunState.load(weights).model)
     else:
@@ -140,20 +135,20 @@ def _timed_step(conf: _Variant, device: torch.device) -> float:
 
 def _step_flops(conf: _Variant) -> int:
     """FLOPs of one whole training step; backward's checkpoint recomputation counts too."""
-    counter = profiling.flop_counter()
+    counter = flops.flop_counter()
     with counter:
         conf.step()
     return int(counter.get_total_flops())
 
 
 def _accounted(conf: _Variant, device: torch.device) -> dict[str, float]:
-    """profiling.accounted_memory of the configuration, under its precision's autocast."""
+    """memory.accounted_memory of the configuration, under its precision's autocast."""
 
     def loss_fn(out: Tensor) -> Tensor:
         return F.cross_entropy(out.float(), conf.y)
 
     with runtime.autocast(conf.precision, device):
-        return profiling.accounted_memory(conf.forward, conf.x, loss_fn=loss_fn)
+        return memory.accounted_memory(conf.forward, conf.x, loss_fn=loss_fn)
 
 
 def _build_all(
@@ -178,9 +173,9 @@ def _build_all(
                 )
                 if device.type == "cuda":
                     conf.step()  # the optimizer's momentum exists from the second step on
-                    with profiling.CudaPeak(device) as peak:
+                    with memory.CudaPeak(device) as peak:
                         conf.step()
-                    conf.cuda_peak_mb = peak.peak_mb - allocated / profiling.MIB
+                    conf.cuda_peak_mb = peak.peak_mb - allocated / memory.MIB
                 confs.append(conf)
     return confs
 

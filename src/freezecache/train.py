@@ -23,75 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from freezecache import augment, disk, distributed, runtime
+from freezecache import disk, distributed, runtime
 from freezecache.config import Train
 from freezecache.errors import FreezecacheError
+from freezecache.images import Batch, Images
 from freezecache.io import atomic_torch_save
-from freezecache.profiling import CudaPeak
+from freezecache.memory import CudaPeak
+from freezecache.schedule import Phase
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[Tensor, Tensor]
-
-
-@dataclass
-class Images:
-    """A split held as uint8 tensors on the training device, with its normalization."""
-
-    images: Tensor  # uint8 (N, C, H, W)
-    labels: Tensor  # int64 (N,)
-    mean: Tensor  # (C,) in [0, 1] units
-    std: Tensor
-
-    @classmethod
-    def from_split(cls, split, meta: dict, device: torch.device) -> Images:
-        return cls(
-            torch.from_numpy(split.images).to(device),
-            torch.from_numpy(split.labels).long().to(device),
-            torch.tensor(meta["mean"], dtype=torch.float32, device=device),
-            torch.tensor(meta["std"], dtype=torch.float32, device=device),
-        )
-
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        g: torch.Generator | None = None,
-        train_aug: Train | None = None,
-        shard: tuple[int, int] = (0, 1),
-        aug_g: torch.Generator | None = None,
-    ) -> Iterator[Batch]:
-        """Normalized batches; shuffled and augmented when a generator is given.
-
-        ``shard=(rank, world)``: this rank's share of every global batch of ``batch_size``
-        (the order comes from ``g``, the same on every rank; augmentation draws from ``aug_g``,
-        this rank's own, or ``g`` when not given)."""
-        n = len(self)
-        order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
-        order = order.to(self.images.device)
-        aug_g = aug_g or g
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            if shard[1] > 1:
-                idx = idx[distributed.share(idx.numel(), *shard)]
-            x = self.images[idx]
-            if train_aug is not None:
-                # Crop in pixel space, so the padding is the image background (0), not the
-                # normalised mean.
-                x = augment.augment_images(
-                    x.float(), crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=aug_g
-                )
-            yield augment.normalize(x, self.mean, self.std), self.labels[idx]
-
-    def shard(self, rank: int, world: int) -> Images:
-        """This rank's contiguous share of the split (views, no copy)."""
-        if world == 1:
-            return self
-        part = distributed.share(len(self), rank, world)
-        return Images(self.images[part], self.labels[part], self.mean, self.std)
+__all__ = ["Images", "RunState", "TrainSpec", "Trainer", "evaluate"]
 
 
 def cosine_lr(base_lr: float, progress: float, total_epochs: int) -> float:
@@ -132,6 +74,19 @@ class RunState:
         from freezecache.io import load_torch
 
         return cls(**load_torch(path))
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What :meth:`Trainer.fit` trains for one freezing state: its epochs, what the batches pass
+    through, and the per-epoch batches and evaluation."""
+
+    phase: Phase  # state, position and epochs [start, end)
+    forward: Callable[[Tensor], Tensor]  # what trains: the model, or the suffix
+    batches: Callable[[int], Iterable[Batch]]  # epoch -> that epoch's batches
+    steps_per_epoch: int
+    evaluate: Callable[[], dict] = field(default=lambda: {})
+    frozen: nn.Module | None = None  # FreezeOut: runs forward before ``forward``, without a graph
 
 
 class Trainer:
@@ -288,32 +243,21 @@ class Trainer:
             "data_wait_frac": wait / took if took else 0.0,
         }
 
-    def fit(
-        self,
-        *,
-        state: str,
-        position: int,
-        start: int,
-        end: int,
-        total_epochs: int,
-        batches: Callable[[int], Iterable[Batch]],
-        forward: Callable[[Tensor], Tensor],
-        steps_per_epoch: int,
-        evaluate: Callable[[], dict],
-        on_epoch: Callable[[dict], None] | None = None,
-        frozen: nn.Module | None = None,
-    ) -> None:
-        """Trains epochs [start, end) in one freezing state, resuming from self.state.epoch.
+    def fit(self, spec: TrainSpec) -> None:
+        """Trains epochs [start, end) of ``spec.phase`` in one freezing state, resuming from
+        self.state.epoch (the cosine schedule runs over ``cfg.epochs``).
 
-        ``forward`` is what trains (the model, or the suffix after ``position``); ``frozen``,
-        when given, runs before it without a graph (FreezeOut's frozen prefix). With several
-        ranks only ``forward`` is wrapped in DDP, so frozen parts never reach it."""
+        ``spec.forward`` is what trains (the model, or the suffix after the phase's position);
+        ``spec.frozen``, when given, runs before it without a graph (FreezeOut's frozen prefix).
+        With several ranks only ``forward`` is wrapped in DDP, so frozen parts never reach it."""
+        state, position = spec.phase.state, spec.phase.position
+        total_epochs = self.cfg.epochs
         set_frozen(self.model, position if state != "full" else 0)
         frozen_bn = frozen_parts(self.model, position if state != "full" else 0)
-        with self._parallel(forward) as net:
-            run = net if frozen is None else _after_frozen(frozen, net)
+        with self._parallel(spec.forward) as net:
+            run = net if spec.frozen is None else _after_frozen(spec.frozen, net)
             opt = self.make_optimizer()
-            for epoch in range(max(start, self.state.epoch), end):
+            for epoch in range(max(spec.phase.start, self.state.epoch), spec.phase.end):
                 seed = runtime.derive_seed(*distributed.stream(self.seed, epoch, "global"))
                 torch.manual_seed(seed)
                 self.model.train()
@@ -321,24 +265,22 @@ class Trainer:
                     part.eval()  # frozen BatchNorm keeps its running statistics
                 with CudaPeak(self.device) as peak:
                     stats = self._epoch(
-                        opt, run, batches(epoch), epoch, steps_per_epoch, total_epochs
+                        opt, run, spec.batches(epoch), epoch, spec.steps_per_epoch, total_epochs
                     )
                 self._keep_momentum(opt)
-                if isinstance(forward, nn.Module):
-                    distributed.sync_buffers(forward)  # every rank evaluates and resumes alike
+                if isinstance(spec.forward, nn.Module):
+                    distributed.sync_buffers(spec.forward)  # every rank evaluates and resumes alike
                 row = {
                     "epoch": epoch + 1,
                     "state": state,
                     "position": position,
                     **stats,
-                    **evaluate(),
+                    **spec.evaluate(),
                     "cuda_peak_mb": peak.peak_mb,
                 }
-                self._end_epoch(row, total_epochs, on_epoch)
+                self._end_epoch(row, total_epochs)
 
-    def _end_epoch(
-        self, row: dict, total_epochs: int, on_epoch: Callable[[dict], None] | None
-    ) -> None:
+    def _end_epoch(self, row: dict, total_epochs: int) -> None:
         """Records an epoch: history, weights, log line, checkpoint (rank 0), callbacks."""
         self.state.history.append(row)
         self.state.epoch = row["epoch"]
@@ -356,9 +298,8 @@ class Trainer:
         )
         if self.checkpoint is not None and distributed.is_main():
             self.state.save(self.checkpoint)
-        for callback in (on_epoch, self.on_epoch):
-            if callback is not None:
-                callback(row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
 
     @contextlib.contextmanager
     def _parallel(self, forward: Callable[[Tensor], Tensor]) -> Iterator[Callable]:

@@ -17,6 +17,11 @@ The view is derived from the model's own structure, not written per architecture
 
 A model that does not fit is refused with one line naming what is supported, and a built view
 is checked once against the timm model's own forward.
+
+Why it is long: the derivation above is one algorithm (find the trunk, trace where each module
+runs, assign it, check the result); its steps share the traced order and the model's
+structure, and split they would be read in four places for one question ("why did my model
+become these blocks?").
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from __future__ import annotations
 from freezecache.config import Config
 from freezecache.costs import method_costs
 from freezecache.methods import method
-from freezecache.models import split
-from freezecache.schedule import phases
+from freezecache.schedule import Phase, phases
 from freezecache.steps.context import Context
+from freezecache.steps.run import Run, image_spec
 from freezecache.train import RunState
 
 
@@ -21,23 +21,11 @@ def train_prefix(cfg: Config, seed: int) -> None:
     ctx = Context(cfg, seed, "train_prefix")
     model = ctx.new_model()
     until = cfg.prefix_epochs
-    trainer = ctx.trainer(
-        model, None, ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state")
-    )
-    trainer.fit(
-        state="full",
-        position=0,
-        start=0,
-        end=until,
-        total_epochs=cfg.train.epochs,
-        batches=ctx.image_batches(),
-        forward=model,
-        steps_per_epoch=ctx.image_steps,
-        evaluate=lambda: ctx.evaluate(model),
-    )
-    schedule, history = [("full", 0, until)], trainer.state.history
+    run = Run(ctx, model, None, ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state"))
+    run.fit(image_spec(ctx, model, Phase("full", 0, 0, until)))
+    schedule, history = [("full", 0, until)], run.state.history
     costs = method_costs(ctx, model, "normal", history, schedule=schedule) if ctx.main else {}
-    ctx.finish(trainer, model, costs)
+    run.finish(costs)
 
 
 def baseline(cfg: Config, seed: int, name: str) -> None:
@@ -53,21 +41,9 @@ def baseline(cfg: Config, seed: int, name: str) -> None:
         inputs = (start_file,)
     else:
         start, inputs = None, (ctx.stage_path("pretrain", "state"),)
-    trainer = ctx.trainer(model, start, ctx.data_dir / "train.npz", *inputs)
+    run = Run(ctx, model, start, ctx.data_dir / "train.npz", *inputs)
     for ph in todo:
-        prefix, suffix = split(model, ph.position)
-        full = ph.state == "full"
-        trainer.fit(
-            state=ph.state,
-            position=ph.position,
-            start=max(ph.start, cfg.prefix_epochs if m.shared_prefix else 0),
-            end=ph.end,
-            total_epochs=cfg.train.epochs,
-            batches=ctx.image_batches(train),
-            forward=model if full else suffix,
-            frozen=None if full else prefix,  # FreezeOut: runs forward, without a graph
-            steps_per_epoch=ctx.image_steps,
-            evaluate=lambda: ctx.evaluate(model),
-        )
-    costs = method_costs(ctx, model, name, trainer.state.history) if ctx.main else {}
-    ctx.finish(trainer, model, costs, final=True)
+        begin = max(ph.start, cfg.prefix_epochs if m.shared_prefix else 0)
+        run.fit(image_spec(ctx, model, ph._replace(start=begin), train))
+    costs = method_costs(ctx, model, name, run.state.history) if ctx.main else {}
+    run.finish(costs, final=True)

@@ -9,6 +9,7 @@ pushed through more blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,24 +20,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from freezecache import augment, distributed, rank, runtime, store
-from freezecache.codec import make_codec
+from freezecache import augment, distributed, rank, runtime
+from freezecache.cache import Build, CacheSpec, CacheWriter
+from freezecache.codecs.registry import calibrate, needs_calibration
 from freezecache.config import Config
-from freezecache.io import atomic_write_json, tensors_digest
+from freezecache.io import atomic_write_json
 from freezecache.methods import method
-from freezecache.models import feature_shape, split
-from freezecache.steps.context import Context, start_of_point
+from freezecache.models import split
+from freezecache.steps.context import Context
+from freezecache.steps.model import prefix_hash
+from freezecache.steps.run import checkpoint_dir, run_key, start_of_point
 from freezecache.train import progress
 
 log = logging.getLogger(__name__)
 
 BUILD_BATCH = 256  # samples per forward pass of a cache build (and its resume granularity)
-
-
-def prefix_hash(model: nn.Module, position: int) -> str:
-    """Content hash of the frozen prefix a cache was built with."""
-    prefix, _ = split(model, position)
-    return tensors_digest(prefix.state_dict())
 
 
 def frozen_model(ctx: Context, point) -> tuple[nn.Module, Path]:
@@ -138,53 +136,38 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         ranked = ranking(ctx, model, block) if m.needs_ranking else {"kind": "none"}
         atomic_write_json(ctx.out("ranking"), ranked)
     ranked = distributed.broadcast_object(ranked)
-    shape = feature_shape(model, block)
-    channels = extra_shape = None
-    tokens = model.num_prefix_tokens
-    if m.needs_ranking and model.kind == "cnn":
+    spec = CacheSpec.at(cfg, model, block, index, m.needs_ranking)
+    channels = None
+    if spec.extras == "channels":
         channels = rank.most_sensitive(torch.tensor(ranked["scores"]), cfg.rank.gamma).sort().values
-        extra_shape = augment.stored_channels_shape(shape, len(channels), model.layout)
-        extra_shape = None if len(channels) == 0 else extra_shape
-    elif m.needs_ranking:
-        count = rank.num_selected_tokens(shape[0], cfg.rank.alpha, tokens)
-        extra_shape = (count, shape[1]) if count else None
-    if extra_shape is None:
-        channels = None
     path = ctx.out("cache")
     # Identity of the build's inputs: a killed build resumes from its spool only when it matches.
-    key = ctx.run_key(start_file, ctx.data_dir / "train.npz")
-    tol = cfg.cache.tolerance_at(index)
+    key = run_key(ctx, start_file, ctx.data_dir / "train.npz")
     c = cfg.cache
-    options = {}
-    if c.codec == "quant":
-        options = {"channel_axis": model.channel_axis, "relative": c.relative, "coding": c.coding}
-    codec = make_codec(c.codec, tol, **options)
-    if store.needs_calibration(codec):
+    codec = spec.new_codec()
+    if needs_calibration(codec):
         # Fixed on the data set's first batches whatever sample a build resumes at, and the
         # same on every rank: the chunks of a resumed or shared build decode alike.
         if ctx.main:
             first = min(len(ctx.train), math.ceil(c.chunk_size / BUILD_BATCH) * BUILD_BATCH)
             feats = feature_pairs(ctx, model, block, False, BUILD_BATCH, first)
-            store.calibrate(codec, torch.cat([f for f, _, _ in feats]).cpu().numpy(), c.chunk_size)
-        codec = make_codec(c.codec, tol, **distributed.broadcast_object(codec.options))
+            calibrate(codec, torch.cat([f for f, _, _ in feats]).cpu().numpy(), c.chunk_size)
+        options = distributed.broadcast_object(codec.options)
+        codec = dataclasses.replace(spec, codec_options=options).new_codec()
     # With several ranks each encodes its own range of chunks into its own spool; rank 0 then
     # writes the one file from all of them (the file one process writes: tested).
     ranges = build_ranges(len(ctx.train), c.chunk_size, distributed.world_size())
     me = distributed.rank()
-    spools = [ctx.checkpoint_dir() / spool_name(key, r, len(ranges)) for r in range(len(ranges))]
+    spools = [checkpoint_dir(ctx) / spool_name(key, r, len(ranges)) for r in range(len(ranges))]
     if me >= len(ranges):  # fewer ranges than ranks (a tiny data set): nothing to encode
         if len(ranges) > 1:
             distributed.barrier()  # rank 0 publishes once every range is spooled
         return {}
-    writer = store.CacheWriter(
+    writer = CacheWriter(
         path,
-        codec=codec,
-        sample_shape=shape,
-        chunk_size=cfg.cache.chunk_size,
-        num_samples=len(ctx.train),
+        codec,
+        spec.layout_for(len(ctx.train), None if channels is None else channels.tolist()),
         prefix_hash=prefix_hash(model, block),
-        extra_shape=extra_shape,
-        extra_index=channels.tolist() if channels is not None else None,
         meta={
             "method": name,
             "point": index,
@@ -192,12 +175,14 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             "seed": seed,
             "model": cfg.model.name,
         },
-        workers=cfg.cache.encode_workers,
-        spool_dir=spools[me],
-        resume_key=key,
-        align=BUILD_BATCH,
-        chunk_range=ranges[me],
-        publish=len(ranges) == 1,
+        build=Build(
+            workers=c.encode_workers,
+            spool_dir=spools[me],
+            resume_key=key,
+            align=BUILD_BATCH,
+            chunk_range=ranges[me],
+            publish=len(ranges) == 1,
+        ),
     )
     if len(ranges) > 1:
         log.info(
@@ -210,7 +195,7 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         ctx,
         model,
         block,
-        extra_shape is not None,
+        spec.extras is not None,
         BUILD_BATCH,
         writer.range_end,
         start=writer.resume_from,
@@ -220,8 +205,10 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
             extra = extra_pos = None
             if channels is not None:
                 extra = augment.take_channels(fa, channels.to(fa.device), model.layout)
-            elif extra_shape is not None:
-                pos, extra, _ = rank.select_tokens(f, fa, cfg.rank.alpha, num_prefix_tokens=tokens)
+            elif spec.extras == "tokens":
+                pos, extra, _ = rank.select_tokens(
+                    f, fa, cfg.rank.alpha, num_prefix_tokens=spec.num_prefix_tokens
+                )
                 extra_pos = pos.cpu().numpy().astype(np.int32)
             writer.add(
                 f.cpu().numpy(),
@@ -240,8 +227,8 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     stats.update(
         point=index,
         block=block,
-        tolerance=tol,
-        codec=cfg.cache.codec,
+        tolerance=spec.tolerance,
+        codec=spec.codec,
         chunk_size=cfg.cache.chunk_size,
         build_s=time.perf_counter() - t0,
         stage_wall_s=runtime.process_seconds(),

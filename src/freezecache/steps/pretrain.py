@@ -13,8 +13,11 @@ from pathlib import Path
 
 from freezecache.config import Config
 from freezecache.costs import method_costs
+from freezecache.records import Costs
+from freezecache.schedule import Phase
 from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare_data
+from freezecache.steps.run import Run, image_spec
 from freezecache.train import RunState
 
 
@@ -36,9 +39,9 @@ def pretrain(cfg: Config) -> None:
 
             load_checkpoint(model, cfg.model.checkpoint)  # head replaced if classes differ
             weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        trainer = ctx.trainer(model, RunState(model={}))
-        trainer.state.model = weights
-        ctx.finish(trainer, model, {"source": "checkpoint" if weights else "random init"})
+        run = Run(ctx, model, RunState(model={}))
+        run.state.model = weights
+        run.finish(Costs(source="checkpoint" if weights else "random init"))
         return
     with tempfile.TemporaryDirectory(prefix="freezecache-pretrain-") as tmp:
         source = Path(tmp) / "data"
@@ -48,22 +51,13 @@ def pretrain(cfg: Config) -> None:
         )
         ctx = Context(pcfg, seed, "pretrain", prepared=source)
         model = ctx.new_model()
-        trainer = ctx.trainer(model, None, source / "train.npz")
-        trainer.fit(
-            state="full",
-            position=0,
-            start=0,
-            end=p.epochs,
-            total_epochs=p.epochs,
-            batches=ctx.image_batches(),
-            forward=model,
-            steps_per_epoch=ctx.image_steps,
-            evaluate=lambda: ctx.evaluate(model),
-        )
+        run = Run(ctx, model, None, source / "train.npz")
+        run.fit(image_spec(ctx, model, Phase("full", 0, 0, p.epochs)))
         schedule = [("full", 0, p.epochs)]
-        history = trainer.state.history
+        history = run.state.history
         costs = method_costs(ctx, model, "normal", history, schedule=schedule) if ctx.main else {}
-        costs["source"] = f"pre-trained on {p.data.name} classes {p.data.classes or 'all'}"
-        trainer.state.model = _body(model)
+        if ctx.main:
+            costs.source = f"pre-trained on {p.data.name} classes {p.data.classes or 'all'}"
+        run.state.model = _body(model)
         # test accuracy on the source task: says how good the pre-trained features are
-        ctx.finish(trainer, model, costs, final=True)
+        run.finish(costs, final=True)

@@ -8,16 +8,28 @@ from pathlib import Path
 
 from torch import Tensor
 
-from freezecache import augment, distributed, runtime, store
+from freezecache import augment, distributed, runtime
+from freezecache.cache import (
+    CacheInfo,
+    empty_tail,
+    finish_batch,
+    held_in_memory,
+    make_loader,
+    open_cache,
+    set_epoch,
+)
 from freezecache.config import Config
 from freezecache.costs import method_costs
 from freezecache.methods import method
 from freezecache.models import split
-from freezecache.steps.cache import prefix_hash
-from freezecache.steps.context import Context, start_of_point
+from freezecache.schedule import Phase
+from freezecache.steps.context import Context
+from freezecache.steps.model import prefix_hash
+from freezecache.steps.run import Run, start_of_point
+from freezecache.train import TrainSpec
 
 
-def extra_where(info: store.CacheInfo, batch: dict, device) -> Tensor | None:
+def extra_where(info: CacheInfo, batch: dict, device) -> Tensor | None:
     """Where stored extras go: per-sample token positions, or the cache's channel index."""
     import torch
 
@@ -27,13 +39,10 @@ def extra_where(info: store.CacheInfo, batch: dict, device) -> Tensor | None:
     return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
 
 
-def cache_loader(
-    ctx: Context, path: Path, info: store.CacheInfo, in_memory: bool | str | None = None
-):
-    """The stage's loader over a cache, set up by the ``loader`` params; ``in_memory``
-    overrides ``loader.in_memory`` (the benchmark times the file and the in-memory path)."""
+def cache_loader(ctx: Context, path: Path, info: CacheInfo):
+    """The stage's loader over a cache, set up by the ``loader`` params."""
     cfg = ctx.cfg
-    return store.make_loader(
+    return make_loader(
         path,
         info,
         batch_size=cfg.train.batch_size,
@@ -41,32 +50,32 @@ def cache_loader(
         workers=cfg.loader.workers,
         device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
         pin_memory=ctx.device.type == "cuda",
-        in_memory=cfg.loader.in_memory if in_memory is None else in_memory,
+        in_memory=cfg.loader.in_memory,
         shard=(distributed.rank(), distributed.world_size()),
         procs_per_host=distributed.local_world_size(),
     )
 
 
-def cached_batches(ctx: Context, info: store.CacheInfo, loader, mode: str, layout: str):
+def cached_batches(ctx: Context, info: CacheInfo, loader, mode: str, layout: str):
     """Per-epoch batches from the cache, augmented on the training device."""
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        store.set_epoch(loader, epoch)
-        raw = (store.finish_batch(r, info, ctx.device) for r in loader)
+        set_epoch(loader, epoch)
+        raw = (finish_batch(r, info, ctx.device) for r in loader)
         x = y = None
         for x, y in augmented_batches(ctx, info, raw, epoch, mode, layout):
             yield x, y
-        if store.empty_tail(loader) and x is not None:
+        if empty_tail(loader) and x is not None:
             yield x[:0], y[:0]  # this rank's share of the last global batch is empty: step anyway
 
     return batches
 
 
 def augmented_batches(
-    ctx: Context, info: store.CacheInfo, raw: Iterable[dict], epoch: int, mode: str, layout: str
+    ctx: Context, info: CacheInfo, raw: Iterable[dict], epoch: int, mode: str, layout: str
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches of cached features (dicts on the training device: x, y and stored extras)
-    augmented as the suffix trains on them; the benchmark feeds it features held in RAM."""
+    augmented as the suffix trains on them."""
     a = ctx.cfg.augment
     width = augment.map_width(info.sample_shape, layout)
     pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
@@ -92,33 +101,30 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     model = ctx.new_model()
     model.load_state_dict(start.model)
     path = ctx.stage_path("cache", "cache")
-    info = store.open_cache(path, expect_prefix_hash=prefix_hash(model, block))
+    info = open_cache(path, expect_prefix_hash=prefix_hash(model, block))
     _, suffix = split(model, block)
-    begin, end = cfg.point_epochs(index)
     loader = cache_loader(ctx, path, info)
-    trainer = ctx.trainer(model, start, start_file, path)
-    trainer.fit(
-        state="discard",
-        position=block,
-        start=begin,
-        end=end,
-        total_epochs=cfg.train.epochs,
-        batches=cached_batches(ctx, info, loader, method(name).augment, model.layout),
-        forward=suffix,
-        steps_per_epoch=len(loader),
-        evaluate=lambda: ctx.evaluate(model),
+    run = Run(ctx, model, start, start_file, path)
+    run.fit(
+        TrainSpec(
+            phase=Phase("discard", block, *cfg.point_epochs(index)),
+            forward=suffix,
+            batches=cached_batches(ctx, info, loader, method(name).augment, model.layout),
+            steps_per_epoch=len(loader),
+            evaluate=lambda: ctx.evaluate(model),
+        )
     )
-    in_ram = store.held_in_memory(info, cfg.loader.in_memory, distributed.local_world_size())
+    in_ram = held_in_memory(info, cfg.loader.in_memory, distributed.local_world_size())
     held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
     # this point's own cache in RAM; the report adds each point's figure to its state
-    history, host = trainer.state.history, {block: held / 1e6}
+    history, host = run.state.history, {block: held / 1e6}
     costs = method_costs(ctx, model, name, history, host_cache_mb=host) if ctx.main else {}
     final = index == len(cfg.points)
-    ctx.finish(trainer, model, costs, final=final)
+    run.finish(costs, final=final)
     if final:  # after the wall time is taken: a measurement, not part of the method
         measured = bn_on_clean_features(ctx, model, block, info, loader)  # every rank
-        if ctx.live is not None:
-            ctx.live.finish(measured)
+        if run.live is not None:
+            run.live.finish(measured)
 
 
 def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
@@ -141,7 +147,7 @@ def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
     suffix.train()
     with torch.no_grad():
         for raw in loader:
-            suffix(store.finish_batch(raw, info, ctx.device)["x"])
+            suffix(finish_batch(raw, info, ctx.device)["x"])
     distributed.sync_buffers(suffix)
     return {
         "val_acc_bn_trained": ctx.evaluate(model)["val_acc"],

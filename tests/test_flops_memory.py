@@ -14,17 +14,14 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from freezecache.errors import FreezecacheError
-from freezecache.models import create_model, feature_shape, split
-from freezecache.profiling import (
-    MIB,
-    CudaPeak,
-    accounted_memory,
-    average_and_min_memory,
+from freezecache.flops import (
     forward_flops_counter,
     forward_macs_ptflops,
     part_flops,
     training_flops,
 )
+from freezecache.memory import MIB, CudaPeak, accounted_memory, average_and_min_memory
+from freezecache.models import create_model, feature_shape, split
 
 F32 = 4  # bytes per float32
 IMG = (3, 32, 32)

@@ -21,12 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zfpy
 from torch import Tensor
 
-from freezecache import store
-from freezecache.codec import Codec, QuantCodec, ZfpCodec, make_codec
-from freezecache.train import Trainer
+from freezecache.cache.format import CacheInfo, Layout
+from freezecache.cache.loader import ChunkShuffleSampler
+from freezecache.cache.reader import iter_cache
+from freezecache.cache.writer import Build, CacheWriter
+from freezecache.codecs import Codec
+from freezecache.codecs.quant import QuantCodec
+from freezecache.codecs.registry import make_codec
+from freezecache.codecs.zfp import ZfpCodec
+from freezecache.schedule import Phase
+from freezecache.train import Trainer, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(package: str) -> str:
+    """An installed package's version, or why there is none (zfpy is optional)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def machine_info(device: torch.device) -> dict:
     """Where the numbers were taken: CPU, cores, torch threads, the training device."""
     info = {
@@ -103,7 +119,7 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "torch": torch.__version__,
-        "zfpy": getattr(zfpy, "__version__", "unknown"),
+        "zfpy": _version("zfpy"),
         "python": platform.python_version(),
         # Other work on the machine slows timed epochs; min over repeats damps, not removes it.
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -221,7 +237,7 @@ def codec_row(codec: Codec, x: np.ndarray, chunk_size: int) -> dict:
     return row
 
 
-def fresh_codec(info: store.CacheInfo, **changes) -> Codec:
+def fresh_codec(info: CacheInfo, **changes) -> Codec:
     """A new codec with a cache's settings (``changes`` applied), without its calibration: a
     relative quant codec measures its channel spread again on the first batch, as a build does."""
     calibrated = ("channel_scale", "tables")
@@ -239,21 +255,19 @@ def build_cache(
     workers: int,
     batch_size: int = 256,
 ) -> dict:
-    """Write ``x`` into a cache with the real :class:`~freezecache.store.CacheWriter`.
+    """Write ``x`` into a cache with the real :class:`~freezecache.CacheWriter`.
 
     Returns the writer's stats plus ``build_s`` and ``build_mb_s`` (float32 MB per wall second:
     encode + verify + spool + assembling the file; the activations are already in memory).
     """
     t0 = time.perf_counter()
-    with store.CacheWriter(
+    with CacheWriter(
         path,
-        codec=codec,
-        sample_shape=x.shape[1:],
-        chunk_size=chunk_size,
-        num_samples=len(x),
+        codec,
+        Layout(sample_shape=x.shape[1:], num_samples=len(x), chunk_size=chunk_size),
         prefix_hash="bench",
         meta={"bench": True},
-        workers=workers,
+        build=Build(workers=workers),
     ) as writer:
         for lo in range(0, len(x), batch_size):
             writer.add(x[lo : lo + batch_size], y[lo : lo + batch_size])
@@ -277,11 +291,11 @@ def batch_orders(
 ) -> list[np.ndarray]:
     """Sample indices of each batch the cache loader gives in ``epoch``.
 
-    The loader draws chunks with :class:`~freezecache.store.ChunkShuffleSampler` and takes
+    The loader draws chunks with :class:`~freezecache.ChunkShuffleSampler` and takes
     ``batch_size // chunk_size`` chunks per batch; this repeats that order for data in RAM.
     """
     num_chunks = math.ceil(num_samples / chunk_size)
-    sampler = store.ChunkShuffleSampler(num_chunks, seed)
+    sampler = ChunkShuffleSampler(num_chunks, seed)
     sampler.set_epoch(epoch)
     order = list(sampler)
     per_batch = max(1, batch_size // chunk_size)
@@ -293,11 +307,11 @@ def batch_orders(
     return batches
 
 
-def features_in_ram(path: Path, info: store.CacheInfo, device: torch.device) -> dict[str, Tensor]:
+def features_in_ram(path: Path, info: CacheInfo, device: torch.device) -> dict[str, Tensor]:
     """A whole cache decoded to float32 on ``device``, in data-set order: ``x``, ``y`` and the
     stored extras (what the RAM baseline trains from: no decoding while it trains)."""
     parts: dict[str, list[Tensor]] = {}
-    for batch in store.iter_cache(path, info):
+    for batch in iter_cache(path, info):
         for key, value in batch.items():
             if key != "index":
                 parts.setdefault(key, []).append(value)
@@ -329,15 +343,12 @@ def timed_epoch(
     """
     epoch = trainer.state.epoch
     trainer.fit(
-        state=state,
-        position=position,
-        start=epoch,
-        end=epoch + 1,
-        total_epochs=epoch + 2,  # any later end: only the learning rate depends on it
-        batches=lambda _: batches,
-        forward=forward,
-        steps_per_epoch=max(steps, 1),
-        evaluate=lambda: {},
+        TrainSpec(
+            phase=Phase(state, position, epoch, epoch + 1),
+            forward=forward,
+            batches=lambda _: batches,
+            steps_per_epoch=max(steps, 1),
+        )
     )
     return trainer.state.history[-1]
 

@@ -1,0 +1,96 @@
+"""One cache's recipe, built once from params, the model and the freeze point.
+
+The cache stage writes the cache a spec describes and the planner measures the same spec on a
+batch, so the two cannot drift: the codec and its options, the chunking, the feature shape and
+how many flip-sensitive channels or replacement tokens are stored next to each sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from freezecache.augment import stored_channels_shape
+from freezecache.cache.format import Layout
+from freezecache.codecs import Codec
+from freezecache.codecs.registry import make_codec
+from freezecache.config import Config
+from freezecache.models import BlockModel, feature_shape
+from freezecache.rank import num_selected_tokens
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cache at one freeze point holds and how it is coded.
+
+    ``stored``: flip-sensitive channels (CNN maps) or replacement tokens (ViT) stored per sample
+    next to the features, 0 when the method stores none (then there is no extra data)."""
+
+    codec: str
+    tolerance: float
+    chunk_size: int
+    sample_shape: tuple[int, ...]
+    layout: str  # the model's feature layout: nchw, nhwc or tokens
+    stored: int = 0
+    num_prefix_tokens: int = 0
+    codec_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def at(cls, cfg: Config, model: BlockModel, block: int, index: int, ranked: bool) -> CacheSpec:
+        """The spec of freeze point ``index`` (1-based) at ``block``; ``ranked``: the method
+        stores what a ranking pass finds flip-sensitive (Discard & Aug.)."""
+        c = cfg.cache
+        options = {}
+        if c.codec == "quant":
+            options = {
+                "channel_axis": model.channel_axis,
+                "relative": c.relative,
+                "coding": c.coding,
+            }
+        shape = tuple(feature_shape(model, block))
+        stored = 0
+        if ranked and model.kind == "cnn":
+            channels = shape[-1] if model.layout == "nhwc" else shape[0]
+            stored = round(cfg.rank.gamma * channels)  # as rank.most_sensitive keeps
+        elif ranked:
+            stored = num_selected_tokens(shape[0], cfg.rank.alpha, model.num_prefix_tokens)
+        return cls(
+            codec=c.codec,
+            tolerance=c.tolerance_at(index),
+            chunk_size=c.chunk_size,
+            sample_shape=shape,
+            layout=model.layout,
+            stored=stored,
+            num_prefix_tokens=model.num_prefix_tokens,
+            codec_options=options,
+        )
+
+    @property
+    def extras(self) -> str | None:
+        """What is stored next to the features: "channels", "tokens" or None."""
+        if not self.stored:
+            return None
+        return "tokens" if self.layout == "tokens" else "channels"
+
+    @property
+    def extra_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape of the stored extras, laid out like the features."""
+        if self.extras == "channels":
+            return stored_channels_shape(self.sample_shape, self.stored, self.layout)
+        if self.extras == "tokens":
+            return (self.stored, self.sample_shape[1])
+        return None
+
+    def new_codec(self) -> Codec:
+        """A fresh codec (data-calibrated codecs calibrate on what they see first)."""
+        return make_codec(self.codec, self.tolerance, **self.codec_options)
+
+    def layout_for(self, num_samples: int, channels: list[int] | None = None) -> Layout:
+        """The file layout for ``num_samples`` samples; ``channels``: the stored channels'
+        indices (CNN), which the file records."""
+        return Layout(
+            self.sample_shape,
+            num_samples,
+            self.chunk_size,
+            self.extra_shape,
+            tuple(channels or ()),
+        )

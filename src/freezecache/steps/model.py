@@ -1,0 +1,79 @@
+"""The model a stage trains, built from the params and the prepared data's metadata (the one
+place that does it), its starting weights, and what the params ask of it that only the model
+can check (its depth, its constructor's arguments)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from freezecache.config import Config, Model
+from freezecache.errors import FreezecacheError
+from freezecache.io import tensors_digest
+from freezecache.models import BlockModel, create_model, split
+
+
+def build_model(model: Model, meta: dict) -> BlockModel:
+    """The params' model for data with ``meta`` (classes, channels, image size)."""
+    return create_model(
+        model.name,
+        num_classes=meta["num_classes"],
+        in_chans=meta["channels"],
+        img_size=meta["img_size"],
+        **model.kwargs,
+    )
+
+
+def load_start(model: nn.Module, weights: dict) -> None:
+    """Loads the pretrain stage's weights (empty: keep the random init). They were saved for
+    this architecture without a classifier, so the head stays fresh for the target classes."""
+    if not weights:
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    body = [k for k in missing if not k.startswith("head.")]
+    if body or unexpected:
+        raise FreezecacheError(
+            f"the pretrain stage's weights do not fit {model.name} (missing {body[:3]}, "
+            f"unexpected {unexpected[:3]}) — rerun `dvc repro pretrain`"
+        )
+
+
+def check_schedule(cfg: Config, model: BlockModel) -> None:
+    """Refuse freeze points past the model's last block, in one line each."""
+    problems = [
+        f"freeze.points.{i}.block = {p.block} is past the last block of {cfg.model.name} "
+        f"({model.num_blocks} blocks)"
+        for i, p in enumerate(cfg.points)
+        if p.block > model.num_blocks
+    ]
+    if problems:
+        raise FreezecacheError("\n".join(problems))
+
+
+def check_model(cfg: Config, source: str = "params.yaml") -> None:
+    """What only the model can tell (``freezecache check``; the stages that build the model
+    check it too): it builds from ``model`` for ``data``, and the freeze points fit its depth."""
+    meta = {
+        "num_classes": len(cfg.data.classes) if cfg.data.classes else 10,
+        "channels": cfg.data.channels or 3,
+        "img_size": cfg.data.img_size,
+    }
+    try:
+        model = build_model(cfg.model, meta)
+    except FreezecacheError as err:
+        raise FreezecacheError(f"{source}: model.name: {err}") from None
+    except Exception as err:  # noqa: BLE001 (the model's own constructor refused the params)
+        raise FreezecacheError(
+            f"{source}: model: {cfg.model.name} cannot be built with these params ({err}) — "
+            "fix model.name or model.kwargs"
+        ) from None
+    try:
+        check_schedule(cfg, model)
+    except FreezecacheError as err:
+        lines = (f"{source}: {line}" for line in str(err).splitlines())
+        raise FreezecacheError("\n".join(lines)) from None
+
+
+def prefix_hash(model: nn.Module, position: int) -> str:
+    """Content hash of the frozen prefix a cache was built with."""
+    prefix, _ = split(model, position)
+    return tensors_digest(prefix.state_dict())

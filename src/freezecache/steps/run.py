@@ -1,0 +1,137 @@
+"""A stage's resumable training run: a trainer that resumes from the stage's checkpoint when
+its key matches, logs every epoch to the stage's DVCLive folder, and publishes the stage's
+files (state, costs, metrics) at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from freezecache import distributed, runtime
+from freezecache.config import dump_config
+from freezecache.errors import FreezecacheError
+from freezecache.io import atomic_write_json, file_digest
+from freezecache.live import EpochLog
+from freezecache.models import split
+from freezecache.pipeline import start_of_point as _start_file
+from freezecache.records import Costs
+from freezecache.schedule import Phase
+from freezecache.steps.context import Context
+from freezecache.train import RunState, Trainer, TrainSpec
+
+log = logging.getLogger(__name__)
+
+# Per-epoch measurements of this machine, not results: kept in checkpoints (a resumed stage
+# replays them into its curves) but not in the published state, whose hash the next stages
+# depend on, so a rerun that trains the same weights changes nothing downstream.
+TIMINGS = ("epoch_time_s", "samples_per_s", "data_wait_frac", "cuda_peak_mb")
+
+
+def run_key(ctx: Context, *inputs: Path) -> str:
+    """Identity of a stage's work: config + input contents. A checkpoint is resumed only when
+    this matches, so an edited param never resumes a stale run."""
+    h = hashlib.sha256(ctx.name.encode())
+    h.update(json.dumps(dump_config(ctx.cfg), sort_keys=True).encode())
+    for p in inputs:
+        h.update(file_digest(p).encode())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_dir(ctx: Context) -> Path:
+    return Path(ctx.cfg.paths.checkpoints) / ctx.name
+
+
+class Run:
+    """One stage's training: ``start`` (the state it continues from, or None for a fresh run)
+    unless the stage's checkpoint for ``inputs`` says it got further."""
+
+    def __init__(self, ctx: Context, model: nn.Module, start: RunState | None, *inputs: Path):
+        self.ctx = ctx
+        self.model = model
+        ckpt = checkpoint_dir(ctx) / f"{run_key(ctx, *inputs)}.pt"
+        resumed = None
+        if ctx.main and ckpt.is_file():
+            resumed = RunState.load(ckpt)
+            log.info("resuming %s from its checkpoint at epoch %d", ctx.name, resumed.epoch)
+        # Every rank resumes from rank 0's reading of the checkpoint: the same epoch everywhere.
+        resumed = distributed.broadcast_object(resumed)
+        self.trainer = Trainer(
+            model,
+            ctx.cfg.train,
+            seed=ctx.seed,
+            device=ctx.device,
+            state=start if resumed is None else resumed,
+            checkpoint=ckpt,
+            sync_batchnorm=ctx.cfg.distributed.sync_batchnorm,
+        )
+        self.live = None
+        if ctx.main:
+            folder = ctx.out("metrics").parent
+            curves = "plots" in ctx.stage.outs
+            self.live = EpochLog(folder, self.trainer.state.history, curves=curves)
+            self.trainer.on_epoch = self.live.log
+        ctx.live = self.live
+
+    @property
+    def state(self) -> RunState:
+        return self.trainer.state
+
+    def fit(self, spec: TrainSpec) -> None:
+        self.trainer.fit(spec)
+
+    def finish(self, costs: Costs | dict, *, final: bool = False) -> None:
+        """Writes state.pt and the summary; a method's last stage also measures test accuracy
+        (once per run: every choice is made on the validation split). Every rank calls it (the
+        test accuracy is reduced over ranks); rank 0 writes."""
+        ctx, trainer = self.ctx, self.trainer
+        summary = {
+            "epochs": trainer.state.epoch,
+            "stage_wall_s": runtime.process_seconds(),
+            "peak_rss_mb": runtime.peak_rss_mb(),
+        }
+        if final:
+            summary.update(ctx.evaluate(self.model, "test"))
+            trainer.state.extra["test"] = {k: summary[k] for k in ("test_acc", "test_loss")}
+        if ctx.main:
+            record = costs if isinstance(costs, dict) else costs.to_json()
+            record.update(stage_wall_s=summary["stage_wall_s"], peak_rss_mb=summary["peak_rss_mb"])
+            atomic_write_json(ctx.out("costs"), record)
+            published(trainer.state).save(ctx.out("state"))
+            self.live.finish(summary)
+            for f in checkpoint_dir(ctx).glob("*.pt"):
+                f.unlink()
+        distributed.barrier()  # the stage ends on every rank once its outputs exist
+
+
+def published(state: RunState) -> RunState:
+    """The run state without machine timings (see TIMINGS)."""
+    history = [{k: v for k, v in row.items() if k not in TIMINGS} for row in state.history]
+    return dataclasses.replace(state, history=history)
+
+
+def start_of_point(ctx: Context, point) -> tuple[Path, RunState]:
+    """The run a freeze point continues from: the shared prefix, or the point before it."""
+    path = _start_file(ctx.cfg, ctx.seed, ctx.item["method"], point)
+    if not path.is_file():
+        raise FreezecacheError(f"{path}: missing — run `dvc repro` to produce it")
+    return path, RunState.load(path)
+
+
+def image_spec(ctx: Context, model, phase: Phase, train=None) -> TrainSpec:
+    """Training on raw images in ``phase``: the whole model, or (frozen states) the blocks after
+    the phase's position, the frozen prefix running forward without a graph (FreezeOut)."""
+    full = phase.state == "full"
+    prefix, suffix = (None, model) if full else split(model, phase.position)
+    return TrainSpec(
+        phase=phase,
+        forward=suffix,
+        frozen=prefix,
+        batches=ctx.image_batches(train),
+        steps_per_epoch=ctx.image_steps,
+        evaluate=lambda: ctx.evaluate(model),
+    )

@@ -1,0 +1,95 @@
+"""Import boundaries that match the work: a stage's code deps are derived from its imports, so an
+import is a promise about what reruns. These pin the promises; each is shown to fail on a copy
+of the library with one import added where it must not be."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from freezecache import config
+from freezecache.codecs import CODECS, CODINGS
+from freezecache.labels import LABELS
+from freezecache.methods import METHODS
+from freezecache.pipeline import STAGES
+from freezecache.render import code_deps
+
+LIB = "src/freezecache"
+TRAINING = ("pretrain", "train_prefix", "baseline", "tradeoffs")  # never touch a cache
+NOT_FOR_TRAINING = ("labels.py", "render.py", "plots.py", "report.py", "sweep.py", "cli.py")
+
+
+def violations(root: Path) -> list[str]:
+    """Every broken boundary of the library under ``root``, one line each."""
+    deps = {n: code_deps(root / s.script, root) for n, s in STAGES.items()}
+    found = []
+    for name in TRAINING:
+        for d in deps[name]:
+            codec_impl = d.startswith(f"{LIB}/codecs") and d != f"{LIB}/codecs/__init__.py"
+            if d.startswith(f"{LIB}/cache") or codec_impl:
+                found.append(f"{name} depends on {d}")
+    for name in ("check", "prepare"):
+        found += [f"{name} depends on {d}" for d in deps[name] if d.startswith(f"{LIB}/models")]
+    for name in (*TRAINING, "train_suffix", "cache"):
+        found += [
+            f"{name} depends on {d}" for d in deps[name] if d.rsplit("/", 1)[-1] in NOT_FOR_TRAINING
+        ]
+    return found
+
+
+def test_stages_depend_only_on_the_code_of_their_work():
+    assert violations(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "line"),
+    [
+        ("train.py", "from freezecache.cache import open_cache"),
+        ("train.py", "from freezecache.codecs.registry import make_codec"),
+        ("config.py", "from freezecache.models import create_model"),
+        ("costs.py", "from freezecache.labels import label"),
+    ],
+)
+def test_the_boundary_check_fails_when_an_import_crosses_a_boundary(tmp_path, module, line):
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    target = tmp_path / LIB / module
+    target.write_text(target.read_text() + f"\n{line}  # crossing a boundary\n")
+    assert violations(tmp_path), f"adding `{line}` to {module} went unnoticed"
+
+
+def test_the_cache_stage_and_the_suffix_depend_on_the_cache_package():
+    for name in ("cache", "train_suffix", "plan"):
+        deps = code_deps(ROOT / STAGES[name].script)
+        assert f"{LIB}/cache" in deps and f"{LIB}/codecs" in deps, name
+
+
+def test_config_defaults_are_the_default_profile():
+    """Each fact once: a section's defaults are the default profile's values (data's subsets
+    excepted: None means all of them)."""
+    profile = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    defaults = config.Config().model_dump(mode="json")
+    for section in profile:
+        if section in ("data", "pretrain", "paths"):
+            continue
+        assert defaults[section] == profile[section], section
+    assert defaults["paths"] == profile["paths"]
+
+
+def test_names_are_declared_once():
+    from freezecache.codecs import registry
+
+    assert tuple(registry._CODECS) == CODECS
+    assert set(config.Cache.model_fields["codec"].annotation.__args__) == set(CODECS)
+    assert set(config.Cache.model_fields["coding"].annotation.__args__) == set(CODINGS)
+    assert set(LABELS) == set(METHODS)
+
+
+def test_long_modules_say_why():
+    """No module over about 400 lines without a reason in its docstring."""
+    for path in sorted((ROOT / LIB).rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 420:
+            assert "Why it is long:" in text.split('"""')[1], path.relative_to(ROOT)
