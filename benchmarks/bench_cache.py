@@ -31,30 +31,28 @@ import importlib.util
 import logging
 import shutil
 import tempfile
-from itertools import islice
 from pathlib import Path
 
-import benchlib as bench
 import numpy as np
 import torch
 import typer
 from torch import nn
 
+import _epochs
+import benchlib as bench
 from freezecache.cache.format import CacheInfo, open_cache
-from freezecache.cache.loader import fits_in_memory
+from freezecache.cache.loader import held_in_memory
 from freezecache.codecs.registry import make_codec
 from freezecache.config import Config
 from freezecache.errors import FreezecacheError
-from freezecache.flops import part_flops, training_flops
 from freezecache.guard import stage
 from freezecache.io import atomic_write_json, atomic_write_text, read_json
 from freezecache.methods import method as method_info
-from freezecache.models import split
 from freezecache.pipeline import STAGES, start_of_point
-from freezecache.steps import suffix
 from freezecache.steps.cache import BUILD_BATCH, cache_point, feature_pairs, frozen_model
 from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare
+from freezecache.timing import STAGE_SECTIONS, Sections
 from freezecache.train import RunState, Trainer
 
 log = logging.getLogger("bench")
@@ -113,10 +111,14 @@ def prefix_state(cfg: Config, work: Config, seed: int) -> tuple[RunState, str]:
 
 
 def stage_caches(work: Config, seed: int, name: str, state: RunState) -> list[dict]:
-    """Every freeze point's cache, built by the cache stage from the same frozen weights."""
+    """Every freeze point's cache of method ``name``, built by the cache stage from the same
+    frozen weights, with the stage's record of its own time."""
+    out = []
     for p in work.points:  # each point continues from the same run here
         state.save(start_of_point(work, seed, name, p))
-    return [cache_point(work, seed, name, p.block) for p in work.points]
+        with Sections(STAGE_SECTIONS):
+            out.append(cache_point(work, seed, name, p.block))
+    return out
 
 
 def _loader_ctx(ctx: Context, in_memory: bool) -> Context:
@@ -204,103 +206,26 @@ def p4_summary(points: list[dict]) -> dict:
     }
 
 
-# -- P1, P2 --------------------------------------------------------------------------------------
-def epoch_runs(ctx: Context, model: nn.Module, path: Path, info: CacheInfo, name: str):
-    """setting -> run(epoch, max_steps=None): one timed training epoch.
-
-    The suffix epochs (cache in RAM, cache file, float32 features in RAM) share one suffix
-    model and get the same batch order and augmentation draws per epoch; the full-model epoch
-    trains its own copy on the raw images as the baseline stage does.
-    """
-    cfg, device, seed, block = ctx.cfg, ctx.device, ctx.seed, ctx.item["p"].block
-    mode, layout = method_info(name).augment, model.layout
-    loaders = {
-        "cache in memory": suffix.cache_loader(_loader_ctx(ctx, True), path, info),
-        "cache file": suffix.cache_loader(_loader_ctx(ctx, False), path, info),
-    }
-    arrays = bench.features_in_ram(path, info, device)
-    suffix_model, full_model = copy.deepcopy(model), copy.deepcopy(model)
-    _, forward = split(suffix_model, block)
-    trainer_s = Trainer(suffix_model, cfg.train, seed=seed, device=device)
-    trainer_f = Trainer(full_model, cfg.train, seed=seed, device=device)
-    steps = len(loaders["cache file"])
-
-    def timed(batches, max_steps: int | None) -> dict:
-        return bench.timed_epoch(
-            trainer_s, state="discard", position=block, forward=forward,
-            batches=islice(batches, max_steps), steps=steps,
-        )  # fmt: skip
-
-    def cache_run(loader):
-        batches = suffix.cached_batches(ctx, info, loader, mode, layout)  # the stage's batches
-        return lambda e, n=None: timed(batches(e), n)
-
-    def ram_run(e: int, n: int | None = None) -> dict:
-        orders = bench.batch_orders(
-            info.num_samples, info.chunk_size, cfg.train.batch_size, seed, e
-        )
-        raw = bench.ram_batches(arrays, orders)
-        return timed(suffix.augmented_batches(ctx, info, raw, e, mode, layout), n)
-
-    def full_run(e: int, n: int | None = None) -> dict:
-        return bench.timed_epoch(
-            trainer_f, state="full", position=0, forward=full_model,
-            batches=islice(ctx.image_batches()(e), n), steps=ctx.image_steps,
-        )  # fmt: skip
-
-    runs = {label: cache_run(loader) for label, loader in loaders.items()}
-    return {**runs, "ram": ram_run, "full": full_run}
+# -- P1, P2 and the epoch breakdown ------------------------------------------------------------
+def _held(ctx, info) -> str:
+    """How the stage holds the cache (loader.in_memory resolved): what P2 times."""
+    held = held_in_memory(info, ctx.cfg.loader.in_memory, codes=ctx.cfg.loader.workers == 0)
+    return {"codes": "codes in memory", "compressed": "compressed in memory"}.get(held, "file")
 
 
-def time_interleaved(runs: dict, repeats: int, warmup_steps: int) -> dict:
-    """Warm every setting up, then run them in turn ``repeats`` times; epoch time summaries."""
-    for run in runs.values():  # starts loader workers, warms kernels and allocators
-        run(repeats, warmup_steps)
-    rows = {name: [] for name in runs}
-    for epoch in range(repeats):
-        for name, run in runs.items():
-            with bench.OtherLoad() as other:
-                row = run(epoch)
-            rows[name].append({**row, "other_cores": other.cores})
-            log.info(
-                "P1/P2 repeat %d: %s epoch %.2fs (other processes used %s cores)",
-                epoch + 1, name, row["epoch_time_s"], other.cores,
-            )  # fmt: skip
-    return {name: bench.summary(got) for name, got in rows.items()}
-
-
-def suffix_flops(ctx: Context, model: nn.Module, block: int) -> dict:
-    """Training FLOPs of one epoch: the suffix at ``block`` (discard) and the full model."""
-    meta = ctx.meta
-    part = part_flops(model, block, (meta["channels"], meta["img_size"], meta["img_size"]))
-    return {
-        state: training_flops(
-            {block: part}, schedule=[(state, p, 1)], num_samples=len(ctx.train), extras={}
-        )["train_flops"]
-        for state, p in (("discard", block), ("full", 0))
-    }
-
-
-def measure_p1_p2(ctx, model, path: Path, name: str, repeats: int, warmup_steps: int) -> dict:
-    """P1 for the cache in RAM and from the file, and P2 for the cache as the stage reads it."""
+def measure_epochs(ctx, model, caches: dict[str, Path], builds: dict, name: str, rounds: int):
+    """The epoch breakdown of every method (benchmarks/_epochs.py), P1 and P2 from it."""
     block = ctx.item["p"].block
-    info = open_cache(path)
-    times = time_interleaved(epoch_runs(ctx, model, path, info, name), repeats, warmup_steps)
-    flops = suffix_flops(ctx, model, block)
-    flops_ratio = flops["discard"] / flops["full"]
-    in_ram = ctx.cfg.loader.in_memory  # as train_suffix resolves it
-    in_ram = fits_in_memory(info) if in_ram == "auto" else in_ram
-    stage_path = "cache in memory" if in_ram else "cache file"
-    ram, cache = times["ram"]["min_s"], times[stage_path]["min_s"]
+    result = _epochs.breakdown(ctx, model, block, caches, builds, name, rounds)
+    e, flops = result["epochs"], result["step_flops"]
+    flops_ratio = flops[name] / flops["normal"]
     return {
-        "p1_cache_vs_ram": times["cache in memory"]["min_s"] / ram,
-        "p1_file_cache_vs_ram": times["cache file"]["min_s"] / ram,
-        "p2_vs_flops_ideal": cache / times["full"]["min_s"] / flops_ratio,
-        "p2_cache": stage_path,
-        "epochs": times,
-        "suffix_vs_full_time": cache / times["full"]["min_s"],
+        **_epochs.p1(result, name),
+        "p2_vs_flops_ideal": e[name]["epoch_s"] / e["normal"]["epoch_s"] / flops_ratio,
+        "p2_cache": _held(ctx, open_cache(caches[name])),
+        "suffix_vs_full_time": e[name]["epoch_s"] / e["normal"]["epoch_s"],
         "suffix_vs_full_flops": flops_ratio,
-        "train_flops_per_epoch": flops,
+        "breakdown": result,
     }
 
 
@@ -364,6 +289,10 @@ def goal_rows(points: list[dict], p4: dict, p1p2: dict) -> list[dict]:
         rows.append(bench.goal_row("p3_ratio", setting, p["p3_ratio"], paper))
     for label, rate in p4["p4_build_mb_s_by_setting"].items():
         rows.append(bench.goal_row("p4_build_mb_s", label, rate))
+    for name, g in p1p2["breakdown"]["goals"].items():
+        goal = bench.Goal("<=", g["epoch_goal"])  # 1.05 x the method's FLOPs ratio
+        rows.append(bench.goal_row("epoch_vs_freezeout", name, g["epoch_vs_freezeout"], goal))
+        rows.append(bench.goal_row("data_vs_compute", name, g["data_vs_compute"]))
     return rows
 
 
@@ -386,6 +315,13 @@ def run(
         state, weights = prefix_state(cfg, work, seed)
         caches = stage_caches(work, seed, name, state)
         first = work.points[0]
+        builds = {name: caches[0]}
+        one_point = work.model_copy(
+            update={"freeze": work.freeze.model_copy(update={"points": [first]})}
+        )
+        for other in work.methods.discard:  # the first point's cache of every discard method
+            if other != name:
+                builds[other] = stage_caches(one_point, seed, other, state)[0]
         ctx = Context(work, seed, "train_suffix", method=name, p=first)
         machine = bench.machine_info(ctx.device)
         model, _ = frozen_model(ctx, first)
@@ -397,7 +333,9 @@ def run(
             heads[p.block] = np.ascontiguousarray(x[:codec_samples])
             del x, y
         p4 = p4_summary(points)
-        p1p2 = measure_p1_p2(ctx, model, caches[0]["path"], name, repeats, warmup_steps)
+        paths = {m: STAGES["cache"].path("cache", work, seed=seed, method=m, p=first)
+                 for m in builds}  # fmt: skip
+        p1p2 = measure_epochs(ctx, model, paths, builds, name, repeats)
         n = len(ctx.train)
     codecs = codec_table(heads[first.block])
     ideas = coding_ideas(coding_json, heads)
@@ -451,9 +389,12 @@ def main(
             codec_samples=codec_samples, coding_json=coding_json,
         )  # fmt: skip
         out = Path(cfg.paths.results)
+        atomic_write_json(out / "bench.json", _epochs.np_free(results))
         markdown = bench.to_markdown(results)
-        atomic_write_json(out / "bench.json", results)
         atomic_write_text(out / "bench.md", markdown)
+        svg = bench.svg(_epochs.stacked_bar_spec(results["p1_p2"]["breakdown"]))
+        if svg is not None:
+            atomic_write_text(out / "bench_epochs.svg", svg)
         print(markdown)
         print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 

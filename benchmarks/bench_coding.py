@@ -40,7 +40,6 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).parent))
 import benchlib as bench  # noqa: E402
 from _features import real_features  # noqa: E402
-
 from freezecache.cache.format import CacheInfo, open_cache  # noqa: E402
 from freezecache.cache.reader import CacheDataset  # noqa: E402
 from freezecache.codecs import rans  # noqa: E402

@@ -82,3 +82,19 @@ needs_fashion = pytest.mark.skipif(
     not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian's dataset-fashion-mnist is not installed (make setup installs it)",
 )
+
+
+def augment_once(x, *, mode, g, flip_p=0.5, crop_pad=0, noise_std=0.0, blur_p=0.0,
+                 blur_sigma=0.5, extra=None, where=None, layout=None):  # fmt: skip
+    """One batch through :func:`freezecache.augment.augment_features` as a stage would: draws
+    from ``g``, a noise bank from ``g``, noise ``noise_std`` x the batch's std."""
+    from freezecache import augment
+
+    layout = augment.resolve_layout(x, layout)
+    scale = noise_std * float(x.float().std()) if noise_std else 0.0
+    aug = augment.FeatureAug(mode, flip_p, crop_pad, scale, blur_p, blur_sigma, layout)
+    numel = x[0].numel()
+    bank = augment.NoiseBank(numel, g) if scale else None
+    return augment.augment_features(
+        x, aug, aug.draw(x.shape[0], g, bank, numel), bank, extra=extra, where=where
+    )

@@ -2,6 +2,7 @@
 
 import torch
 
+from conftest import augment_once
 from freezecache import augment, rank
 from freezecache.codecs.registry import make_codec
 from freezecache.models import create_model, split
@@ -28,10 +29,10 @@ def test_flip_where_flips_only_selected():
 def test_feature_augmentation_is_reproducible_and_none_is_identity():
     x = torch.randn(8, 4, 6, 6)
     kw = dict(mode="standard", flip_p=0.5, crop_pad=1, noise_std=0.1)
-    a = augment.augment_features(x, g=torch.Generator().manual_seed(3), **kw)
-    b = augment.augment_features(x, g=torch.Generator().manual_seed(3), **kw)
+    a = augment_once(x, g=torch.Generator().manual_seed(3), **kw)
+    b = augment_once(x, g=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a, b) and not torch.equal(a, x)
-    same = augment.augment_features(
+    same = augment_once(
         x, mode="none", g=torch.Generator(), flip_p=1, crop_pad=1, noise_std=1
     )
     assert torch.equal(same, x)
@@ -41,7 +42,7 @@ def test_similarity_mode_puts_stored_channels_back_on_flipped_samples():
     x = torch.randn(4, 5, 6, 6)
     channels = torch.tensor([1, 3])
     stored = torch.randn(4, 2, 6, 6)
-    out = augment.augment_features(
+    out = augment_once(
         x,
         mode="similarity",
         g=torch.Generator(),
@@ -53,7 +54,7 @@ def test_similarity_mode_puts_stored_channels_back_on_flipped_samples():
     )
     assert torch.equal(out[:, channels], stored)
     assert torch.equal(out[:, [0, 2, 4]], x[:, [0, 2, 4]].flip(-1))
-    kept = augment.augment_features(
+    kept = augment_once(
         x,
         mode="similarity",
         g=torch.Generator(),
@@ -138,10 +139,10 @@ def test_nhwc_augmentation_is_the_nchw_one_permuted():
     channels = torch.tensor([1, 3])
     stored = torch.randn(8, 2, 6, 6)
     kw = dict(mode="similarity", flip_p=0.5, crop_pad=2, noise_std=0.1, blur_p=0.5)
-    nchw = augment.augment_features(
+    nchw = augment_once(
         x, g=torch.Generator().manual_seed(5), extra=stored, where=channels, **kw
     )
-    nhwc = augment.augment_features(
+    nhwc = augment_once(
         _nhwc(x),
         g=torch.Generator().manual_seed(5),
         extra=_nhwc(stored),
@@ -156,7 +157,7 @@ def test_nhwc_augmentation_is_the_nchw_one_permuted():
 def test_token_layout_leaves_prefix_tokens_alone():
     x = torch.randn(2, 6, 4)
     pos, stored, _ = rank.select_tokens(x, torch.randn(2, 6, 4), alpha=0.5, num_prefix_tokens=2)
-    out = augment.augment_features(
+    out = augment_once(
         x,
         mode="similarity",
         g=torch.Generator(),

@@ -6,23 +6,31 @@ import json
 import math
 from types import SimpleNamespace
 
-import benchlib as bench
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
+import _epochs
+import benchlib as bench
 from conftest import ROOT, load_profile
 from freezecache.cache.format import Layout, open_cache
-from freezecache.cache.loader import make_loader
 from freezecache.cache.writer import Build, CacheWriter
 from freezecache.codecs.registry import make_codec
-from freezecache.config import Augment
 from freezecache.steps import suffix
 
 SIZE, TRAIN, VAL, TEST = 12, 96, 32, 40
-EPOCHS = {"cache in memory", "cache file", "ram", "full"}
+EPOCHS = {
+    "normal", "freezeout", "discard", "discard_aug", "discard_aug, cache file",
+    "discard_aug, features in RAM", "discard_aug, compressed in RAM",
+}  # fmt: skip
+
+
+def load_profile_config():
+    from freezecache.config import parse_config
+
+    return parse_config(load_profile("smoke"))
 
 
 def load_script():
@@ -96,7 +104,7 @@ def bench_out(tmp_path_factory):
     threads, calls = torch.get_num_threads(), {}
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for name in ("cache_loader", "cached_batches", "augmented_batches"):
+            for name in ("cache_feed", "cached_batches"):
                 spy(mp, calls, name)
             load_script().main(
                 params=params, method=None, repeats=1, warmup_steps=1, codec_samples=64,
@@ -119,15 +127,28 @@ def test_bench_json_has_every_measurement(bench_out):
         assert key in markdown
     assert res["setup"]["samples"] == TRAIN and res["setup"]["method"] == "discard_aug"
     assert "trained 1 epoch from the random init" in res["setup"]["weights"]  # no runs/ here
-    epochs = res["p1_p2"]["epochs"]
-    assert set(epochs) == EPOCHS and all(e["min_s"] > 0 for e in epochs.values())
-    ratio = epochs["cache file"]["min_s"] / epochs["ram"]["min_s"]
+    b = res["p1_p2"]["breakdown"]
+    epochs = b["epochs"]
+    assert set(epochs) == EPOCHS and all(e["epoch_s"] > 0 for e in epochs.values())
+    ratio = (
+        epochs["discard_aug, cache file"]["epoch_s"]
+        / epochs["discard_aug, features in RAM"]["epoch_s"]
+    )
     assert res["p1_file_cache_vs_ram"] == pytest.approx(ratio)
     assert 0 < res["p1_p2"]["suffix_vs_full_flops"] < 1
-    assert res["p1_p2"]["p2_cache"] == "cache in memory"  # in_memory auto: a tiny cache fits
+    assert res["p1_p2"]["p2_cache"] == "codes in memory"  # in_memory auto: a tiny cache fits
+    for name in ("discard", "discard_aug"):
+        parts = epochs[name]["parts_s"]
+        assert parts["forward"] > 0 and parts["backward"] > 0 and parts["read + unpack"] > 0
+        assert parts["decode + augment (fused)"] > 0  # the CPU's one pass
+        g = b["goals"][name]
+        assert g["flops_vs_freezeout"] < 1 and g["epoch_vs_freezeout"] > 0
+        assert sum(b["fixed_s"][name].values()) > sum(b["fixed_s"]["freezeout"].values())
+    assert "augment" in epochs["normal"]["parts_s"] and epochs["normal"]["validation_s"] > 0
+    assert "### Where an epoch goes" in markdown
     assert set(res["p4_build_mb_s_by_setting"]) == {"profile", "quant relative", "zfp"}
     metrics = {g["metric"] for g in res["goals"]}
-    assert metrics == set(bench.GOALS)
+    assert metrics == {*bench.GOALS, "epoch_vs_freezeout"}  # per method: 1.05 x its FLOPs ratio
 
 
 def test_p3_per_freeze_point(bench_out):
@@ -149,12 +170,14 @@ def test_p3_per_freeze_point(bench_out):
 
 def test_the_bench_times_the_stages_batch_functions(bench_out):
     _, _, calls = bench_out
-    paths = [args[0].cfg.loader.in_memory for args, _ in calls["cache_loader"]]
-    assert sorted(paths) == [False, True]  # the cache in RAM and read from the file
-    modes = {(args[3], args[4]) for args, _ in calls["cached_batches"]}
-    assert modes == {("similarity", "nchw")}  # discard_aug's augmentation, as the stage does
-    # the cache epochs (through cached_batches) and the RAM baseline share the augmentation
-    assert len(calls["augmented_batches"]) > len(calls["cached_batches"])
+    feeds = [(args[0].cfg.loader.in_memory, args[3]) for args, _ in calls["cache_feed"]]
+    # each discard method as its stage reads the cache, then the timed one from the file and
+    # (decoded into RAM) through the same augmentation
+    assert sorted(feeds, key=str) == sorted(
+        [("auto", "standard"), ("auto", "similarity"), (True, "similarity"),
+         (False, "similarity"), ("auto", "similarity")], key=str,
+    )  # fmt: skip
+    assert len(calls["cached_batches"]) == 5
 
 
 def test_coding_ideas_in_bench_json(bench_out, tmp_path):
@@ -209,21 +232,24 @@ def cache_with_extras(path, chunk_size: int):
 @pytest.mark.parametrize("chunk_size,device_decode", [(1, True), (3, False)])
 def test_ram_baseline_batches_equal_the_stage_batches(tmp_path, chunk_size, device_decode):
     """Bit for bit: the RAM baseline gets the batches train_suffix trains on, in the same order
-    and with the same augmentation draws (flips with stored channels, crops, noise)."""
+    and with the same augmentation draws (flips with stored channels, crops, noise), though the
+    stage decodes and augments its packed codes in one CPU pass and the baseline uses torch."""
     path = tmp_path / "c.h5"
     info = cache_with_extras(path, chunk_size)
+    cfg = load_profile_config()
+    loader_cfg = cfg.loader.model_copy(update={"device_decode": device_decode, "in_memory": True})
+    train = cfg.train.model_copy(update={"batch_size": 7})
+    aug = cfg.augment.model_copy(update={"crop_pad": 2, "noise_std": 0.05, "flip_p": 0.5})
     ctx = SimpleNamespace(
-        cfg=SimpleNamespace(augment=Augment(crop_pad=2, noise_std=0.05, flip_p=0.5)),
+        cfg=cfg.model_copy(update={"loader": loader_cfg, "train": train, "augment": aug}),
         seed=4, device=torch.device("cpu"), meta={"img_size": 12},
     )  # fmt: skip
-    loader = make_loader(
-        path, info, batch_size=7, seed=4, workers=0, device_decode=device_decode, in_memory=True
-    )
-    stage = list(suffix.cached_batches(ctx, info, loader, "similarity", "nchw")(1))
-    orders = bench.batch_orders(11, chunk_size, 7, seed=4, epoch=1)
-    raw = bench.ram_batches(bench.features_in_ram(path, info, ctx.device), orders)
-    from_ram = list(suffix.augmented_batches(ctx, info, raw, 1, "similarity", "nchw"))
-    assert len(stage) == len(from_ram) == len(loader) >= 2
+    feed = suffix.cache_feed(ctx, path, info, "similarity", "nchw")
+    assert feed.fused == device_decode
+    stage = list(suffix.cached_batches(ctx, feed)(1))
+    ram = _epochs.RamFeed(feed, path, info, 7, seed=4)
+    from_ram = list(suffix.cached_batches(ctx, ram)(1))
+    assert len(stage) == len(from_ram) == len(feed) >= 2
     for (xa, ya), (xb, yb) in zip(stage, from_ram, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 

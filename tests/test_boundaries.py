@@ -60,10 +60,17 @@ def test_the_boundary_check_fails_when_an_import_crosses_a_boundary(tmp_path, mo
     assert violations(tmp_path), f"adding `{line}` to {module} went unnoticed"
 
 
+def _covers(deps: list[str], path: str) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in deps)
+
+
 def test_the_cache_stage_and_the_suffix_depend_on_the_cache_package():
     for name in ("cache", "train_suffix", "plan"):
         deps = code_deps(ROOT / STAGES[name].script)
-        assert f"{LIB}/cache" in deps and f"{LIB}/codecs" in deps, name
+        assert _covers(deps, f"{LIB}/cache/writer.py") and _covers(deps, f"{LIB}/codecs"), name
+    # the training feed (decode + augment) reruns training from the cache, never the build
+    assert _covers(code_deps(ROOT / STAGES["train_suffix"].script), f"{LIB}/cache/fused.py")
+    assert not _covers(code_deps(ROOT / STAGES["cache"].script), f"{LIB}/cache/fused.py")
 
 
 def test_config_defaults_are_the_default_profile():

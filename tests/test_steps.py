@@ -19,6 +19,7 @@ from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare
 from freezecache.steps.pretrain import pretrain
 from freezecache.steps.suffix import train_suffix
+from freezecache.timing import STAGE_SECTIONS, Sections
 from freezecache.train import RunState
 
 
@@ -134,16 +135,51 @@ def test_stages_record_time_and_peak_memory(tmp_path):
     cfg = _config(tmp_path, methods={"baselines": ["normal_noflip"], "discard": []})
     prepare(cfg)
     pretrain(cfg)
-    baseline(cfg, 0, "normal_noflip")
+    with Sections(STAGE_SECTIONS):  # what guard.stage runs a stage under
+        baseline(cfg, 0, "normal_noflip")
     costs = json.loads(
         STAGES["baseline"].path("costs", cfg, seed=0, method="normal_noflip").read_text()
     )
     assert costs["peak_rss_mb"] > 50 and costs["stage_wall_s"] > 0
     assert all(s["cache_in_ram_mb"] == 0.0 for s in costs["states"])  # no cache
+    t = costs["timings"]  # where the stage's time went
+    assert t["epochs"] == 3 and t["train_s"] > 0 and t["startup_s"] >= 0
+    assert t["validation_s"] > 0 and t["accounting_s"] > 0 and t["test_s"] > 0
     published = RunState.load(STAGES["baseline"].path("state", cfg, seed=0, method="normal_noflip"))
     assert not any("epoch_time_s" in r for r in published.history)  # timings are not results
     state = RunState.load(STAGES["baseline"].path("state", cfg, seed=0, method="normal_noflip"))
     assert [r["epoch"] for r in state.history] == [1, 2, 3]  # its own run, not the prefix's
+
+
+@needs_fashion
+@pytest.mark.parametrize("position", [2, 5])
+def test_validation_on_a_frozen_prefix_s_features_equals_the_whole_model(tmp_path, position):
+    """Features computed once, the suffix run each epoch: the same numbers, bit for bit."""
+    cfg = _config(tmp_path)
+    prepare(cfg)
+    pretrain(cfg)
+    ctx = Context(cfg, 0, "train_prefix")
+    model = ctx.new_model()
+    whole = ctx.evaluate(model)
+    assert ctx.evaluator(model, position)() == whole
+    assert ctx.evaluator(model, 0)() == whole
+
+
+@needs_fashion
+def test_the_build_reuses_the_ranking_passes_and_writes_the_same_file(tmp_path, monkeypatch):
+
+    from freezecache.steps import cache as cache_step
+
+    cfg = _config(tmp_path)
+    prepare(cfg)
+    pretrain(cfg)
+    train_prefix(cfg, 0)
+    path = STAGES["cache"].path("cache", cfg, seed=0, method="discard_aug", p=cfg.points[0])
+    cache_point(cfg, 0, "discard_aug", cfg.points[0].block)
+    reused = path.read_bytes()
+    monkeypatch.setattr(cache_step, "REUSE_BYTES", 0)  # the ranking's passes not kept
+    cache_point(cfg, 0, "discard_aug", cfg.points[0].block)
+    assert path.read_bytes() == reused
 
 
 def test_stage_arguments_are_checked(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from freezecache.cache import loader as cache_loader
+from freezecache.cache import packed
 from freezecache.cache.format import RUN_KEYS, Layout, attrs_digest, open_cache
 from freezecache.cache.loader import ChunkShuffleSampler, fits_in_memory, make_loader
 from freezecache.cache.reader import CacheDataset, collate_chunks, finish_batch, iter_cache
@@ -224,10 +225,10 @@ def test_device_decode_matches_cpu_decode(cache):
     packed = next(
         iter(make_loader(path, info, batch_size=6, seed=1, workers=0, device_decode=True))
     )
-    assert packed["x"].dtype == torch.uint8  # tolerance 1e-2 on these maps needs < 256 codes
-    assert packed["x_lo"].shape == (6, 4, 1, 1)
+    part = packed["x"]  # the codes as stored: a byte per value here (< 256 codes at 1e-2)
+    assert part["buf"].dtype == np.uint8 and (part["width"] == 1).all()
+    assert part["lo"].shape == (6, 4)
     done = finish_batch(packed, info, "cpu")
-    assert "x_lo" not in done
     assert torch.equal(done["x"], plain["x"])
     assert torch.equal(finish_batch(plain, info, "cpu")["x"], plain["x"])
 
@@ -239,9 +240,11 @@ def test_device_decode_pads_chunks_to_the_widest_code(tmp_path):
     write(path, x, chunk_size=2, tol=1e-3)
     info = open_cache(path)
     assert info.stats["max_code_bytes"] == 3
-    batch = collate_chunks([CacheDataset(path, info, device_decode=True)[i] for i in range(2)])
-    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (4, 3, math.prod(SHAPE))
-    assert not batch["x"][:2, 1:].any()  # the narrow chunk's missing planes are zero
+    batch = CacheDataset(path, info, device_decode=True).__getitems__([0, 1])[0]
+    assert batch["x"]["width"].tolist() == [1, 1, 3, 3]  # per sample: its chunk's code width
+    codes = packed.planes(batch["x"], math.prod(SHAPE))
+    assert codes.shape == (4, 3, math.prod(SHAPE))
+    assert not codes[:2, 1:].any()  # the narrow chunk's missing planes are zero
     x_dec = finish_batch(batch, info, "cpu")["x"]
     assert (x_dec - torch.from_numpy(x)).abs().max() <= 1e-3
 

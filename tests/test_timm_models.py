@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import augment_once
 from freezecache import augment, rank
 from freezecache.codecs.registry import make_codec
 from freezecache.errors import FreezecacheError
@@ -257,7 +258,7 @@ def test_augmentation_of_real_features_follows_layout(family: str) -> None:
         view = augment.augmented_view(f, stored, channels, layout=model.layout)
         torch.testing.assert_close(view, f_flip, atol=0, rtol=0)  # every channel stored
     assert view.shape == f.shape
-    out = augment.augment_features(
+    out = augment_once(
         f,
         mode="similarity",
         g=torch.Generator().manual_seed(0),
@@ -299,7 +300,7 @@ def test_one_point_chain_trains_the_suffix_from_a_quantised_cache(family: str) -
     for _ in range(6):
         epoch_loss = 0.0
         for i, (f, y) in enumerate(cache):
-            f = augment.augment_features(
+            f = augment_once(
                 f,
                 mode="standard",
                 g=torch.Generator().manual_seed(i),

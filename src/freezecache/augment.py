@@ -13,12 +13,12 @@ their channel axis; ``"tokens"`` get token replacement. ``layout=None`` keeps th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from freezecache.config import Augment
 from freezecache.errors import FreezecacheError
 
 MODES = ("none", "standard", "similarity")
@@ -90,9 +90,13 @@ def random_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
     """Zero-pads by `pad` and crops back to the original size at a random offset per sample."""
     if pad <= 0:
         return x
+    return crop_at(x, pad, torch.randint(0, 2 * pad + 1, (x.shape[0], 2), generator=g).to(x.device))
+
+
+def crop_at(x: Tensor, pad: int, offs: Tensor) -> Tensor:
+    """Zero-pads (B,C,H,W) maps by `pad` and crops back to (H, W) at offsets ``offs`` (B, 2)."""
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    offs = (torch.randint(0, 2 * pad + 1, (b, 2), generator=g)).to(x.device)
     rows = offs[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
     cols = offs[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
     # gather rows then columns: (B,C,Hp,Wp) -> (B,C,H,Wp) -> (B,C,H,W)
@@ -167,67 +171,118 @@ def augmented_view(
     return x if extra is None else replace_tokens(x, extra, where)
 
 
+@dataclass(frozen=True)
+class Draws:
+    """One batch's random draws for feature augmentation, made on a CPU generator so that every
+    device, and the fused CPU kernel (:mod:`freezecache.cache.fused`), sees the same ones."""
+
+    flip: Tensor  # bool (B,): flipped samples
+    crop: Tensor | None  # int64 (B, 2): row and column offsets into the padded map, 0..2*pad
+    blur: Tensor | None  # bool (B,): blurred samples
+    noise_at: Tensor | None  # int64 (B,): where each sample's noise starts in the bank
+
+
+@dataclass(frozen=True)
+class FeatureAug:
+    """How a stage augments cached features: the ``augment`` params, resolved for the cache.
+
+    ``crop_pad`` is in feature-map pixels (:func:`scaled_pad`); ``noise_scale`` is the standard
+    deviation of the added noise in feature units (``augment.noise_std`` x the std of the cached
+    features, measured once per stage, not per batch). Noise comes from a :class:`NoiseBank`.
+    """
+
+    mode: str  # none, standard (the paper's Discard) or similarity (Discard & Aug.)
+    flip_p: float = 0.5
+    crop_pad: int = 0
+    noise_scale: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: float = 0.5
+    layout: str = "nchw"
+
+    def draw(self, batch: int, g: torch.Generator, bank: NoiseBank | None, numel: int) -> Draws:
+        """The draws of one batch of ``batch`` samples of ``numel`` values each."""
+        flip = torch.rand((batch,), generator=g) < self.flip_p
+        spatial = self.layout != "tokens"
+        crop = None
+        if spatial and self.crop_pad > 0:
+            crop = torch.randint(0, 2 * self.crop_pad + 1, (batch, 2), generator=g)
+        blur = torch.rand((batch,), generator=g) < self.blur_p if spatial and self.blur_p else None
+        noise_at = None
+        if self.noise_scale > 0 and bank is not None:
+            noise_at = torch.randint(0, len(bank) - numel + 1, (batch,), generator=g)
+        return Draws(flip, crop, blur, noise_at)
+
+
+class NoiseBank:
+    """Gaussian noise for feature augmentation, drawn once: each sample adds the window of
+    ``numel`` values that starts at its drawn offset (the shared noise table of Salimans et al.,
+    2017, "Evolution Strategies as a Scalable Alternative to Reinforcement Learning").
+
+    Why not fresh noise per value: a cached sample is many times the size of its image (16x at
+    block 3 of ResNet-20), and drawing N(0, 1) for each of its values cost as much as the
+    suffix's forward on a CPU; a window at a random offset is N(0, 1) per value all the same.
+    """
+
+    def __init__(self, numel: int, g: torch.Generator, device: torch.device | str = "cpu"):
+        size = max(1 << 20, 16 * numel)
+        self.values = torch.randn((size,), generator=g).to(device)
+
+    def __len__(self) -> int:
+        return self.values.numel()
+
+    def windows(self, at: Tensor, numel: int) -> Tensor:
+        """(B, numel): each sample's window."""
+        at = at.to(self.values.device)
+        return self.values[at[:, None] + torch.arange(numel, device=at.device)]
+
+
 def augment_features(
     x: Tensor,
+    aug: FeatureAug,
+    draws: Draws,
+    bank: NoiseBank | None = None,
     *,
-    mode: str,
-    g: torch.Generator,
-    flip_p: float,
-    crop_pad: int,
-    noise_std: float,
-    blur_p: float = 0.0,
-    blur_sigma: float = 0.5,
     extra: Tensor | None = None,
     where: Tensor | None = None,
-    layout: str | None = None,
 ) -> Tensor:
-    """Augments a batch of cached features.
+    """Augments a batch of cached features with ``draws`` (:meth:`FeatureAug.draw`).
 
-    Spatial maps (NCHW or NHWC): `standard` flips along W, crops and adds noise directly on
-    the maps (the paper's "Discard"); `similarity` does the same but flipped samples get their
-    stored flip-sensitive channels back ("Discard & Aug."). Tokens (B,N,D): spatial transforms
-    do not apply; `similarity` substitutes the stored augmented tokens for the drawn samples,
-    both modes add noise.
+    Spatial maps (NCHW or NHWC): `standard` flips along W, crops (zero padding) and adds noise
+    directly on the maps (the paper's "Discard"); `similarity` does the same but flipped samples
+    get their stored flip-sensitive channels back ("Discard & Aug."). Tokens (B,N,D): spatial
+    transforms do not apply; `similarity` substitutes the stored augmented tokens for the drawn
+    samples, both modes add noise. `none` returns ``x``.
     """
-    if mode == "none":
+    if aug.mode == "none":
         return x
-    layout = resolve_layout(x, layout)
+    layout = resolve_layout(x, aug.layout)
     if layout == "nhwc":  # the NCHW code on a permuted view: the same draws, the same result
         extra = None if extra is None else to_nchw(extra, layout)
         x = to_nchw(x, layout)
-    b = x.shape[0]
-    flip = random_flip_mask(b, flip_p, g, x.device)
+    flip = draws.flip.to(x.device)
     if layout != "tokens":
-        x = _augment_maps(x, flip, mode, g, crop_pad, blur_p, blur_sigma, extra, where)
-    elif mode == "similarity" and extra is not None:
+        x = _augment_maps(x, flip, aug, draws, extra, where)
+    elif aug.mode == "similarity" and extra is not None:
         x = torch.where(flip.view(-1, 1, 1), replace_tokens(x, extra, where), x)
-    if noise_std > 0:
-        scale = noise_std * x.detach().float().std().item()
-        noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
-        x = x + scale * noise
+    if draws.noise_at is not None and bank is not None:
+        noise = bank.windows(draws.noise_at, x[0].numel()).view(x.shape).to(x.dtype)
+        x = x + aug.noise_scale * noise
     return from_nchw(x, layout)
 
 
 def _augment_maps(
-    x: Tensor,
-    flip: Tensor,
-    mode: str,
-    g: torch.Generator,
-    crop_pad: int,
-    blur_p: float,
-    blur_sigma: float,
-    extra: Tensor | None,
-    where: Tensor | None,
+    x: Tensor, flip: Tensor, aug: FeatureAug, draws: Draws, extra: Tensor | None, where
 ) -> Tensor:
     """Flip (with channel replacement in `similarity` mode), crop and blur of (B,C,H,W) maps."""
     flipped = x.flip(-1)
-    if mode == "similarity" and extra is not None:
+    if aug.mode == "similarity" and extra is not None:
         flipped = replace_channels(flipped, extra, where)
     x = torch.where(flip.view(-1, 1, 1, 1), flipped, x)
-    x = random_crop(x, crop_pad, g)
-    if blur_p > 0:
-        blur = _draw((x.shape[0],), g, x.device) < blur_p
-        x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, blur_sigma), x)
+    if draws.crop is not None:
+        x = crop_at(x, aug.crop_pad, draws.crop.to(x.device))
+    if draws.blur is not None:
+        blur = draws.blur.to(x.device)
+        x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, aug.blur_sigma), x)
     return x
 
 
@@ -236,30 +291,3 @@ def scaled_pad(pad: int, feature_size: int, img_size: int) -> int:
     if pad <= 0:
         return 0
     return max(1, math.floor(pad * feature_size / img_size + 0.5))
-
-
-def augment_cached(
-    x: Tensor,
-    a: Augment,
-    *,
-    mode: str,
-    g: torch.Generator,
-    crop_pad: int,
-    extra: Tensor | None = None,
-    where: Tensor | None = None,
-    layout: str | None = None,
-) -> Tensor:
-    """:func:`augment_features` with the knobs of the ``augment`` params section."""
-    return augment_features(
-        x,
-        mode=mode,
-        g=g,
-        flip_p=a.flip_p,
-        crop_pad=crop_pad,
-        noise_std=a.noise_std,
-        blur_p=a.blur_p,
-        blur_sigma=a.blur_sigma,
-        extra=extra,
-        where=where,
-        layout=layout,
-    )

@@ -155,7 +155,10 @@ class Loader(Section):
 
     workers: NonNegInt = 0
     device_decode: bool = True
-    in_memory: bool | Literal["auto"] = "auto"  # hold the compressed cache in host memory
+    # Hold the cache in host memory: "codes" (unpacked once: an epoch decompresses nothing),
+    # true (the compressed blobs), false, or "auto" (the codes if they fit in a quarter of the
+    # free memory, else the compressed blobs if those fit).
+    in_memory: bool | Literal["auto", "codes"] = "auto"
 
 
 class Augment(Section):

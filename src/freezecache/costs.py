@@ -20,6 +20,7 @@ from freezecache.methods import method
 from freezecache.models import split
 from freezecache.records import Costs, StateCost
 from freezecache.schedule import phases
+from freezecache.timing import section
 from freezecache.train import set_frozen
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,11 @@ def method_costs(
     """costs.json of method ``name`` for its whole schedule (or ``schedule``): accounted memory
     per freezing state, FLOPs, and (discard methods) the compressed cache each state holds in
     host memory."""
+    with section("accounting"):
+        return _method_costs(ctx, model, name, history, host_cache_mb, schedule)
+
+
+def _method_costs(ctx, model, name, history, host_cache_mb, schedule) -> Costs:
     cfg = ctx.cfg
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])

@@ -15,6 +15,7 @@ import typer
 
 from freezecache.config import Config, load_config
 from freezecache.errors import FreezecacheError
+from freezecache.timing import STAGE_SECTIONS, Sections
 
 # Options shared by the stage commands in stages/.
 Seed = Annotated[int, typer.Option(help="one of params.yaml's seeds")]
@@ -50,23 +51,29 @@ def stage(
     errors into one line and exit status 2. ``method`` is (name, list it must be in)."""
     setup_logging()
     try:
-        cfg = load_config(params)
-        if seed is not None and seed not in cfg.seeds:
-            raise FreezecacheError(f"--seed {seed} is not among params.yaml's seeds {cfg.seeds}")
-        if method is not None:
-            name, kind = method
-            names = getattr(cfg.methods, kind)
-            if name not in names:
-                raise FreezecacheError(
-                    f"--method {name!r} is not in params.yaml's methods.{kind} ({names})"
-                )
-        if block is not None:
-            cfg.point(block)
-        yield cfg
+        with Sections(STAGE_SECTIONS):  # what the stage records of its own time
+            yield _load(params, seed, method, block)
     except FreezecacheError as err:
         fail(str(err))
     except OSError as err:  # a full disk, a read-only folder: say which file, no traceback
         fail(f"{err.filename or ''}: {err.strerror} — free space or fix permissions, then rerun")
+
+
+def _load(params: Path, seed, method, block) -> Config:
+    """Loads params and checks the stage's arguments against them."""
+    cfg = load_config(params)
+    if seed is not None and seed not in cfg.seeds:
+        raise FreezecacheError(f"--seed {seed} is not among params.yaml's seeds {cfg.seeds}")
+    if method is not None:
+        name, kind = method
+        names = getattr(cfg.methods, kind)
+        if name not in names:
+            raise FreezecacheError(
+                f"--method {name!r} is not in params.yaml's methods.{kind} ({names})"
+            )
+    if block is not None:
+        cfg.point(block)
+    return cfg
 
 
 @contextlib.contextmanager

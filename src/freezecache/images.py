@@ -11,6 +11,7 @@ from torch import Tensor
 
 from freezecache import augment, distributed
 from freezecache.config import Train
+from freezecache.timing import section
 
 Batch = tuple[Tensor, Tensor]
 
@@ -58,14 +59,18 @@ class Images:
             idx = order[i : i + batch_size]
             if shard[1] > 1:
                 idx = idx[distributed.share(idx.numel(), *shard)]
-            x = self.images[idx]
+            with section("read + unpack"):
+                x = self.images[idx]
             if train_aug is not None:
                 # Crop in pixel space, so the padding is the image background (0), not the
                 # normalised mean.
-                x = augment.augment_images(
-                    x.float(), crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=aug_g
-                )
-            yield augment.normalize(x, self.mean, self.std), self.labels[idx]
+                with section("augment"):
+                    x = augment.augment_images(
+                        x.float(), crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=aug_g
+                    )
+            with section("decode"):  # uint8 pixels to normalised floats
+                x = augment.normalize(x, self.mean, self.std)
+            yield x, self.labels[idx]
 
     def shard(self, rank: int, world: int) -> Images:
         """This rank's contiguous share of the split (views, no copy)."""
@@ -73,3 +78,36 @@ class Images:
             return self
         part = distributed.share(len(self), rank, world)
         return Images(self.images[part], self.labels[part], self.mean, self.std)
+
+
+@dataclass
+class Features:
+    """A split's features after a frozen prefix, computed once and held on the device in the
+    batches :meth:`Images.batches` gives (so a model's suffix sees exactly what it would see
+    after the prefix): per-epoch validation then runs only what trains."""
+
+    parts: list[Batch]  # (features, labels) per batch, this rank's share
+    total: int  # samples over every rank (what accuracy divides by)
+
+    @classmethod
+    def of(cls, images: Images, prefix, batch_size: int, shard: tuple[int, int], run) -> Features:
+        """``run(prefix, x)``: the prefix's output for a batch (the caller's autocast, no grad)."""
+        part = images.shard(*shard)
+        return cls([(run(prefix, x), y) for x, y in part.batches(batch_size)], len(images))
+
+    @staticmethod
+    def nbytes(images: Images, shape: tuple[int, ...], element: int = 4) -> int:
+        """What the features of ``images`` take, for a sample ``shape``."""
+        n = 1
+        for d in shape:
+            n *= d
+        return len(images) * n * element
+
+    def __len__(self) -> int:
+        return self.total
+
+    def shard(self, rank: int, world: int) -> Features:
+        return self  # already this rank's share
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        return iter(self.parts)

@@ -47,6 +47,7 @@ class Costs:
     source: str | None = None  # pretrain: where the starting weights came from
     stage_wall_s: float | None = None  # this stage's process, start-up included
     peak_rss_mb: float | None = None
+    timings: dict = field(default_factory=dict)  # where the stage's time went (steps.run.Run)
     version: int = COSTS_VERSION
 
     def to_json(self) -> dict:

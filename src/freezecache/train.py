@@ -26,14 +26,15 @@ from torch import Tensor, nn
 from freezecache import disk, distributed, runtime
 from freezecache.config import Train
 from freezecache.errors import FreezecacheError
-from freezecache.images import Batch, Images
+from freezecache.images import Batch, Features, Images
 from freezecache.io import atomic_torch_save
 from freezecache.memory import CudaPeak
 from freezecache.schedule import Phase
+from freezecache.timing import section
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Images", "RunState", "TrainSpec", "Trainer", "evaluate"]
+__all__ = ["Features", "Images", "RunState", "TrainSpec", "Trainer", "evaluate"]
 
 
 def cosine_lr(base_lr: float, progress: float, total_epochs: int) -> float:
@@ -170,17 +171,19 @@ class Trainer:
             last = i == len(parts) - 1
             quiet = self._ddp.no_sync() if self._ddp is not None and not last else nullcontext()
             with quiet:
-                with runtime.autocast(self.cfg.precision, self.device):
+                with section("forward"), runtime.autocast(self.cfg.precision, self.device):
                     logits = forward(xs)
                     scaled, summed = _weighted_loss(logits.float(), ys, y.numel(), weight)
-                self.scaler.scale(scaled).backward()
+                with section("backward"):
+                    self.scaler.scale(scaled).backward()
             loss_sum += summed
             correct += (logits.argmax(1) == ys).sum()
         if self.cfg.clip_grad_norm:
             self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_([p for _, p in self._named], self.cfg.clip_grad_norm)
-        self.scaler.step(opt)
-        self.scaler.update()
+        with section("optimizer step"):
+            self.scaler.step(opt)
+            self.scaler.update()
         return loss_sum, correct
 
     def _loss_weight(self, y: Tensor) -> Tensor | None:
@@ -213,7 +216,8 @@ class Trainer:
         while True:
             tw = time.perf_counter()
             try:
-                x, y = next(it)
+                with section("data"):
+                    x, y = next(it)
             except StopIteration:
                 break
             wait += time.perf_counter() - tw
@@ -275,10 +279,15 @@ class Trainer:
                     "state": state,
                     "position": position,
                     **stats,
-                    **spec.evaluate(),
+                    **self._validate(spec),
                     "cuda_peak_mb": peak.peak_mb,
                 }
                 self._end_epoch(row, total_epochs)
+
+    @staticmethod
+    def _validate(spec: TrainSpec) -> dict:
+        with section("validation"):
+            return spec.evaluate()
 
     def _end_epoch(self, row: dict, total_epochs: int) -> None:
         """Records an epoch: history, weights, log line, checkpoint (rank 0), callbacks."""
@@ -355,7 +364,7 @@ def progress(total: int, desc: str):
 
 def evaluate(
     model: nn.Module,
-    test: Images,
+    test: Images | Features,
     *,
     batch_size: int,
     precision: str,
@@ -363,8 +372,8 @@ def evaluate(
     prefix: str = "test",
     shard: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Loss and accuracy on raw images through the whole model (prefix + suffix), as
-    ``{prefix}_loss`` and ``{prefix}_acc``.
+    """Loss and accuracy on raw images through the whole model (prefix + suffix), or on a
+    frozen prefix's features through the rest, as ``{prefix}_loss`` and ``{prefix}_acc``.
 
     ``shard=(rank, world)``: each rank evaluates its own share and the sums are reduced, so every
     sample counts once (every rank must call this)."""

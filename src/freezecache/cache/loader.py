@@ -117,22 +117,51 @@ def _available_bytes() -> int | None:
     return None
 
 
-def fits_in_memory(info: CacheInfo, share: float = 0.25) -> bool:
-    """Whether the compressed cache takes at most ``share`` of the available memory.
+def codes_bytes(info: CacheInfo) -> int:
+    """What holding the cache's codes unpacked takes: a byte plane per byte of the widest code,
+    for the features and the stored extras (the small per-chunk lo arrays aside)."""
+    width = max(1, int(info.stats.get("max_code_bytes", 1)))
+    extra = math.prod(info.extra_shape) if info.extra_shape is not None else 0
+    return info.num_samples * width * (math.prod(info.sample_shape) + extra)
 
-    Where the available memory is unknown, caches up to 1 GB count as fitting.
-    """
-    stored = int(info.stats.get("stored_bytes", 0))
+
+def fits_in_memory(info: CacheInfo, share: float = 0.25, nbytes: int | None = None) -> bool:
+    """Whether the compressed cache (or ``nbytes``) takes at most ``share`` of the available
+    memory. Where the available memory is unknown, up to 1 GB counts as fitting."""
+    stored = int(info.stats.get("stored_bytes", 0)) if nbytes is None else nbytes
     available = _available_bytes()
     return stored <= (share * available if available is not None else 1e9)
 
 
-def held_in_memory(info: CacheInfo, in_memory: bool | str, procs_per_host: int = 1) -> bool:
-    """Whether :func:`make_loader` holds the compressed cache in memory: ``in_memory``, or for
-    "auto" whether each of ``procs_per_host`` copies fits in its part of the share."""
+def held_in_memory(
+    info: CacheInfo,
+    in_memory: bool | str,
+    procs_per_host: int = 1,
+    *,
+    codes: bool = False,
+) -> str | None:
+    """What :func:`make_loader` holds in memory: "codes" (unpacked once, so that an epoch
+    decompresses nothing), "compressed" (the blobs) or None (each batch reads the file).
+
+    ``in_memory``: "codes", True (compressed), False, or "auto": the codes when ``codes`` is
+    possible (device decode in the training process) and they fit in each of
+    ``procs_per_host`` copies' part of a quarter of the available memory, else the compressed
+    blobs when those fit, else None."""
+    share = 0.25 / max(1, procs_per_host)
     if in_memory == "auto":
-        return fits_in_memory(info, share=0.25 / max(1, procs_per_host))
-    return bool(in_memory)
+        if codes and fits_in_memory(info, share, codes_bytes(info)):
+            return "codes"
+        return "compressed" if fits_in_memory(info, share) else None
+    if in_memory == "codes":
+        return "codes" if codes else "compressed"
+    return "compressed" if in_memory else None
+
+
+def held_bytes(info: CacheInfo, held: str | None) -> int:
+    """The bytes :func:`held_in_memory`'s choice keeps in memory."""
+    if held == "codes":
+        return codes_bytes(info)
+    return int(info.stats.get("stored_bytes", 0)) if held else 0
 
 
 def make_loader(
@@ -151,16 +180,17 @@ def make_loader(
 ) -> DataLoader:
     """DataLoader over whole chunks; ``batch_size`` in samples (rounded down to chunks, >= 1).
 
-    ``in_memory``: True, False or "auto" (:func:`fits_in_memory`, each of ``procs_per_host``
-    processes on a host taking its part of the share). Call :func:`set_epoch` (one process:
-    ``loader.sampler.set_epoch``) before each epoch.
+    ``in_memory``: "codes", True, False or "auto" (:func:`held_in_memory`; the codes only with
+    ``device_decode`` and no workers, whose batches would carry them). Call :func:`set_epoch`
+    (one process: ``loader.sampler.set_epoch``) before each epoch.
 
     ``shard=(rank, world)``: with several processes each global batch is cut into per-rank
     shares of whole chunks (:class:`ShardedChunkBatches`); the loader yields this rank's.
     """
     chunks_per_batch = max(1, batch_size // info.chunk_size)
-    in_memory = held_in_memory(info, in_memory, procs_per_host)
-    dataset = CacheDataset(path, info, device_decode=device_decode, in_memory=in_memory)
+    held = held_in_memory(info, in_memory, procs_per_host, codes=device_decode and workers == 0)
+    mode = {"codes": "codes", "compressed": True, None: False}[held]
+    dataset = CacheDataset(path, info, device_decode=device_decode, in_memory=mode)
     order = ChunkShuffleSampler(info.num_chunks, seed, shuffle)
     common = {
         "num_workers": workers,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freezecache.cache.format import INDEX_DATASETS, CacheInfo, check_index, corrupt
-from freezecache.codecs.planes import dequantize
+from freezecache.cache.packed import decode, gather, nbytes, pack, steps, unpack_chunks
 from freezecache.codecs.quant import QuantCodec
 from freezecache.errors import FreezecacheError
 
@@ -29,9 +29,10 @@ class CacheDataset(Dataset):
     """Item i is chunk i: ``x`` (k, *sample_shape) float32, ``y`` and ``index`` (k,) int64,
     plus ``extra`` / ``extra_pos`` when the cache has them.
 
-    With ``device_decode=True`` (quant only) ``x`` stays packed as uint8 byte planes
-    (k, width, numel), width the widest of the cache so that batches stack, and ``x_lo``
-    (k, *lo_shape[1:]) rides along for :func:`finish_batch` to dequantize on the training device.
+    With ``device_decode=True`` (quant only) a whole batch of chunks is one item whose ``x``
+    (and ``extra``) keep their codes packed (:meth:`packed_batch`): a byte per value travels to
+    the training device, where :func:`finish_batch` dequantizes, or the fused CPU pass decodes
+    and augments at once (:mod:`freezecache.cache.fused`).
 
     With ``in_memory=True`` the compressed bytes of the whole cache are read once, every crc is
     checked once, and an item is a slice of memory instead of an HDF5 read. The compressed cache
@@ -39,7 +40,12 @@ class CacheDataset(Dataset):
     """
 
     def __init__(
-        self, path: Path, info: CacheInfo, *, device_decode: bool = False, in_memory: bool = False
+        self,
+        path: Path,
+        info: CacheInfo,
+        *,
+        device_decode: bool = False,
+        in_memory: bool | str = False,
     ) -> None:
         self.path = Path(path)
         self.info = info
@@ -50,14 +56,16 @@ class CacheDataset(Dataset):
                 f"{info.codec_name} — set device_decode false"
             )
         self.device_decode = device_decode
-        self._width = max(1, int(info.stats.get("max_code_bytes", 1)))
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._fd: int | None = None  # the file opened again for pread (see _h5)
         self._at: dict[str, int] = {}  # blob dataset -> its bytes' offset in the file
         self._small: dict[str, np.ndarray] = {}
         self._memory: dict[str, np.ndarray] | None = None
-        if in_memory:
+        self._codes: dict[str, dict] | None = None  # in_memory "codes": unpacked once
+        if in_memory == "codes" and device_decode:
+            self._codes = self._unpack_all()
+        elif in_memory:
             self._memory = self._load_all()
 
     def __len__(self) -> int:
@@ -114,6 +122,30 @@ class CacheDataset(Dataset):
         self._close_fd()
         self._file = None
         return memory
+
+    def _unpack_all(self) -> dict[str, dict]:
+        """Every chunk's codes, after the lossless stage, held in memory (a byte per value for
+        most caches: about a quarter of float32, two to three times the compressed bytes), so
+        that an epoch decompresses nothing (:func:`freezecache.cache.packed.unpack_chunks`)."""
+        memory = self._load_all()
+        info, out = self.info, {}
+        sizes = [stop - start for start, stop in map(info.chunk_bounds, range(info.num_chunks))]
+        for name, data in memory.items():
+            shape = info.sample_shape if name == "x" else info.extra_shape
+            offsets, _ = self._index(name)
+            view = memoryview(data)
+            blobs = [view[offsets[i] : offsets[i + 1]] for i in range(info.num_chunks)]
+            lo_size = max(self.codec.lo_shape((1, *shape)))
+            out[name] = unpack_chunks(self.codec, blobs, sizes, shape, lo_size)
+        return out
+
+    def held_bytes(self) -> int:
+        """The bytes this dataset holds in memory (codes, compressed blobs, or none)."""
+        if self._codes is not None:
+            return sum(nbytes(c) for c in self._codes.values())
+        if self._memory is not None:
+            return sum(a.nbytes for a in self._memory.values())
+        return 0
 
     def _index(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Offsets and crcs of dataset ``name``."""
@@ -173,68 +205,84 @@ class CacheDataset(Dataset):
 
     def __getitems__(self, ids: list[int]) -> list[dict]:
         # DataLoader calls this with a whole batch of chunk ids.
+        if self._codes is not None:
+            return [self._held_batch(list(ids))]
         raw = self.read(list(ids))
-        if self.device_decode and self.info.extra_shape is None and len(raw) > 1:
-            return [self._packed_batch(raw)]  # one item holding the whole batch
+        if self.device_decode:
+            return [self.packed_batch(raw)]  # one item holding the whole batch
         return [self.build(*r) for r in raw]
+
+    def _held_batch(self, ids: list[int]) -> dict:
+        """A packed batch from the codes held in memory: index arithmetic, no copy of codes."""
+        info, codes = self.info, self._codes
+        bounds = [info.chunk_bounds(i) for i in ids]
+        batch = self._labels(bounds)
+        batch["x"] = gather(codes["x"], ids, math.prod(info.sample_shape))
+        if "extra" in codes:
+            batch["extra"] = gather(codes["extra"], ids, math.prod(info.extra_shape))
+        return batch
+
+    def _labels(self, bounds: list[tuple[int, int]]) -> dict:
+        """``y``, ``index`` (and ``extra_pos``) of the samples in chunk ranges ``bounds``."""
+        y = self._small["y"]
+        batch = {
+            "y": torch.from_numpy(np.concatenate([y[a:b] for a, b in bounds])),
+            "index": torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in bounds])),
+        }
+        if "extra_pos" in self._small:
+            pos = self._small["extra_pos"]
+            batch["extra_pos"] = torch.from_numpy(np.concatenate([pos[a:b] for a, b in bounds]))
+        return batch
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
-    def _packed_batch(self, raw: list[tuple[int, bytes, None]]) -> dict:
-        """Device-decode batch built in place: zstd output goes straight into one array.
-
-        The same result as building every chunk and concatenating, minus a copy and the
-        per-chunk tensors; this is the hot path of training from a quant cache.
-        """
-        bounds = [self.info.chunk_bounds(i) for i, _, _ in raw]
+    def packed_batch(self, raw: list[tuple[int, bytes, bytes | None]]) -> dict:
+        """A batch of chunks with its codes still packed (:mod:`freezecache.cache.packed`):
+        ``x`` (and ``extra``) are dicts of numpy arrays that :func:`finish_batch`, or the fused
+        CPU pass, decode; this is the hot path of training from a quant cache."""
+        info = self.info
+        bounds = [info.chunk_bounds(i) for i, _, _ in raw]
         sizes = [stop - start for start, stop in bounds]
-        n = math.prod(self.info.sample_shape)
-        packed = np.zeros((sum(sizes), self._width, n), np.uint8)
-        lo_rows = []
-        row = 0
-        for (_, blob, _), k in zip(raw, sizes, strict=True):
-            planes, lo = self.codec.unpack(blob, (k, *self.info.sample_shape))
-            width = planes.shape[0]
-            packed[row : row + k, :width] = planes.reshape(width, k, n).transpose(1, 0, 2)
-            lo_rows.append(np.broadcast_to(lo, (k, *lo.shape[1:])))
-            row += k
-        y = self._small["y"]
-        return {
-            "y": torch.from_numpy(np.concatenate([y[a:b] for a, b in bounds])),
-            "index": torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in bounds])),
-            "x": torch.from_numpy(packed),
-            "x_lo": torch.from_numpy(np.concatenate(lo_rows)),
-        }
+        lo_size = self.codec.lo_shape((1, *info.sample_shape))
+        batch = self._labels(bounds)
+        batch["x"] = pack(self.codec, [r[1] for r in raw], sizes, info.sample_shape, max(lo_size))
+        if info.extra_shape is not None:
+            extra_lo = max(self.codec.lo_shape((1, *info.extra_shape)))
+            extras = [r[2] for r in raw]
+            batch["extra"] = pack(self.codec, extras, sizes, info.extra_shape, extra_lo)
+        return batch
 
     def _decode_x(self, blob: bytes, shape: tuple[int, ...]) -> dict:
-        """Decoded ``x``, or byte planes plus per-sample ``x_lo`` when decoding on device."""
-        if not self.device_decode:
-            return {"x": torch.from_numpy(self.codec.decode(blob, shape))}
-        planes, lo = self.codec.unpack(blob, shape)  # (w, k * numel), lo (1, C, 1, 1) / (1, 1, D)
-        k, width = shape[0], planes.shape[0]
-        packed = np.zeros((k, self._width, planes.shape[1] // k), np.uint8)
-        packed[:, :width] = planes.reshape(width, k, -1).transpose(1, 0, 2)
-        x_lo = np.broadcast_to(lo, (k, *lo.shape[1:])).copy()  # (k, C, 1, 1) / (k, 1, D)
-        return {"x": torch.from_numpy(packed), "x_lo": torch.from_numpy(x_lo)}
+        """Decoded ``x`` on the CPU."""
+        return {"x": torch.from_numpy(self.codec.decode(blob, shape))}
 
 
 def collate_chunks(items: list[dict]) -> dict:
     """Concatenate chunk items along the sample axis into one batch."""
     if len(items) == 1:
-        return items[0]  # already a batch (CacheDataset._packed_batch): no copy
+        return items[0]  # already a batch (CacheDataset.packed_batch): no copy
     return {key: torch.cat([item[key] for item in items]) for key in items[0]}
 
 
 def finish_batch(batch: dict, info: CacheInfo, device: torch.device | str) -> dict:
-    """Move a batch to ``device`` and dequantize ``x`` there if it is still packed."""
-    out = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    if "x_lo" in out:
-        step = info.codec().step_for((1, *info.sample_shape))  # float, or (1, C, 1, 1) steps
-        if not isinstance(step, float):
-            step = torch.from_numpy(step).to(device, non_blocking=True)
-        out["x"] = dequantize(out["x"], out.pop("x_lo"), step, info.sample_shape)
+    """Move a batch to ``device``, decoding its packed codes there (``q * step + lo``)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, dict):  # packed codes
+            out[key] = decode_packed(value, info, key, device)
+        else:
+            out[key] = value.to(device, non_blocking=True)
     return out
+
+
+def decode_packed(part: dict, info: CacheInfo, key: str, device) -> torch.Tensor:
+    """The features (``key`` "x") or stored extras ("extra") of a packed batch, on ``device``."""
+    codec = info.codec()
+    shape = info.sample_shape if key == "x" else info.extra_shape
+    channels = list(info.extra_index) if key == "extra" and info.extra_index else None
+    lo_shape = codec.lo_shape((1, *shape))[1:]
+    return decode(part, shape, lo_shape, steps(codec, shape, channels), device)
 
 
 def iter_cache(

@@ -26,10 +26,11 @@ from freezecache.codecs.registry import calibrate, needs_calibration
 from freezecache.config import Config
 from freezecache.io import atomic_write_json
 from freezecache.methods import method
-from freezecache.models import split
+from freezecache.models import feature_shape, split
 from freezecache.steps.context import Context
 from freezecache.steps.model import prefix_hash
 from freezecache.steps.run import checkpoint_dir, run_key, start_of_point
+from freezecache.timing import section, stage_timings
 from freezecache.train import progress
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,11 @@ def feature_pairs(
     batch_size: int,
     limit: int | None,
     start: int = 0,
+    names: tuple[str, str] = ("prefix forward", "flipped forward"),
 ) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
     """(F(x), F(flip(x)) or None, y) over the training set in order from sample ``start`` (a
-    multiple of ``batch_size``), raw images through the frozen prefix at ``block``."""
+    multiple of ``batch_size``), raw images through the frozen prefix at ``block``; ``names``:
+    the timing sections of the two passes."""
     prefix, _ = split(model, block)
     seen = 0
     with torch.no_grad(), runtime.autocast(ctx.cfg.train.precision, ctx.device):
@@ -65,15 +68,26 @@ def feature_pairs(
             if seen < start:  # already in a resumed build's spool: skip without computing
                 seen += y.numel()
                 continue
-            fa = prefix(x.flip(-1)).float() if flipped else None
+            fa = None
+            if flipped:
+                with section(names[1]):
+                    fa = prefix(x.flip(-1)).float()
             seen += y.numel()
-            yield prefix(x).float(), fa, y
+            with section(names[0]):
+                f = prefix(x).float()
+            yield f, fa, y
 
 
-def ranking(ctx: Context, model: nn.Module, block: int) -> dict:
-    """Flip sensitivity per channel (SSIM, CNN) or mean best-match cosine per token (ViT)."""
+def ranking(ctx: Context, model: nn.Module, block: int, kept: list | None = None) -> dict:
+    """Flip sensitivity per channel (SSIM, CNN) or mean best-match cosine per token (ViT).
+
+    ``kept``: a list the ranking's (F(x), F(flip(x)), y) batches are appended to, for the
+    cache build to reuse instead of computing them again (see :func:`_reusable`)."""
     r = ctx.cfg.rank
-    pairs = feature_pairs(ctx, model, block, True, r.batch_size, r.samples)
+    names = ("ranking: prefix forward", "ranking: flipped forward")  # within "ranking"
+    pairs = feature_pairs(ctx, model, block, True, r.batch_size, r.samples, names=names)
+    if kept is not None:
+        pairs = _keeping(pairs, kept)
     if model.kind == "cnn":
         sens = rank.ChannelSensitivity(model.layout)
         for f, fa, _ in pairs:
@@ -93,6 +107,40 @@ def ranking(ctx: Context, model: nn.Module, block: int) -> dict:
         "scores": scores.tolist(),
         "order": order.tolist(),
     }
+
+
+def _keeping(pairs, kept: list):
+    for pair in pairs:
+        kept.append(pair)
+        yield pair
+
+
+# The ranking's passes are kept for the build when they take at most this many bytes.
+REUSE_BYTES = 256 << 20
+
+
+def _reusable(ctx: Context, model, block: int) -> bool:
+    """Whether the build can take the ranking's batches as its first ones: the same batch size
+    (so the same features, bit for bit) and little enough memory to hold them."""
+    r = ctx.cfg.rank
+    per_sample = 2 * 4 * math.prod(feature_shape(model, block))
+    return (
+        r.batch_size == BUILD_BATCH and per_sample * min(r.samples, len(ctx.train)) <= REUSE_BYTES
+    )
+
+
+def _build_pairs(ctx, model, block: int, flipped: bool, end: int, start: int, kept: list):
+    """The build's (F(x), F(flip(x)), y) batches from sample ``start`` to ``end``: the kept
+    ranking batches first (those from ``start`` on), then computed ones."""
+    seen = 0
+    for f, fa, y in kept:
+        if seen >= start and seen < end:
+            yield f, fa if flipped else None, y
+        seen += y.numel()
+    if seen < end:
+        yield from feature_pairs(
+            ctx, model, block, flipped, BUILD_BATCH, end, start=max(start, seen)
+        )
 
 
 def build_ranges(num_samples: int, chunk_size: int, world: int) -> list[tuple[int, int]]:
@@ -131,9 +179,11 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
     model, start_file = frozen_model(ctx, point)
     m = method(name)
     # The ranking runs once, on rank 0; every rank gets its channels (or tokens' count).
-    ranked = None
+    ranked, kept = None, []
     if ctx.main:
-        ranked = ranking(ctx, model, block) if m.needs_ranking else {"kind": "none"}
+        with section("ranking"):
+            keep = kept if m.needs_ranking and _reusable(ctx, model, block) else None
+            ranked = ranking(ctx, model, block, keep) if m.needs_ranking else {"kind": "none"}
         atomic_write_json(ctx.out("ranking"), ranked)
     ranked = distributed.broadcast_object(ranked)
     spec = CacheSpec.at(cfg, model, block, index, m.needs_ranking)
@@ -191,14 +241,9 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         )  # fmt: skip
     bar = progress(writer.range_end - writer.range_start, f"cache {ctx.name}")
     bar.update(writer.resume_from - writer.range_start)
-    pairs = feature_pairs(
-        ctx,
-        model,
-        block,
-        spec.extras is not None,
-        BUILD_BATCH,
-        writer.range_end,
-        start=writer.resume_from,
+    # a resumed or shared build starts at a batch boundary (align), like the kept batches
+    pairs = _build_pairs(
+        ctx, model, block, spec.extras is not None, writer.range_end, writer.resume_from, kept
     )
     with writer:
         for f, fa, y in pairs:
@@ -210,15 +255,17 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
                     f, fa, cfg.rank.alpha, num_prefix_tokens=spec.num_prefix_tokens
                 )
                 extra_pos = pos.cpu().numpy().astype(np.int32)
-            writer.add(
-                f.cpu().numpy(),
-                y.cpu().numpy(),
-                extra=None if extra is None else extra.float().cpu().numpy(),
-                extra_pos=extra_pos,
-            )
+            with section("encode + write"):
+                writer.add(
+                    f.cpu().numpy(),
+                    y.cpu().numpy(),
+                    extra=None if extra is None else extra.float().cpu().numpy(),
+                    extra_pos=extra_pos,
+                )
             bar.update(y.numel())
     bar.close()
-    stats = writer.close()  # idempotent: the stats of the published file (and build timings)
+    with section("encode + write"):
+        stats = writer.close()  # idempotent: the stats of the published file (and build timings)
     if len(ranges) > 1:
         distributed.barrier()  # every range's spool is complete and durable
         if not ctx.main:
@@ -234,6 +281,7 @@ def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
         stage_wall_s=runtime.process_seconds(),
         peak_rss_mb=runtime.peak_rss_mb(),
         stored_channels=0 if channels is None else len(channels),
+        timings=stage_timings(ctx.startup_s),
     )
     atomic_write_json(ctx.out("stats"), stats)
     return stats

@@ -4,7 +4,7 @@ tensors on it, the model, and the paths of its outputs and inputs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,9 +12,13 @@ from torch import Tensor, nn
 
 from freezecache import data, distributed, runtime
 from freezecache.config import Config, Train
+from freezecache.models import BlockModel, feature_shape, split
 from freezecache.pipeline import STAGES, Stage
 from freezecache.steps.model import build_model, check_schedule, load_start
-from freezecache.train import Images, RunState, evaluate
+from freezecache.train import Features, Images, RunState, evaluate
+
+# Validation features of a frozen prefix are held on the device when they take at most this.
+FEATURES_BUDGET = 1 << 30
 
 
 class Context:
@@ -23,6 +27,7 @@ class Context:
     def __init__(
         self, cfg: Config, seed: int, stage: str, prepared: Path | None = None, **item
     ) -> None:
+        self.startup_s = runtime.process_seconds()  # the interpreter and the imports
         self.cfg = cfg
         self.seed = seed
         self.stage: Stage = STAGES[stage]
@@ -78,6 +83,34 @@ class Context:
             prefix=split,
             shard=(distributed.rank(), distributed.world_size()),
         )
+
+    def evaluator(self, model: BlockModel, position: int = 0) -> Callable[[], dict]:
+        """Per-epoch validation of ``model`` with the first ``position`` blocks frozen: their
+        output on the validation images is computed once here and only the rest runs each epoch
+        (the same numbers as the whole model; tested), unless those features would take more
+        than :data:`FEATURES_BUDGET` bytes."""
+        if position <= 0 or self.val is None:
+            return lambda: self.evaluate(model)
+        shape = feature_shape(model, position)
+        if Features.nbytes(self.val, shape) > FEATURES_BUDGET:
+            return lambda: self.evaluate(model)
+        prefix, suffix = split(model, position)
+        t = self.cfg.train
+        shard = (distributed.rank(), distributed.world_size())
+
+        def run(part, x):
+            with (
+                runtime.eval_mode(part),
+                torch.no_grad(),
+                runtime.autocast(t.precision, self.device),
+            ):
+                return part(x)
+
+        feats = Features.of(self.val, prefix, t.eval_batch_size, shard, run)
+        return lambda: evaluate(
+            suffix, feats, batch_size=t.eval_batch_size, precision=t.precision,
+            device=self.device, prefix="val", shard=shard,
+        )  # fmt: skip
 
     def image_batches(self, train: Train | None = None):
         """Per-epoch augmented, shuffled batches of the training images."""

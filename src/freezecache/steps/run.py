@@ -22,6 +22,7 @@ from freezecache.pipeline import start_of_point as _start_file
 from freezecache.records import Costs
 from freezecache.schedule import Phase
 from freezecache.steps.context import Context
+from freezecache.timing import section, stage_timings
 from freezecache.train import RunState, Trainer, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Run:
             log.info("resuming %s from its checkpoint at epoch %d", ctx.name, resumed.epoch)
         # Every rank resumes from rank 0's reading of the checkpoint: the same epoch everywhere.
         resumed = distributed.broadcast_object(resumed)
+        self.first_epoch = (start or RunState(model={})).epoch  # the epochs before this stage
         self.trainer = Trainer(
             model,
             ctx.cfg.train,
@@ -95,17 +97,29 @@ class Run:
             "peak_rss_mb": runtime.peak_rss_mb(),
         }
         if final:
-            summary.update(ctx.evaluate(self.model, "test"))
+            with section("test"):
+                summary.update(ctx.evaluate(self.model, "test"))
             trainer.state.extra["test"] = {k: summary[k] for k in ("test_acc", "test_loss")}
         if ctx.main:
             record = costs if isinstance(costs, dict) else costs.to_json()
             record.update(stage_wall_s=summary["stage_wall_s"], peak_rss_mb=summary["peak_rss_mb"])
+            record["timings"] = self.timings()
             atomic_write_json(ctx.out("costs"), record)
             published(trainer.state).save(ctx.out("state"))
             self.live.finish(summary)
             for f in checkpoint_dir(ctx).glob("*.pt"):
                 f.unlink()
         distributed.barrier()  # the stage ends on every rank once its outputs exist
+
+    def timings(self) -> dict:
+        """Where this stage's process spent its time: start-up (interpreter and imports), the
+        epochs it trained, and the stage's coarse sections (validation, accounting, test)."""
+        rows = [r for r in self.state.history if r["epoch"] > self.first_epoch]
+        return {
+            **stage_timings(self.ctx.startup_s),
+            "epochs": len(rows),
+            "train_s": round(sum(r.get("epoch_time_s", 0.0) for r in rows), 4),
+        }
 
 
 def published(state: RunState) -> RunState:
@@ -124,7 +138,11 @@ def start_of_point(ctx: Context, point) -> tuple[Path, RunState]:
 
 def image_spec(ctx: Context, model, phase: Phase, train=None) -> TrainSpec:
     """Training on raw images in ``phase``: the whole model, or (frozen states) the blocks after
-    the phase's position, the frozen prefix running forward without a graph (FreezeOut)."""
+    the phase's position, the frozen prefix running forward without a graph (FreezeOut).
+
+    Validation runs the whole model every epoch, as FreezeOut does: computing the frozen
+    prefix's outputs once and reusing them is the discard methods' idea (their suffix stage
+    validates that way, :meth:`Context.evaluator`), not FreezeOut's."""
     full = phase.state == "full"
     prefix, suffix = (None, model) if full else split(model, phase.position)
     return TrainSpec(

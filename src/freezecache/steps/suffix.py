@@ -3,21 +3,15 @@ for the freeze point's epochs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import copy
+import math
 from pathlib import Path
 
-from torch import Tensor
+import torch
 
 from freezecache import augment, distributed, runtime
-from freezecache.cache import (
-    CacheInfo,
-    empty_tail,
-    finish_batch,
-    held_in_memory,
-    make_loader,
-    open_cache,
-    set_epoch,
-)
+from freezecache.cache import CacheInfo, make_loader, open_cache
+from freezecache.cache.feed import Feed, feature_std
 from freezecache.config import Config
 from freezecache.costs import method_costs
 from freezecache.methods import method
@@ -29,20 +23,12 @@ from freezecache.steps.run import Run, start_of_point
 from freezecache.train import TrainSpec
 
 
-def extra_where(info: CacheInfo, batch: dict, device) -> Tensor | None:
-    """Where stored extras go: per-sample token positions, or the cache's channel index."""
-    import torch
-
-    if batch.get("extra_pos") is not None:
-        return batch["extra_pos"].to(device)
-    idx = list(info.extra_index or [])
-    return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
-
-
-def cache_loader(ctx: Context, path: Path, info: CacheInfo):
-    """The stage's loader over a cache, set up by the ``loader`` params."""
+def cache_feed(ctx: Context, path: Path, info: CacheInfo, mode: str, layout: str) -> Feed:
+    """The stage's batches from a cache: the ``loader`` params' loader, the ``augment`` params
+    resolved for the cached features (crop padding at their resolution, noise relative to
+    their spread), decoded and augmented on the training device."""
     cfg = ctx.cfg
-    return make_loader(
+    loader = make_loader(
         path,
         info,
         batch_size=cfg.train.batch_size,
@@ -54,44 +40,34 @@ def cache_loader(ctx: Context, path: Path, info: CacheInfo):
         shard=(distributed.rank(), distributed.world_size()),
         procs_per_host=distributed.local_world_size(),
     )
+    a = cfg.augment
+    width = augment.map_width(info.sample_shape, layout)
+    scale = a.noise_std * feature_std(path, info) if a.noise_std > 0 and mode != "none" else 0.0
+    aug = augment.FeatureAug(
+        mode=mode,
+        flip_p=a.flip_p,
+        crop_pad=augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"]),
+        noise_scale=scale,
+        blur_p=a.blur_p,
+        blur_sigma=a.blur_sigma,
+        layout=layout,
+    )
+    bank = None
+    if scale > 0:
+        g = runtime.generator(ctx.seed, "noise bank")
+        bank = augment.NoiseBank(math.prod(info.sample_shape), g, ctx.device)
+    return Feed(loader, info, aug, bank, ctx.device)
 
 
-def cached_batches(ctx: Context, info: CacheInfo, loader, mode: str, layout: str):
-    """Per-epoch batches from the cache, augmented on the training device."""
+def cached_batches(ctx: Context, feed: Feed):
+    """Per-epoch batches from the cache, augmented with this rank's own draws."""
 
-    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        set_epoch(loader, epoch)
-        raw = (finish_batch(r, info, ctx.device) for r in loader)
-        x = y = None
-        for x, y in augmented_batches(ctx, info, raw, epoch, mode, layout):
-            yield x, y
-        if empty_tail(loader) and x is not None:
-            yield x[:0], y[:0]  # this rank's share of the last global batch is empty: step anyway
+    def batches(epoch: int):
+        return feed.epoch(
+            epoch, runtime.generator(*distributed.stream(ctx.seed, epoch, "features"))
+        )
 
     return batches
-
-
-def augmented_batches(
-    ctx: Context, info: CacheInfo, raw: Iterable[dict], epoch: int, mode: str, layout: str
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches of cached features (dicts on the training device: x, y and stored extras)
-    augmented as the suffix trains on them."""
-    a = ctx.cfg.augment
-    width = augment.map_width(info.sample_shape, layout)
-    pad = augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"])
-    g = runtime.generator(*distributed.stream(ctx.seed, epoch, "features"))  # per rank
-    for b in raw:
-        x = augment.augment_cached(
-            b["x"],
-            a,
-            mode=mode,
-            g=g,
-            crop_pad=pad,
-            extra=b.get("extra"),
-            where=extra_where(info, b, ctx.device),
-            layout=layout,
-        )
-        yield x, b["y"]
 
 
 def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
@@ -103,39 +79,34 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     path = ctx.stage_path("cache", "cache")
     info = open_cache(path, expect_prefix_hash=prefix_hash(model, block))
     _, suffix = split(model, block)
-    loader = cache_loader(ctx, path, info)
+    feed = cache_feed(ctx, path, info, method(name).augment, model.layout)
     run = Run(ctx, model, start, start_file, path)
     run.fit(
         TrainSpec(
             phase=Phase("discard", block, *cfg.point_epochs(index)),
             forward=suffix,
-            batches=cached_batches(ctx, info, loader, method(name).augment, model.layout),
-            steps_per_epoch=len(loader),
-            evaluate=lambda: ctx.evaluate(model),
+            batches=cached_batches(ctx, feed),
+            steps_per_epoch=len(feed),
+            evaluate=ctx.evaluator(model, block),  # the prefix's validation features, once
         )
     )
-    in_ram = held_in_memory(info, cfg.loader.in_memory, distributed.local_world_size())
-    held = int(info.stats.get("stored_bytes", 0)) if in_ram else 0
+    held = feed.loader.dataset.held_bytes()  # the cache held in host memory (codes or blobs)
     # this point's own cache in RAM; the report adds each point's figure to its state
     history, host = run.state.history, {block: held / 1e6}
     costs = method_costs(ctx, model, name, history, host_cache_mb=host) if ctx.main else {}
     final = index == len(cfg.points)
     run.finish(costs, final=final)
     if final:  # after the wall time is taken: a measurement, not part of the method
-        measured = bn_on_clean_features(ctx, model, block, info, loader)  # every rank
+        measured = bn_on_clean_features(ctx, model, block, feed)  # every rank
         if run.live is not None:
             run.live.finish(measured)
 
 
-def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
+def bn_on_clean_features(ctx: Context, model, block: int, feed: Feed) -> dict:
     """Does the suffix's BatchNorm, whose running statistics were built from augmented,
     quantised features, hurt? Re-estimates them on the clean cached features (one pass, a
     cumulative average) in a copy of the model and measures validation accuracy both ways.
     With several ranks each passes over its share and rank 0's statistics are kept."""
-    import copy
-
-    import torch
-
     probe = copy.deepcopy(model)
     _, suffix = split(probe, block)
     norms = [m for m in suffix.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -146,8 +117,8 @@ def bn_on_clean_features(ctx: Context, model, block: int, info, loader) -> dict:
         m.momentum = None  # cumulative average over the pass
     suffix.train()
     with torch.no_grad():
-        for raw in loader:
-            suffix(finish_batch(raw, info, ctx.device)["x"])
+        for x in feed.clean():
+            suffix(x)
     distributed.sync_buffers(suffix)
     return {
         "val_acc_bn_trained": ctx.evaluate(model)["val_acc"],
