@@ -71,8 +71,8 @@ def main(
         ctx = Context(cfg, seed, "baseline", method="normal")
         model = ctx.new_model()
         discard = method_costs(ctx, model, "discard_aug", [])
-        flops = 1 - discard["train_flops"] / normal_costs["train_flops"]
-        mem = 1 - discard["avg_memory_mb"] / normal_costs["avg_memory_mb"]
+        flops = 1 - discard.train_flops / normal_costs.train_flops
+        mem = 1 - discard.avg_memory_mb / normal_costs.avg_memory_mb
         gap = acc - normal
         lines.append(f"| {text} | {acc:.2f} | {gap:+.2f} | {100 * flops:.1f}% | {100 * mem:.1f}% |")
         print(lines[-1], flush=True)

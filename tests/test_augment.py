@@ -32,9 +32,7 @@ def test_feature_augmentation_is_reproducible_and_none_is_identity():
     a = augment_once(x, g=torch.Generator().manual_seed(3), **kw)
     b = augment_once(x, g=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a, b) and not torch.equal(a, x)
-    same = augment_once(
-        x, mode="none", g=torch.Generator(), flip_p=1, crop_pad=1, noise_std=1
-    )
+    same = augment_once(x, mode="none", g=torch.Generator(), flip_p=1, crop_pad=1, noise_std=1)
     assert torch.equal(same, x)
 
 
@@ -139,9 +137,7 @@ def test_nhwc_augmentation_is_the_nchw_one_permuted():
     channels = torch.tensor([1, 3])
     stored = torch.randn(8, 2, 6, 6)
     kw = dict(mode="similarity", flip_p=0.5, crop_pad=2, noise_std=0.1, blur_p=0.5)
-    nchw = augment_once(
-        x, g=torch.Generator().manual_seed(5), extra=stored, where=channels, **kw
-    )
+    nchw = augment_once(x, g=torch.Generator().manual_seed(5), extra=stored, where=channels, **kw)
     nhwc = augment_once(
         _nhwc(x),
         g=torch.Generator().manual_seed(5),

@@ -1,7 +1,9 @@
 """The paper-style report from fixture metrics, and the README sections it regenerates."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 
 from conftest import load_profile
@@ -10,6 +12,8 @@ from freezecache.errors import FreezecacheError
 from freezecache.pipeline import STAGES
 from freezecache.records import COSTS_VERSION
 from freezecache.report import README_MARK, update_readme, write_report
+from freezecache.stats import pack_correct
+from freezecache.train import RunState
 
 ACC = {
     "normal": [0.90, 0.92],
@@ -36,6 +40,15 @@ def _states(method: str, low: float) -> list[dict]:
     ]
 
 
+def _state(path, acc: float, seed: int) -> None:
+    """A final run state with per-image correctness at accuracy ``acc`` on 400 images, the
+    same images wrong for every method at a seed, up to its accuracy (nested: a known gap)."""
+    rank = np.random.default_rng(seed).permutation(400)
+    correct = rank < round(acc * 400)
+    test = {"test_acc": acc, "correct": pack_correct(correct), "images": 400}
+    RunState(model={}, extra={"test": test}).save(path)
+
+
 def _write(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
@@ -58,6 +71,7 @@ def _fixture(tmp_path):
             else:
                 folder = STAGES["train_suffix"].path("state", cfg, **item, p=cfg.points[-1]).parent
             _write(folder / "live/metrics.json", {"test_acc": ACC[m][i], "step": 3})
+            _state(folder / "state.pt", ACC[m][i], seed)
             tsv = folder / "live/plots/metrics/val_acc.tsv"
             tsv.parent.mkdir(parents=True, exist_ok=True)
             tsv.write_text("step\tval_acc\n1\t0.5\n2\t0.6\n3\t" + str(ACC[m][i]) + "\n")
@@ -70,6 +84,10 @@ def _fixture(tmp_path):
                 "stage_wall_s": 10.0,
                 "peak_rss_mb": 1000.0 + i,
                 "version": COSTS_VERSION,
+                # the baseline trains 2 epochs after the prefix, each discard point 1
+                "timings": {"epochs": 1, "train_s": 2.0, "validation_s": 0.25}
+                if m in cfg.methods.discard
+                else {"epochs": 2, "train_s": 6.0, "validation_s": 1.0},
             }
             _write(folder / "costs.json", costs)
             if m in cfg.methods.discard:
@@ -155,11 +173,17 @@ def test_report_markdown_has_savings_against_normal(tmp_path):
     write_report(_fixture(tmp_path))
     text = (tmp_path / "results/report.md").read_text()
     assert "| Normal | 91.00 ± 1.41 | – | –0" not in text
-    assert "| Normal | 91.00 ± 1.41 | – | +1.00 ± 0.00 | 100.0 | 100.0 |" in text
-    assert (
-        "| Ours w/ Discard | 89.00 ± 1.41 | -2.00 ± 0.00 | -1.00 ± 0.00 | 60.0 (-40.0%) | "
-        "20.0 (-80.0%) |" in text
+    interval = r"\[[+-]\d\.\d\d, [+-]\d\.\d\d\]"
+    assert re.search(rf"\| Normal \| 91\.00 ± 1\.41 \| – \| \+1\.00 {interval} \| 100\.0 \|", text)
+    assert re.search(
+        rf"\| Ours w/ Discard \| 89\.00 ± 1\.41 \| -2\.00 {interval} \| -1\.00 {interval} \| "
+        r"60\.0 \(-40\.0%\) \| 20\.0 \(-80\.0%\) \|",
+        text,
     )
+    # 2 of 100 images right for Normal only, at both seeds: an interval clear of 0
+    assert "Ours w/ Discard against Normal -2.00 points (significant)" in text
+    # one-off 24 - 4.5 = 19.5 s against FreezeOut's 10 - 7 = 3 s; 3.5 - 2.25 s saved per epoch
+    assert "overtakes FreezeOut after 13.2 epochs from the freeze point" in text
     assert "| Ours w/ Discard & Aug. | 2 (5) | zfp | 0.01 | 0.400 | 2.0 |" in text
     assert "wins back 0% of Discard's gap" in text
 
@@ -190,7 +214,7 @@ def test_update_readme_replaces_only_the_marked_sections(tmp_path):
     [(0.75, 0.35, "flips hurt"), (-1.0, 0.2, "flips help"), (0.1, 0.3, "no measurable")],
 )
 def test_the_flip_control_is_read_out_in_words(gap, std, words):
-    from freezecache.report import _flip_lines
+    from freezecache.report_markdown import _flip_lines
 
     lines = _flip_lines({"normal_noflip": {"gap_to_normal": gap, "gap_to_normal_std": std}})
     assert words in lines[-1] and f"{gap:+.2f} ± {std:.2f}" in lines[-1]

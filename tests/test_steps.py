@@ -182,6 +182,65 @@ def test_the_build_reuses_the_ranking_passes_and_writes_the_same_file(tmp_path, 
     assert path.read_bytes() == reused
 
 
+def test_bn_recalibration_changes_only_batchnorm_statistics():
+    from freezecache.models import create_model
+    from freezecache.steps.suffix import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=5, in_chans=1, img_size=12)
+    prefix, suffix = split(model, 3)
+    with torch.no_grad():
+        batches = [prefix(torch.randn(8, 1, 12, 12)) * 3 + 1 for _ in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recalibrate_bn(suffix, batches)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(
+        k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+        for k in changed
+    )
+    assert not any(k.startswith(("stem.", "blocks.0.", "blocks.1.", "blocks.2.")) for k in changed)
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert model.training  # modes restored
+
+
+@pytest.mark.slow
+@needs_fashion
+@pytest.mark.parametrize("source", ["cache", "images"])
+def test_bn_recalibration_resumes_to_the_same_state(tmp_path, source, monkeypatch):
+    """Killed after the last epoch's checkpoint but before publishing, the rerun recalibrates
+    again and publishes what an uninterrupted run does."""
+    from freezecache.steps import run as run_step
+
+    def runs(folder):
+        cfg = _config(folder, train={"bn_recalibrate": source},
+                      freeze={"points": _points(2)})  # fmt: skip
+        prepare(cfg)
+        pretrain(cfg)
+        train_prefix(cfg, 0)
+        cache_point(cfg, 0, "discard", 2)
+        return cfg
+
+    cfg = runs(tmp_path / "a")
+    train_suffix(cfg, 0, "discard", 2)
+    want = RunState.load(STAGES["train_suffix"].path("state", cfg, seed=0, method="discard",
+                                                     p=cfg.points[0]))  # fmt: skip
+    cfg = runs(tmp_path / "b")
+    finish = run_step.Run.finish
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # as a SIGKILL after the last checkpoint
+
+    monkeypatch.setattr(run_step.Run, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_suffix(cfg, 0, "discard", 2)
+    monkeypatch.setattr(run_step.Run, "finish", finish)
+    train_suffix(cfg, 0, "discard", 2)
+    got = RunState.load(STAGES["train_suffix"].path("state", cfg, seed=0, method="discard",
+                                                    p=cfg.points[0]))  # fmt: skip
+    assert all(torch.equal(got.model[k], want.model[k]) for k in want.model)
+
+
 def test_stage_arguments_are_checked(tmp_path):
     cfg_path = tmp_path / "params.yaml"
     import yaml

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -93,6 +93,13 @@ class Train(Section):
     grad_checkpointing: NonNegInt = 0  # 0: off; k: recompute every k trainable blocks
     micro_batch: PosInt | None = None
     clip_grad_norm: PosFloat | None = None
+    # Discard methods: after each freeze point's training, re-estimate the suffix's BatchNorm
+    # statistics (one pass, no gradient) on the clean cached features ("cache") or on the raw
+    # training images through the frozen prefix ("images"): training built them from
+    # augmented, quantised features, the test sees features of raw images. Chosen on validation.
+    bn_recalibrate: Literal["off", "cache", "images"] = "off"
+
+    SUFFIX_ONLY: ClassVar[frozenset[str]] = frozenset({"bn_recalibrate"})  # not for raw images
 
 
 class Runtime(Section):

@@ -141,6 +141,17 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    import torch.distributed as dist
+
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freezecache.config import Train
 from freezecache.methods import method
 
 # Matrix variables: what each iterates over and the stage argument it becomes.
@@ -86,12 +87,11 @@ PREFIX = SEED + "/prefix/state.pt"
 POINT = SEED + "/{method}/b{p.block}"
 START = SEED + "/{method}/{p.after}/state.pt"  # the run a freeze point continues from
 CACHE = "{paths.cache}/s{seed}/{method}/b{p.block}.h5"
-TRAIN = ("model", "train", "runtime", "freeze")
-PRETRAIN_TRAIN_KEYS = tuple(
-    f"train.{k}"
-    for k in ("batch_size", "momentum", "weight_decay", "crop_pad", "hflip", "eval_batch_size",
-              "precision", "grad_checkpointing", "micro_batch", "clip_grad_norm")
-)  # fmt: skip
+# The train keys each kind of stage reads: the suffix reads them all; stages on raw images not
+# the suffix's own (Train.SUFFIX_ONLY); pretrain neither its epochs nor lr (pretrain.epochs/lr).
+IMAGE_TRAIN_KEYS = tuple(f"train.{k}" for k in Train.model_fields if k not in Train.SUFFIX_ONLY)
+PRETRAIN_TRAIN_KEYS = tuple(k for k in IMAGE_TRAIN_KEYS if k not in ("train.epochs", "train.lr"))
+TRAIN = ("model", *IMAGE_TRAIN_KEYS, "runtime", "freeze")
 
 
 def _run_outs(folder: str) -> dict[str, Out]:
@@ -127,7 +127,18 @@ STAGES: dict[str, Stage] = {
         Stage(
             "plan",
             deps=(CHECKED, DATA, WEIGHTS),
-            params=("seeds", "methods", "model", "train", "runtime", "freeze", "rank", "cache"),
+            params=(
+                "seeds",
+                "methods",
+                "model",
+                "train",
+                "runtime",
+                "freeze",
+                "rank",
+                "cache",
+                "augment",
+                "loader",
+            ),  # fmt: skip
             outs={
                 "ok": Out(PLANNED),
                 "json": Out("{paths.results}/plan.json", cache=False),
@@ -163,13 +174,13 @@ STAGES: dict[str, Stage] = {
             "train_suffix",
             matrix=("seed", "method.discard", "p"),
             deps=(CHECKED, DATA, START, CACHE),
-            params=(*TRAIN, "augment", "loader"),
+            params=("model", "train", "runtime", "freeze", "augment", "loader"),
             outs=_run_outs(POINT),
         ),
         Stage(
             "tradeoffs",
             deps=(CHECKED, DATA, "{paths.runs}/s{first_seed}/prefix/state.pt"),
-            params=("model", "train", "runtime", "freeze"),
+            params=TRAIN,
             outs={
                 "json": Out("{paths.results}/tradeoffs.json"),
                 "md": Out("{paths.results}/tradeoffs.md"),
@@ -177,7 +188,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "report",
-            deps=("{paths.runs}", "{paths.results}/tradeoffs.json"),
+            deps=("{paths.runs}", "{paths.results}/tradeoffs.json", "{paths.results}/plan.json"),
             params=("seeds", "methods", "freeze", "cache"),
             outs={
                 "md": Out("{paths.results}/report.md", cache=False),

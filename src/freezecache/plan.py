@@ -26,6 +26,7 @@ from freezecache.flops import part_flops
 from freezecache.labels import label
 from freezecache.methods import method
 from freezecache.models import split
+from freezecache.plan_time import predict
 
 SAMPLE = 256  # samples measured per candidate block
 MARGIN = 1.10  # the caches must fit in the free disk space with 10% to spare
@@ -46,7 +47,7 @@ def _extra(spec: CacheSpec, flipped: torch.Tensor):
 def candidates(ctx, model: nn.Module) -> list[dict]:
     """One row per block position: shape, bytes per sample, cache size, suffix FLOPs share."""
     cfg = ctx.cfg
-    x, _ = next(iter(ctx.train.batches(min(SAMPLE, len(ctx.train)))))
+    x, y = next(iter(ctx.train.batches(min(SAMPLE, len(ctx.train)))))
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
     points = {p.block: i for i, p in enumerate(cfg.points, start=1)}
@@ -93,6 +94,14 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
                 "cache_bytes": x_bytes,
                 "cache_bytes_with_extra": with_extra,
                 "suffix_flops_share": flops["suffix_fwd"] / flops["full_fwd"],
+                "time": predict(
+                    ctx,
+                    model,
+                    pos,
+                    lambda r, pos=pos: CacheSpec.at(cfg, model, pos, points.get(pos, 1), r),
+                    x,
+                    y,
+                ),  # fmt: skip
             }
         )
     return rows
@@ -151,6 +160,34 @@ def make_plan(ctx, model: nn.Module) -> dict:
     return plan
 
 
+def _time_table(plan: dict) -> list[str]:
+    """Predicted seconds per epoch after a freeze at each block and each discard method's
+    break-even against FreezeOut (plan_time.py)."""
+    names = list(plan["blocks"][0].get("time", {}).get("epoch_s", {})) if plan["blocks"] else []
+    if not names:
+        return []
+    head = ["Block", "FreezeOut epoch (s)"]
+    for name in names:
+        head += [f"{label(name)} epoch (s)", "one-off (s)", "break-even (epochs)"]
+    lines = ["", "Predicted time (a few timed steps on this machine, before any training):", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in plan["blocks"]:
+        t = r["time"]
+        cells = [str(r["block"]), f"{t['freezeout_epoch_s']:.2f}"]
+        for name in names:
+            be = t["break_even_epochs"][name]
+            cells += [f"{t['epoch_s'][name]:.2f}", f"{t['one_off_s'][name]:.1f}",
+                      "never" if be is None else f"{be:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Break-even: epochs after the freeze point from which the method's run is done sooner "
+        "than FreezeOut's (its one-off seconds: a cache stage's start-up and build, the "
+        "validation features; over the seconds it saves per epoch).",
+    ]
+    return lines
+
+
 def render_markdown(plan: dict) -> str:
     mb = 1e6
     lines = [
@@ -178,6 +215,7 @@ def render_markdown(plan: dict) -> str:
             f"{r['cache_bytes'] / mb:.1f} | {r['cache_bytes_with_extra'] / mb:.1f} | "
             f"{r['suffix_flops_share']:.2f} |"
         )
+    lines += _time_table(plan)
     lines += [
         "",
         "The configured schedule (blocks " + str(plan["points"]) + ") against Normal:",

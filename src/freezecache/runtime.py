@@ -91,6 +91,19 @@ def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(was)
 
 
+@contextlib.contextmanager
+def train_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Temporarily puts modules in training mode, restoring each one's previous mode."""
+    before = [m.training for m in modules]
+    for m in modules:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, before, strict=True):
+            m.train(was)
+
+
 def process_seconds() -> float:
     """Seconds since this process started (interpreter start-up and imports included): what a
     stage costs the user, not only its training loop."""

@@ -44,7 +44,7 @@ def section(name: str) -> Iterator[None]:
 # times per epoch or per stage, so that timing them costs nothing measurable, on CUDA too.
 STAGE_SECTIONS = frozenset(
     {"validation", "accounting", "test", "ranking", "prefix forward", "flipped forward",
-     "encode + write", "setup"}
+     "encode + write", "setup", "bn recalibration"}
 )  # fmt: skip
 
 

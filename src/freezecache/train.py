@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -371,23 +372,32 @@ def evaluate(
     device,
     prefix: str = "test",
     shard: tuple[int, int] = (0, 1),
+    per_sample: bool = False,
 ) -> dict:
     """Loss and accuracy on raw images through the whole model (prefix + suffix), or on a
     frozen prefix's features through the rest, as ``{prefix}_loss`` and ``{prefix}_acc``.
 
     ``shard=(rank, world)``: each rank evaluates its own share and the sums are reduced, so every
-    sample counts once (every rank must call this)."""
-    loss, correct = 0.0, 0
+    sample counts once (every rank must call this). ``per_sample``: also ``{prefix}_correct``,
+    whether each sample was classified right (bool numpy, every rank's share in order)."""
+    loss, correct, hits = 0.0, 0, []
     part = test.shard(*shard)
     with runtime.eval_mode(model), torch.no_grad():
         for x, y in part.batches(batch_size):
             with runtime.autocast(precision, device):
                 logits = model(x)
             loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            right = logits.argmax(1) == y
+            correct += right.sum().item()
+            if per_sample:
+                hits.append(right.cpu())
     if shard[1] > 1:
         sums = distributed.all_reduce_sum(torch.tensor([loss, correct], dtype=torch.float64,
                                                        device=device))  # fmt: skip
         loss, correct = sums[0].item(), int(sums[1].item())
     n = len(test)
-    return {f"{prefix}_loss": loss / n, f"{prefix}_acc": correct / n}
+    out = {f"{prefix}_loss": loss / n, f"{prefix}_acc": correct / n}
+    if per_sample:
+        mine = torch.cat(hits).numpy() if hits else np.zeros(0, bool)
+        out[f"{prefix}_correct"] = np.concatenate(distributed.gather_object(mine))
+    return out

@@ -124,6 +124,8 @@ class Feed:
         return x.to(self.device, non_blocking=True)
 
     def clean(self) -> Iterator[Tensor]:
-        """Every batch of the loader's current epoch, decoded, not augmented."""
+        """Every batch of the cache (epoch 0's order, whatever epoch ran last: the same batches
+        on a resumed run), decoded, not augmented."""
+        set_epoch(self.loader, 0)
         for batch in self.loader:
             yield self._decoded(batch)

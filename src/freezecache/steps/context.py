@@ -68,8 +68,9 @@ class Context:
         return model.to(self.device)
 
     # -- data ---------------------------------------------------------------------------------
-    def evaluate(self, model: nn.Module, split: str = "val") -> dict:
-        """``{split}_loss`` / ``{split}_acc`` on raw images; {} when there is no such split."""
+    def evaluate(self, model: nn.Module, split: str = "val", per_sample: bool = False) -> dict:
+        """``{split}_loss`` / ``{split}_acc`` on raw images (``per_sample``: ``{split}_correct``
+        too); {} when there is no such split."""
         images = self.val if split == "val" else self.test
         if images is None:
             return {}
@@ -82,6 +83,7 @@ class Context:
             device=self.device,
             prefix=split,
             shard=(distributed.rank(), distributed.world_size()),
+            per_sample=per_sample,
         )
 
     def evaluator(self, model: BlockModel, position: int = 0) -> Callable[[], dict]:

@@ -21,6 +21,7 @@ from freezecache.models import split
 from freezecache.pipeline import start_of_point as _start_file
 from freezecache.records import Costs
 from freezecache.schedule import Phase
+from freezecache.stats import pack_correct
 from freezecache.steps.context import Context
 from freezecache.timing import section, stage_timings
 from freezecache.train import RunState, Trainer, TrainSpec
@@ -98,8 +99,14 @@ class Run:
         }
         if final:
             with section("test"):
-                summary.update(ctx.evaluate(self.model, "test"))
-            trainer.state.extra["test"] = {k: summary[k] for k in ("test_acc", "test_loss")}
+                test = ctx.evaluate(self.model, "test", per_sample=True)
+            correct = test.pop("test_correct")
+            summary.update(test)
+            trainer.state.extra["test"] = {
+                **test,
+                "correct": pack_correct(correct),  # per image: the report's paired intervals
+                "images": len(correct),
+            }
         if ctx.main:
             record = costs if isinstance(costs, dict) else costs.to_json()
             record.update(stage_wall_s=summary["stage_wall_s"], peak_rss_mb=summary["peak_rss_mb"])
