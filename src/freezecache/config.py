@@ -90,6 +90,7 @@ DERIVED_KWARGS = {
     "num_classes": "data.classes",
 }
 # Options that would make timm fetch weights: freezecache never downloads (model.checkpoint).
+# timm_view refuses the same names for direct create_model callers (a test keeps them equal).
 HUB_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
 
 

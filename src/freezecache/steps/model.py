@@ -16,7 +16,8 @@ def build_model(model: Model, meta: dict) -> BlockModel:
     """The params' model for data with ``meta`` (classes, channels, image size): ``model.kwargs``
     meet the arguments freezecache derives here only, and a refusal is one line per problem
     that names its key (``model.kwargs.patch_size: ...``), in a stage as in ``check``."""
-    problems = model_kwargs_problems(model.kwargs)  # validation refused them; direct callers
+    # parse_config refuses these already; this covers a Model built in code (tradeoffs, tests)
+    problems = model_kwargs_problems(model.kwargs)
     if problems:
         raise FreezecacheError("\n".join(problems))
     try:
@@ -29,14 +30,6 @@ def build_model(model: Model, meta: dict) -> BlockModel:
         )
     except ModelOptionError as err:
         raise FreezecacheError(f"model.{err.key}: {err}") from None
-    except FreezecacheError:
-        raise
-    except Exception as err:  # noqa: BLE001 (a builder's own check refused an option's value)
-        why = " ".join(f"{type(err).__name__}: {err}".split())
-        raise FreezecacheError(
-            f"model: {model.name} cannot be built with model.kwargs {model.kwargs} ({why}) — "
-            "fix model.name or model.kwargs"
-        ) from None
 
 
 def load_start(model: nn.Module, weights: dict) -> None:
@@ -80,6 +73,12 @@ def check_model(cfg: Config, source: str = "params.yaml") -> BlockModel:
     except FreezecacheError as err:
         lines = (f"{source}: {line}" for line in str(err).splitlines())
         raise FreezecacheError("\n".join(lines)) from None
+    except Exception as err:  # noqa: BLE001 (a builder's own check refused an option's value)
+        why = " ".join(f"{type(err).__name__}: {err}".split())
+        raise FreezecacheError(
+            f"{source}: model: {cfg.model.name} cannot be built with these params ({why}) — "
+            "fix model.name or model.kwargs"
+        ) from None
     return model
 
 
