@@ -19,8 +19,8 @@ def check(params: Path = typer.Option(Path("params.yaml"), help="params file to 
     from freezecache.steps.model import check_model
 
     with stage(params) as cfg:
-        check_model(cfg, str(params))
-        print(f"{params}: ok")
+        model = check_model(cfg, str(params))
+        print(f"{params}: ok ({cfg.model.name}: {model.num_blocks} blocks, layout {model.layout})")
 
 
 @app.command()
@@ -60,17 +60,41 @@ def blocks(
     img_size: int = typer.Option(32, help="input size"),
     in_chans: int = typer.Option(3, help="input channels"),
     num_classes: int = typer.Option(10, help="classes"),
+    kwarg: list[str] = typer.Option(
+        [], "--kwarg", "-k", help="a model option KEY=VALUE, as in model.kwargs (repeatable)"
+    ),
 ) -> None:
     """List a model's freeze positions: block name, index and output shape."""
     from freezecache.models import create_model, describe_blocks
 
     with stage_free():
-        model = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+        options = _model_options(kwarg)
+        model = create_model(
+            name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **options
+        )
         print(f"{name}: {model.num_blocks} blocks, layout {model.layout}")
         print(f"{'position':>8}  {'name':<28} {'type':<24} output shape")
         for r in describe_blocks(model):
             shape = "x".join(map(str, r["shape"]))
             print(f"{r['position']:>8}  {r['name']:<28} {r['type']:<24} {shape}")
+
+
+def _model_options(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as model.kwargs (values read as YAML, as params.yaml would)."""
+    import yaml
+
+    from freezecache.config import DERIVED_KWARGS
+    from freezecache.errors import FreezecacheError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise FreezecacheError(f"--kwarg {pair!r}: write KEY=VALUE, e.g. -k patch_size=4")
+        if key in DERIVED_KWARGS:
+            raise FreezecacheError(f"--kwarg {key}: give it as --{key.replace('_', '-')}")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 @app.command()

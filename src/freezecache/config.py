@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -77,7 +77,21 @@ class Data(Section):
 class Model(Section):
     name: str = "resnet20"
     checkpoint: str | None = None  # a weights file under paths.weights
-    kwargs: dict = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # the model's own options
+
+
+# model.kwargs keys that freezecache passes itself, and the param each comes from. Refused in
+# model.kwargs rather than taken from there: one source each, so that the model, the data it is
+# prepared for and the caches built from both cannot disagree (the pretrain stage builds the
+# same model for pretrain.data, where a copy in model.kwargs would be wrong).
+DERIVED_KWARGS = {
+    "img_size": "data.img_size",
+    "in_chans": "data.channels",
+    "num_classes": "data.classes",
+}
+# Options that would make timm fetch weights: freezecache never downloads (model.checkpoint).
+# timm_view refuses the same names for direct create_model callers (a test keeps them equal).
+HUB_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
 
 
 class Train(Section):
@@ -287,6 +301,26 @@ def _schedule_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def model_kwargs_problems(kwargs: dict[str, Any]) -> list[str]:
+    """model.kwargs keys that freezecache sets itself, one line each naming where they belong
+    (what only the built model can tell is checked by :func:`freezecache.steps.model.check_model`).
+    """
+    problems = []
+    for key in kwargs:
+        if key in DERIVED_KWARGS:
+            where = DERIVED_KWARGS[key]
+            problems.append(
+                f"model.kwargs.{key}: freezecache passes {key} itself, from {where} — remove it "
+                f"from model.kwargs and set {where} instead"
+            )
+        elif key in HUB_KWARGS:
+            problems.append(
+                f"model.kwargs.{key}: would have timm fetch weights, which freezecache never "
+                "does — remove it and set model.checkpoint to a weights file under paths.weights"
+            )
+    return problems
+
+
 def _class_problems(key: str, d: Data) -> list[str]:
     from freezecache.data.classes import class_problems
     from freezecache.data.sources import known_num_classes
@@ -321,7 +355,7 @@ def _path_problems(cfg: Config, repo: Path) -> list[str]:
 
 def _semantic_problems(cfg: Config, source: str, repo: Path | None) -> list[str]:
     """Checks that span several keys, each reported as one line."""
-    problems = _schedule_problems(cfg)
+    problems = _schedule_problems(cfg) + model_kwargs_problems(cfg.model.kwargs)
     if repo is not None:
         problems += _path_problems(cfg, repo)
     problems += _class_problems("data", cfg.data)

@@ -17,13 +17,14 @@ import functools
 import importlib
 import inspect
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from freezecache.errors import FreezecacheError
+from freezecache.errors import FreezecacheError, ModelOptionError
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +253,7 @@ def create_model(
     try:  # check the options before building, so typos are user errors, not tracebacks
         inspect.signature(builder).bind(**sizes, **kwargs)
     except TypeError as err:
-        raise FreezecacheError(
-            f"model {name}: unsupported options {sorted(kwargs)} ({err}) — remove them"
-        ) from err
+        raise unsupported_option(name, err, kwargs) from None
     model = builder(**sizes, **kwargs)
     model.name = name
     return model
@@ -268,13 +267,32 @@ def _create_timm(name: str, sizes: dict[str, int], kwargs: dict[str, object]) ->
 
     timm_name = name.removeprefix(_TIMM_PREFIX)
     if not timm.is_model(timm_name):
-        raise FreezecacheError(
+        raise ModelOptionError(
+            "name",
             f"unknown model {name!r} — use one of: {', '.join(list_models())}, "
-            "or a timm model name (timm.list_models())"
+            "or a timm model name (timm.list_models())",
         )
     model = timm_model(timm_name, **sizes, **kwargs)
     model.name = name
     return model
+
+
+def unsupported_option(name: str, err: TypeError, kwargs: dict[str, object]) -> ModelOptionError:
+    """The error for options a builder refused with ``err``, naming the option where Python's
+    message does (``unexpected keyword argument 'x'``), else all of them."""
+    named = re.findall(r"keyword argument '(\w+)'", str(err))
+    keys = [k for k in named if k in kwargs] or sorted(kwargs)
+    what = " ".join(str(err).split())
+    return ModelOptionError(
+        f"kwargs.{keys[0]}" if len(keys) == 1 else "kwargs",
+        f"model {name} refuses option {', '.join(keys)} ({what}) — remove it or check its spelling",
+    )
+
+
+def divisors(size: int) -> str:
+    """The patch sizes that tile a ``size``-pixel image, for messages: ``2, 4, 7 or 14``."""
+    found = [str(d) for d in range(2, size) if size % d == 0] or ["1", str(size)]
+    return ", ".join(found[:-1]) + f" or {found[-1]}" if len(found) > 1 else found[0]
 
 
 def _check_position(model: BlockModel, position: int) -> None:

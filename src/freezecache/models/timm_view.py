@@ -36,8 +36,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from freezecache.errors import FreezecacheError
-from freezecache.models import BlockModel, eval_mode
+from freezecache.errors import FreezecacheError, ModelOptionError
+from freezecache.models import BlockModel, divisors, eval_mode, unsupported_option
 
 log = logging.getLogger(__name__)
 
@@ -533,27 +533,47 @@ def build_timm_net(
 
     hub = sorted(k for k in kwargs if k in _HUB_OPTIONS)
     if hub:
-        raise FreezecacheError(
+        raise ModelOptionError(
+            f"kwargs.{hub[0]}",
             f"model {name}: options {hub} would load weights from the hub — drop them and set "
-            "model.checkpoint to a local file"
+            "model.checkpoint to a local file",
         )
     args = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans, **kwargs}
     try:
         try:
-            return timm.create_model(name, img_size=img_size, **args)
+            net = timm.create_model(name, img_size=img_size, **args)
         except TypeError as err:
             if "img_size" not in str(err):
                 raise
-            return timm.create_model(name, **args)  # a CNN: no img_size option
+            net = timm.create_model(name, **args)  # a CNN: no img_size option
     except TypeError as err:  # timm's way of rejecting an unknown option
-        raise FreezecacheError(
-            f"model {name}: unsupported options {sorted(kwargs)} ({_brief(err)}) — remove them"
-        ) from None
+        raise unsupported_option(name, err, kwargs) from None
     except Exception as err:  # timm asserts and raises many types on bad option values
-        raise FreezecacheError(
+        raise ModelOptionError(
+            "kwargs",
             f"model {name}: timm cannot build it with {kwargs} ({_brief(err)}) — "
-            "change the model options"
+            "change the model options",
         ) from None
+    _check_patches(net, name)
+    return net
+
+
+def _check_patches(net: nn.Module, name: str) -> None:
+    """Refuse patches that do not tile the image: timm's patch embedding builds anyway and
+    drops the last pixels of every row and column without a word."""
+    from timm.layers import PatchEmbed
+
+    for path, m in net.named_modules():
+        if not isinstance(m, PatchEmbed) or m.img_size is None or m.dynamic_img_pad:
+            continue
+        size, patch = m.img_size[0], m.patch_size[0]
+        if size % patch or m.img_size[1] % m.patch_size[1]:
+            raise ModelOptionError(
+                "kwargs.patch_size",
+                f"model {name}: patch size {patch} does not divide the {size}-pixel input of "
+                f"{path} (timm would drop the last {size % patch} pixels of each row and "
+                f"column) — use a patch_size that divides it: {divisors(size)}",
+            )
 
 
 def timm_model(

@@ -7,8 +7,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from freezecache.errors import FreezecacheError
-from freezecache.models import BlockModel
+from freezecache.errors import ModelOptionError
+from freezecache.models import BlockModel, divisors, unsupported_option
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,10 @@ def _check_supported(vit: nn.Module) -> None:
     }
     found = [what for what, bad in unsupported.items() if bad]
     if found:
-        raise FreezecacheError(
+        raise ModelOptionError(
+            "kwargs",
             f"DeiT options give {', '.join(found)}, which the block view does not support — "
-            "drop those model options"
+            "drop those model options",
         )
 
 
@@ -166,9 +167,10 @@ def build_timm_vit(
     import timm
 
     if img_size % patch_size != 0:
-        raise FreezecacheError(
+        raise ModelOptionError(
+            "kwargs.patch_size",
             f"img_size {img_size} is not a multiple of patch_size {patch_size} — "
-            "pick a patch_size that divides it"
+            f"pick a patch_size that divides it: {divisors(img_size)}",
         )
     try:
         return timm.create_model(
@@ -181,9 +183,7 @@ def build_timm_vit(
             **kwargs,
         )
     except TypeError as err:  # timm's way of rejecting an unknown option
-        raise FreezecacheError(
-            f"{timm_name}: unsupported options {sorted(kwargs)} ({err}) — remove them"
-        ) from err
+        raise unsupported_option(timm_name, err, kwargs) from None
 
 
 def _deit(

@@ -6,21 +6,30 @@ from __future__ import annotations
 
 from torch import nn
 
-from freezecache.config import Config, Model
-from freezecache.errors import FreezecacheError
+from freezecache.config import Config, Model, model_kwargs_problems
+from freezecache.errors import FreezecacheError, ModelOptionError
 from freezecache.io import tensors_digest
 from freezecache.models import BlockModel, create_model, split
 
 
 def build_model(model: Model, meta: dict) -> BlockModel:
-    """The params' model for data with ``meta`` (classes, channels, image size)."""
-    return create_model(
-        model.name,
-        num_classes=meta["num_classes"],
-        in_chans=meta["channels"],
-        img_size=meta["img_size"],
-        **model.kwargs,
-    )
+    """The params' model for data with ``meta`` (classes, channels, image size): ``model.kwargs``
+    meet the arguments freezecache derives here only, and a refusal is one line per problem
+    that names its key (``model.kwargs.patch_size: ...``), in a stage as in ``check``."""
+    # parse_config refuses these already; this covers a Model built in code (tradeoffs, tests)
+    problems = model_kwargs_problems(model.kwargs)
+    if problems:
+        raise FreezecacheError("\n".join(problems))
+    try:
+        return create_model(
+            model.name,
+            num_classes=meta["num_classes"],
+            in_chans=meta["channels"],
+            img_size=meta["img_size"],
+            **model.kwargs,
+        )
+    except ModelOptionError as err:
+        raise FreezecacheError(f"model.{err.key}: {err}") from None
 
 
 def load_start(model: nn.Module, weights: dict) -> None:
@@ -49,9 +58,10 @@ def check_schedule(cfg: Config, model: BlockModel) -> None:
         raise FreezecacheError("\n".join(problems))
 
 
-def check_model(cfg: Config, source: str = "params.yaml") -> None:
+def check_model(cfg: Config, source: str = "params.yaml") -> BlockModel:
     """What only the model can tell (``freezecache check``; the stages that build the model
-    check it too): it builds from ``model`` for ``data``, and the freeze points fit its depth."""
+    check it too): it builds from ``model`` for ``data`` (a known name, options its constructor
+    takes, patches that tile the image), and the freeze points fit its depth. Returns it."""
     meta = {
         "num_classes": len(cfg.data.classes) if cfg.data.classes else 10,
         "channels": cfg.data.channels or 3,
@@ -59,18 +69,17 @@ def check_model(cfg: Config, source: str = "params.yaml") -> None:
     }
     try:
         model = build_model(cfg.model, meta)
-    except FreezecacheError as err:
-        raise FreezecacheError(f"{source}: model.name: {err}") from None
-    except Exception as err:  # noqa: BLE001 (the model's own constructor refused the params)
-        raise FreezecacheError(
-            f"{source}: model: {cfg.model.name} cannot be built with these params ({err}) — "
-            "fix model.name or model.kwargs"
-        ) from None
-    try:
         check_schedule(cfg, model)
     except FreezecacheError as err:
         lines = (f"{source}: {line}" for line in str(err).splitlines())
         raise FreezecacheError("\n".join(lines)) from None
+    except Exception as err:  # noqa: BLE001 (a builder's own check refused an option's value)
+        why = " ".join(f"{type(err).__name__}: {err}".split())
+        raise FreezecacheError(
+            f"{source}: model: {cfg.model.name} cannot be built with these params ({why}) — "
+            "fix model.name or model.kwargs"
+        ) from None
+    return model
 
 
 def prefix_hash(model: nn.Module, position: int) -> str:
