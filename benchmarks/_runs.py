@@ -61,9 +61,9 @@ def run(cfg: Config, seed: int, name: str) -> float:
             elif stage.name == "baseline":
                 baseline(cfg, seed, name)
             elif stage.name == "cache":
-                cache_point(cfg, seed, name, item["p"].block)
+                cache_point(cfg, seed, name, item["p"].i)
             else:
-                train_suffix(cfg, seed, name, item["p"].block)
+                train_suffix(cfg, seed, name, item["p"].i)
     stage, item = method_runs(cfg, seed, name)[-1]
     history = RunState.load(stage.path("state", cfg, **item)).history
     return 100.0 * history[-1]["val_acc"]

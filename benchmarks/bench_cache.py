@@ -117,7 +117,7 @@ def stage_caches(work: Config, seed: int, name: str, state: RunState) -> list[di
     for p in work.points:  # each point continues from the same run here
         state.save(start_of_point(work, seed, name, p))
         with Sections(STAGE_SECTIONS):
-            out.append(cache_point(work, seed, name, p.block))
+            out.append(cache_point(work, seed, name, p.i))
     return out
 
 

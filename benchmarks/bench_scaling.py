@@ -31,7 +31,7 @@ import typer
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE = ["--seed", "0", "--method", "discard", "--block", "3", "--params", "params.yaml"]
+STAGE = ["--seed", "0", "--method", "discard", "--point", "0", "--params", "params.yaml"]
 
 
 def _load() -> str:
@@ -70,7 +70,7 @@ def _project(folder: Path, samples: int, epochs: int) -> None:
     raw["methods"]["discard"] = ["discard"]
     raw["runtime"]["threads"] = 1
     raw["train"]["epochs"] = epochs + 1
-    raw["freeze"]["points"] = [{"block": 3, "epoch": 1, "after": "../prefix"}]
+    raw["freeze"]["points"] = [{"block": 3, "epoch": 1}]
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 

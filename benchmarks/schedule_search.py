@@ -30,7 +30,7 @@ def _points(text: str) -> list[dict]:
     """'3@1,6@2' -> freeze points, each naming the run it continues from."""
     pairs = [tuple(int(v) for v in part.split("@")) for part in text.split(",")]
     return [
-        {"block": b, "epoch": e, "after": "../prefix" if i == 0 else f"b{pairs[i - 1][0]}"}
+        {"block": b, "epoch": e if i == 0 else f"b{pairs[i - 1][0]}"}
         for i, (b, e) in enumerate(pairs)
     ]
 

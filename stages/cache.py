@@ -9,13 +9,13 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Block, Method, Params, Seed, stage
+from freezecache.guard import Method, Params, Point, Seed, stage
 from freezecache.steps.cache import cache_point
 
 
-def main(seed: Seed, method: Method, block: Block, params: Params = Path("params.yaml")) -> None:
-    with stage(params, seed=seed, method=(method, "discard"), block=block) as cfg:
-        cache_point(cfg, seed, method, block)
+def main(seed: Seed, method: Method, point: Point, params: Params = Path("params.yaml")) -> None:
+    with stage(params, seed=seed, method=(method, "discard"), point=point) as cfg:
+        cache_point(cfg, seed, method, point)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import typer
 
 from freezecache.guard import Params, stage
 from freezecache.io import atomic_write_text
-from freezecache.pipeline import STAGES
+from freezecache.pipeline import STAGES, check_rendered
 
 
 def main(params: Params = Path("params.yaml")) -> None:
     with stage(params) as cfg:
+        check_rendered(cfg)
         atomic_write_text(STAGES["check"].path("ok", cfg), "params.yaml is valid\n")
 
 

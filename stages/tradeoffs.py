@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from freezecache.decide import resolve
 from freezecache.guard import Params, stage
 from freezecache.pipeline import STAGES
 from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
@@ -22,6 +23,7 @@ def main(
     warmup: int = typer.Option(1, help="untimed rounds before timing (the first counts FLOPs)"),
 ) -> None:
     with stage(params) as cfg:
+        cfg = resolve(cfg, cfg.seeds[0])  # the first seed's freeze points, decided or given
         weights = STAGES["train_prefix"].path("state", cfg, seed=cfg.seeds[0])
         rows = measure_tradeoffs(cfg, steps=steps, warmup=warmup, weights=weights)
         me = STAGES["tradeoffs"]

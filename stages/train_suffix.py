@@ -8,13 +8,13 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Block, Method, Params, Seed, stage
+from freezecache.guard import Method, Params, Point, Seed, stage
 from freezecache.steps.suffix import train_suffix
 
 
-def main(seed: Seed, method: Method, block: Block, params: Params = Path("params.yaml")) -> None:
-    with stage(params, seed=seed, method=(method, "discard"), block=block) as cfg:
-        train_suffix(cfg, seed, method, block)
+def main(seed: Seed, method: Method, point: Point, params: Params = Path("params.yaml")) -> None:
+    with stage(params, seed=seed, method=(method, "discard"), point=point) as cfg:
+        train_suffix(cfg, seed, method, point)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ def main() -> None:
 
 def _point(cfg, seed: int, m: str, p) -> None:
     item = {"seed": seed, "method": m, "p": p}
-    _unless_done(cfg, "cache", "stats", lambda: cache_point(cfg, seed, m, p.block), **item)
-    _unless_done(cfg, "train_suffix", "state", lambda: train_suffix(cfg, seed, m, p.block), **item)
+    _unless_done(cfg, "cache", "stats", lambda: cache_point(cfg, seed, m, p.i), **item)
+    _unless_done(cfg, "train_suffix", "state", lambda: train_suffix(cfg, seed, m, p.i), **item)
 
 
 def _unless_done(cfg, stage: str, role: str, run, **item) -> None:

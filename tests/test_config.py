@@ -43,8 +43,8 @@ def test_all_problems_reported_at_once():
 def test_freeze_point_past_last_block():
     raw = load_profile("default")  # resnet20: 9 blocks
     raw["freeze"]["points"] = [
-        {"block": 3, "epoch": 1, "after": "../prefix"},
-        {"block": 10, "epoch": 2, "after": "b3"},
+        {"block": 3, "epoch": 1},
+        {"block": 10, "epoch": 2},
     ]
     with pytest.raises(FreezecacheError) as err:
         check_model(parse_config(raw))
@@ -55,8 +55,8 @@ def test_freeze_point_past_last_block():
 def test_schedule_consistency():
     raw = load_profile("default")
     raw["freeze"]["points"] = [
-        {"block": 5, "epoch": 4, "after": "../prefix"},
-        {"block": 3, "epoch": 9, "after": "b5"},
+        {"block": 5, "epoch": 4},
+        {"block": 3, "epoch": 9},
     ]
     raw["cache"]["tolerance"] = [0.1, 0.2, 0.3]
     lines = _problems(raw)
@@ -66,16 +66,41 @@ def test_schedule_consistency():
     assert "cache.tolerance has 3 values for 2 freeze points" in text
 
 
-def test_freeze_points_must_name_the_run_they_continue_from():
+def test_freeze_points_chain_by_their_order_and_an_old_after_is_one_line():
     raw = load_profile("default")
-    raw["freeze"]["points"] = [
-        {"block": 3, "epoch": 1, "after": "prefix"},
-        {"block": 6, "epoch": 2, "after": "b4"},
-    ]
+    raw["freeze"]["points"] = [{"block": 3, "epoch": 1}, {"block": 6, "epoch": 2}]
+    cfg = parse_config(raw)
+    assert [(p.name, p.prev) for p in cfg.points] == [("p0", "../prefix"), ("p1", "p0")]
+    raw["freeze"]["points"][0]["after"] = "../prefix"
+    (line,) = _problems(raw)
+    assert "freeze.points.0.after is no longer needed" in line
+
+
+@pytest.mark.parametrize(
+    "freeze,message",
+    [
+        ({"points": "auto", "criterion": {"rule": "gradient"}}, "freeze.criterion.rule"),
+        ({"points": "auto", "criterion": {"threshold": 0}}, "freeze.criterion.threshold"),
+        ({"points": "auto", "criterion": {"epoch_max": 8}}, "epoch_max = 8 must be below"),
+        ({"points": [{"block": 3, "epoch": 1}, {"block": "auto", "epoch": 2}]},
+         "only the first point can be auto"),
+        ({"points": [{"block": "auto", "epoch": 1}, {"block": 6, "epoch": 2}]},
+         "freeze.points.1 must come after whatever the first point decides"),
+        ({"points": "sometimes"}, "freeze.points"),
+    ],
+)  # fmt: skip
+def test_auto_points_and_bad_criteria_are_refused_in_one_line(freeze, message):
+    raw = load_profile("default")
+    raw["freeze"] = {**raw["freeze"], **freeze}
     lines = _problems(raw)
-    assert len(lines) == 2
-    assert "freeze.points.0.after = 'prefix': write '../prefix'" in lines[0]
-    assert "freeze.points.1.after = 'b4': write 'b3'" in lines[1]
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_auto_is_one_point_with_both_decided():
+    raw = load_profile("default")
+    raw["freeze"]["points"] = "auto"
+    cfg = parse_config(raw)
+    assert cfg.auto and [(p.block, p.epoch) for p in cfg.points] == [("auto", "auto")]
 
 
 @pytest.mark.parametrize(

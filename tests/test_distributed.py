@@ -195,7 +195,7 @@ def _tiny(folder: Path, **changes) -> Path:
     raw["pretrain"] = None
     raw["rank"]["samples"] = 32
     raw["train"].update(batch_size=19, epochs=3)
-    raw["freeze"]["points"] = [{"block": 2, "epoch": 2, "after": "../prefix"}]
+    raw["freeze"]["points"] = [{"block": 2, "epoch": 2}]
     for key, value in changes.items():
         section, name = key.split("__")
         raw[section][name] = value
@@ -238,7 +238,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-TRAINED = ("train_prefix@0", "baseline@0-freezeout", "train_suffix@0-discard_aug-b2")
+TRAINED = ("train_prefix@0", "baseline@0-freezeout", "train_suffix@0-discard_aug-p0")
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +257,10 @@ def test_two_ranks_end_with_identical_weights_and_write_once(two_ranks):
             assert a[part].keys() == b[part].keys() and a[part], (name, part)
             for k in a[part]:
                 assert torch.equal(a[part][k], b[part][k]), (name, part, k)
-    run = two_ranks / "runs/s0/discard_aug/b2"
+    run = two_ranks / "runs/s0/discard_aug/p0"
     assert json.loads((run / "costs.json").read_text())["train_flops"] > 0
     assert json.loads((run / "ranking.json").read_text())["kind"] == "cnn"
-    assert _metrics(two_ranks, "discard_aug/b2")["step"] == 3
+    assert _metrics(two_ranks, "discard_aug/p0")["step"] == 3
     leftovers = [p for p in two_ranks.rglob("*.tmp")] + list((two_ranks / ".ckpt").rglob("*.pt"))
     assert not leftovers, leftovers
 
@@ -273,7 +273,7 @@ def test_a_rank_killed_mid_epoch_restarts_and_ends_like_an_uninterrupted_run(two
     done = _torchrun(folder, *args, restarts=1)
     log = done.stdout + done.stderr
     assert "exitcode: -9" in log and "resuming train_prefix@0 from its checkpoint at epoch 1" in log
-    for folder_name in ("prefix", "freezeout", "discard_aug/b2"):
+    for folder_name in ("prefix", "freezeout", "discard_aug/p0"):
         assert _metrics(folder, folder_name) == _metrics(two_ranks, folder_name), folder_name
     for name in TRAINED:
         assert _max_diff(_weights(folder, name)["model"], _weights(two_ranks, name)["model"]) == 0
@@ -288,7 +288,7 @@ def test_with_sync_batchnorm_two_ranks_match_one_at_the_same_global_batch(tmp_pa
     same = {
         "train__lr": 0.01, "train__batch_size": 48, "train__hflip": False, "train__crop_pad": 0,
         "augment__flip_p": 0.0, "augment__crop_pad": 0, "augment__noise_std": 0.0,
-        "cache__codec": "none", "freeze__points": [{"block": 2, "epoch": 1, "after": "../prefix"}],
+        "cache__codec": "none", "freeze__points": [{"block": 2, "epoch": 1}],
     }  # fmt: skip
     one = _tiny(tmp_path / "one", distributed__sync_batchnorm=True, **same)
     two = _tiny(tmp_path / "two", distributed__sync_batchnorm=True, **same)
@@ -296,11 +296,11 @@ def test_with_sync_batchnorm_two_ranks_match_one_at_the_same_global_batch(tmp_pa
     _run([PY, str(WORKER), "--params", "params.yaml", "--dump", "dump", "--method", "discard"], one)
     for folder in (two, plain):
         _torchrun(folder, "--method", "discard")
-    for name, tol in (("train_prefix@0", 1e-3), ("train_suffix@0-discard-b2", 5e-3)):
+    for name, tol in (("train_prefix@0", 1e-3), ("train_suffix@0-discard-p0", 5e-3)):
         synced = _max_diff(_weights(one, name)["model"], _weights(two, name)["model"])
         unsynced = _max_diff(_weights(one, name)["model"], _weights(plain, name)["model"])
         assert synced <= tol and synced * 10 <= unsynced, (name, synced, unsynced)
-    a, b = _metrics(one, "discard/b2"), _metrics(two, "discard/b2")
+    a, b = _metrics(one, "discard/p0"), _metrics(two, "discard/p0")
     assert (
         abs(a["train_loss"] - b["train_loss"]) <= 1e-2
         and abs(a["val_acc"] - b["val_acc"]) <= 1 / 32
@@ -320,13 +320,13 @@ def test_two_simulated_nodes_train_the_suffix(two_ranks, tmp_path):
     folder = tmp_path / "nodes"
     shutil.copytree(two_ranks, folder, ignore=shutil.ignore_patterns("dump", ".ckpt"))
     for out in ("state.pt", "costs.json", "live"):
-        target = folder / "runs/s0/discard_aug/b2" / out
+        target = folder / "runs/s0/discard_aug/p0" / out
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     raw = yaml.safe_load((folder / "params.yaml").read_text())
     raw["distributed"].update(nproc_per_node=1, nnodes=2)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [PY, "-m", "freezecache.launch", str(ROOT / "stages/train_suffix.py")]
-    cmd += ["--seed", "0", "--method", "discard_aug", "--block", "2", "--params", "params.yaml"]
+    cmd += ["--seed", "0", "--method", "discard_aug", "--point", "0", "--params", "params.yaml"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env["FREEZECACHE_RDZV_ENDPOINT"] = f"127.0.0.1:{_free_port()}"
     nodes = [
@@ -343,7 +343,7 @@ def test_two_simulated_nodes_train_the_suffix(two_ranks, tmp_path):
     outs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs
     assert all("--nnodes 2 --rdzv-backend c10d" in out for out in outs)
-    assert _metrics(folder, "discard_aug/b2") == _metrics(two_ranks, "discard_aug/b2")
+    assert _metrics(folder, "discard_aug/p0") == _metrics(two_ranks, "discard_aug/p0")
 
 
 @pytest.mark.slow
@@ -381,16 +381,16 @@ def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
     raw["distributed"]["nproc_per_node"] = 2
     (two / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [PY, "-m", "freezecache.launch", str(ROOT / "stages/cache.py"), "--seed", "0"]
-    cmd += ["--method", "discard_aug", "--block", "2", "--params", "params.yaml"]
+    cmd += ["--method", "discard_aug", "--point", "0", "--params", "params.yaml"]
     _run(cmd, one)
     done = _run(cmd, two)
     log = done.stdout + done.stderr
     assert "--nproc-per-node 2" in log and "rank 1 encodes samples 512..600 of 600" in log
-    cache = "data/cache/s0/discard_aug/b2.h5"
+    cache = "data/cache/s0/discard_aug/p0.h5"
     assert (one / cache).read_bytes() == (two / cache).read_bytes()
     info = open_cache(two / cache, full=True)
     assert info.num_samples == 600 and info.codec_options["coding"] == "rans"
-    stats = json.loads((two / "runs/s0/discard_aug/b2/cache.json").read_text())
+    stats = json.loads((two / "runs/s0/discard_aug/p0/cache.json").read_text())
     assert stats["stored_bytes"] == info.stats["stored_bytes"]
     assert not list((two / ".ckpt").rglob("journal.bin"))  # every rank's spool removed
 

@@ -120,7 +120,7 @@ def test_sigkill_at_a_random_point_then_repro_gives_the_same_outputs(reference, 
 def test_a_corrupt_cache_is_refused_in_one_line_before_training(reference, tmp_path):
     repo, _ = reference
     work = _copy(repo, tmp_path / "work")
-    cache = work / "data/cache/s0/discard/b2.h5"
+    cache = work / "data/cache/s0/discard/p0.h5"
     cache.chmod(0o644)
     import h5py
 
@@ -129,7 +129,7 @@ def test_a_corrupt_cache_is_refused_in_one_line_before_training(reference, tmp_p
         y[:8] = 7
         f["y"][:] = y
     done = run(
-        ["python", "stages/train_suffix.py", "--seed", "0", "--method", "discard", "--block", "2"],
+        ["python", "stages/train_suffix.py", "--seed", "0", "--method", "discard", "--point", "0"],
         work,
         check=False,
     )
@@ -161,10 +161,10 @@ def test_a_full_disk_stops_the_cache_stage_in_one_line_and_a_rerun_succeeds(refe
         text = failed.stdout + failed.stderr
         assert failed.returncode != 0
         assert "needs about" in text and "free" in text and "Traceback" not in text, text[-2000:]
-        assert not (small / "s0/discard/b2.h5").exists()
+        assert not (small / "s0/discard/p0.h5").exists()
         subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
         run(["dvc", "repro", "--force", "--single-item", target], work)
-        assert (small / "s0/discard/b2.h5").read_bytes() == expected["data/cache/s0/discard/b2.h5"]
+        assert (small / "s0/discard/p0.h5").read_bytes() == expected["data/cache/s0/discard/p0.h5"]
     finally:
         subprocess.run(["umount", "-l", str(small)])
 

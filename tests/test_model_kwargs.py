@@ -141,4 +141,4 @@ def test_the_readme_vit_example_runs_on_the_smoke_profile(tmp_path):
     assert params["model"] == {"name": VIT, "checkpoint": None, "kwargs": {"patch_size": 4}}
     report = json.loads((repo / "results/report.json").read_text())
     assert set(report["methods"]) == {"normal", "freezeout", "discard", "discard_aug"}
-    assert (repo / "data/cache/s0/discard_aug/b5.h5").is_file()
+    assert (repo / "data/cache/s0/discard_aug/p1.h5").is_file()

@@ -64,6 +64,9 @@ def _fixture(tmp_path):
             STAGES["train_prefix"].path("costs", cfg, seed=seed),
             {"stage_wall_s": 4.0, "peak_rss_mb": 900.0, "version": COSTS_VERSION},
         )
+        first = cfg.points[0]
+        decision = {"block": first.block, "epoch": first.epoch, "why": "freeze.points"}
+        _write(STAGES["train_prefix"].path("decision", cfg, seed=seed), decision)
         for m in cfg.methods.all:
             item = {"seed": seed, "method": m}
             if m in cfg.methods.baselines:

@@ -41,15 +41,13 @@ def _run_chain(cfg, method):
     pretrain(cfg)
     train_prefix(cfg, 0)
     for p in cfg.points:
-        cache_point(cfg, 0, method, p.block)
-        train_suffix(cfg, 0, method, p.block)
+        cache_point(cfg, 0, method, p.i)
+        train_suffix(cfg, 0, method, p.i)
 
 
 def _points(*blocks):
-    return [
-        {"block": b, "epoch": i + 1, "after": "../prefix" if i == 0 else f"b{blocks[i - 1]}"}
-        for i, b in enumerate(blocks)
-    ]
+    """One point per block, at epochs 1, 2, ... (the smoke profile trains 3)."""
+    return [{"block": b, "epoch": i + 1} for i, b in enumerate(blocks)]
 
 
 @pytest.mark.slow
@@ -71,13 +69,13 @@ def test_every_model_runs_the_discard_chain(tmp_path, model, kwargs, blocks):
         train={"batch_size": 32},
     )
     _run_chain(cfg, "discard_aug")
-    folder = tmp_path / f"runs/s0/discard_aug/b{blocks[1]}"
+    folder = tmp_path / "runs/s0/discard_aug/p1"
     state = RunState.load(folder / "state.pt")
     assert state.epoch == cfg.train.epochs
     assert [r["state"] for r in state.history] == ["full", "discard", "discard"]
     metrics = json.loads((folder / "live/metrics.json").read_text())
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["step"] == cfg.train.epochs
-    info = open_cache(tmp_path / f"cache/s0/discard_aug/b{blocks[1]}.h5")
+    info = open_cache(tmp_path / "cache/s0/discard_aug/p1.h5")
     assert info.num_samples == 96 and info.extra_shape is not None
     if model == "deit_tiny":
         assert info.has_extra_pos  # token replacement stores positions per sample
@@ -118,15 +116,15 @@ def test_cache_of_another_prefix_is_refused(tmp_path):
     prepare(cfg)
     pretrain(cfg)
     train_prefix(cfg, 0)
-    cache_point(cfg, 0, "discard", 2)
+    cache_point(cfg, 0, "discard", 0)
     # change the prefix run's weights in place: the cache no longer matches them
     state_file = STAGES["train_prefix"].path("state", cfg, seed=0)
     state = RunState.load(state_file)
     state.model = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.model.items()}
     state.save(state_file)
     with pytest.raises(FreezecacheError, match="prefix"):
-        train_suffix(cfg, 0, "discard", 2)
-    assert not (tmp_path / "runs/s0/discard/b2/live/metrics.json").exists()
+        train_suffix(cfg, 0, "discard", 0)
+    assert not (tmp_path / "runs/s0/discard/p0/live/metrics.json").exists()
 
 
 @pytest.mark.slow
@@ -175,10 +173,10 @@ def test_the_build_reuses_the_ranking_passes_and_writes_the_same_file(tmp_path, 
     pretrain(cfg)
     train_prefix(cfg, 0)
     path = STAGES["cache"].path("cache", cfg, seed=0, method="discard_aug", p=cfg.points[0])
-    cache_point(cfg, 0, "discard_aug", cfg.points[0].block)
+    cache_point(cfg, 0, "discard_aug", 0)
     reused = path.read_bytes()
     monkeypatch.setattr(cache_step, "REUSE_BYTES", 0)  # the ranking's passes not kept
-    cache_point(cfg, 0, "discard_aug", cfg.points[0].block)
+    cache_point(cfg, 0, "discard_aug", 0)
     assert path.read_bytes() == reused
 
 
@@ -218,11 +216,11 @@ def test_bn_recalibration_resumes_to_the_same_state(tmp_path, source, monkeypatc
         prepare(cfg)
         pretrain(cfg)
         train_prefix(cfg, 0)
-        cache_point(cfg, 0, "discard", 2)
+        cache_point(cfg, 0, "discard", 0)
         return cfg
 
     cfg = runs(tmp_path / "a")
-    train_suffix(cfg, 0, "discard", 2)
+    train_suffix(cfg, 0, "discard", 0)
     want = RunState.load(STAGES["train_suffix"].path("state", cfg, seed=0, method="discard",
                                                      p=cfg.points[0]))  # fmt: skip
     cfg = runs(tmp_path / "b")
@@ -233,9 +231,9 @@ def test_bn_recalibration_resumes_to_the_same_state(tmp_path, source, monkeypatc
 
     monkeypatch.setattr(run_step.Run, "finish", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_suffix(cfg, 0, "discard", 2)
+        train_suffix(cfg, 0, "discard", 0)
     monkeypatch.setattr(run_step.Run, "finish", finish)
-    train_suffix(cfg, 0, "discard", 2)
+    train_suffix(cfg, 0, "discard", 0)
     got = RunState.load(STAGES["train_suffix"].path("state", cfg, seed=0, method="discard",
                                                     p=cfg.points[0]))  # fmt: skip
     assert all(torch.equal(got.model[k], want.model[k]) for k in want.model)
@@ -250,7 +248,7 @@ def test_stage_arguments_are_checked(tmp_path):
     for kwargs, message in (
         ({"seed": 7}, "--seed 7"),
         ({"method": ("discard_noaug", "discard")}, "methods.discard"),
-        ({"block": 4}, "--block 4: params.yaml has freeze points at blocks [2, 5]"),
+        ({"point": 4}, "--point 4: params.yaml has 2 freeze points (0..1)"),
     ):
         with pytest.raises(SystemExit) as done, stage(cfg_path, **kwargs):
             pass
@@ -316,7 +314,7 @@ def test_the_plan_predicts_the_cache_sizes_within_ten_percent(tmp_path, cache):
     rows = {r["block"]: r for r in predicted["blocks"]}
     first = cfg.points[0]
     for method, key in (("discard", "cache_bytes"), ("discard_aug", "cache_bytes_with_extra")):
-        cache_point(cfg, 0, method, first.block)
+        cache_point(cfg, 0, method, first.i)
         actual = STAGES["cache"].path("cache", cfg, seed=0, method=method, p=first).stat().st_size
         assert rows[first.block][key] == pytest.approx(actual, rel=0.10), method
     assert predicted["caches_bytes"] > 0 and predicted["free_bytes"] > 0

@@ -249,11 +249,19 @@ def test_measure_tradeoffs_rejects_zero_steps(tiny_cfg):
 
 
 def test_pipeline_has_the_tradeoffs_stage_before_the_report():
+    from freezecache.config import Train
+
     stages = render.render()["stages"]
     stage = stages["tradeoffs"]
     assert stage["cmd"] == "python stages/tradeoffs.py"
     assert "${paths.runs}/s${seeds[0]}/prefix/state.pt" in stage["deps"]
-    assert stage["params"] == ["model", "train", "runtime", "freeze"]
+    # every train key but the suffix's own (bn_recalibrate): tradeoffs times image training
+    assert stage["params"] == [
+        "model",
+        *(f"train.{k}" for k in Train.model_fields if k != "bn_recalibrate"),
+        "runtime",
+        "freeze",
+    ]  # noqa: E501
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     assert outs == ["${paths.results}/tradeoffs.json", "${paths.results}/tradeoffs.md"]
     assert "${paths.results}/tradeoffs.json" in stages["report"]["deps"]

@@ -73,7 +73,7 @@ def _resume_project(tmp_path, name):
     raw = load_profile("smoke")
     raw["pretrain"] = None
     raw["train"]["epochs"] = 5
-    raw["freeze"]["points"] = [{"block": 2, "epoch": 4, "after": "../prefix"}]
+    raw["freeze"]["points"] = [{"block": 2, "epoch": 4}]
     raw["methods"] = {"baselines": ["normal"], "discard": []}
     (d / "params.yaml").write_text(yaml.safe_dump(raw))
     for script in ("prepare", "pretrain"):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from freezecache import render
 from freezecache.guard import fail, setup_logging, stage, stage_free
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -36,6 +37,8 @@ def profile(
     with stage(src):
         shutil.copyfile(src, params)
         print(f"{src} -> {params}")
+        if params.resolve() == (render.ROOT / "params.yaml").resolve():  # its freeze points
+            print("dvc.yaml: " + ("rendered" if render.write() else "up to date"))
 
 
 @app.command(name="pipeline")
@@ -43,8 +46,6 @@ def render_pipeline(
     check_only: bool = typer.Option(False, "--check", help="fail if dvc.yaml is out of date"),
 ) -> None:
     """Render dvc.yaml from the stage declarations (for developers; params never need it)."""
-    from freezecache import render
-
     setup_logging()
     if check_only:
         if render.render_text() != (render.ROOT / "dvc.yaml").read_text():

@@ -11,22 +11,22 @@ Defaults are the default profile's values (configs/default.yaml; a test keeps th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from freezecache.codecs import CODECS, CODINGS
 from freezecache.errors import FreezecacheError
-from freezecache.methods import BASELINES, DISCARD, method
+from freezecache.methods import BASELINES, DISCARD
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 PosFloat = Annotated[float, Field(gt=0.0)]
 FIRST_AFTER = "../prefix"  # a first point continues from the shared prefix run
+AUTO = "auto"  # a freeze point's block or epoch decided by training
 
 
 class Section(BaseModel):
@@ -124,16 +124,31 @@ class Runtime(Section):
 
 
 class FreezePoint(Section):
-    block: PosInt
-    epoch: PosInt
-    # The run this point continues from, relative to the method's folder (DVC chains the stages
-    # with it): FIRST_AFTER for the first point, then b<block of the point before it>.
-    after: str = FIRST_AFTER
+    """A freeze point: its block and epoch, either of which the first point may leave to the
+    training (``auto``: :mod:`freezecache.decide`). Points chain by their order: point ``i``
+    continues from the run before it (the shared prefix run for the first)."""
+
+    block: PosInt | Literal["auto"]
+    epoch: PosInt | Literal["auto"]
+    _i: int = PrivateAttr(0)  # its place in freeze.points (0-based), set by Freeze
+
+    @property
+    def i(self) -> int:
+        return self._i
+
+    @property
+    def auto(self) -> bool:
+        return AUTO in (self.block, self.epoch)
 
     @property
     def name(self) -> str:
-        """Its folder in a method's runs and caches."""
-        return f"b{self.block}"
+        """Its folder in a method's runs and caches (and DVC's name for its stages' item)."""
+        return f"p{self._i}"
+
+    @property
+    def prev(self) -> str:
+        """The run it continues from, relative to the method's folder."""
+        return FIRST_AFTER if self._i == 0 else f"p{self._i - 1}"
 
 
 class Pretrain(Section):
@@ -144,8 +159,40 @@ class Pretrain(Section):
     lr: PosFloat = 0.1
 
 
+class Criterion(Section):
+    """How the full-model run decides an ``auto`` freeze point (:mod:`freezecache.decide`).
+
+    Every ``interval`` training steps each block's statistic is measured; a block is ready when
+    it stays below ``threshold`` for ``patience`` measurements in a row, and the front blocks
+    that are all ready may freeze. Rules: ``grad_change`` (AutoFreeze, Liu et al. 2021: the
+    relative change of a block's mean gradient norm between measurements), ``weight_change``
+    (SlimFit-like: how far a block's weights moved per step, relative to their norm),
+    ``output_change`` (one minus the cosine similarity of a block's output on a fixed probe
+    batch between measurements). The run freezes by ``epoch_max`` at the latest (null: half of
+    ``train.epochs``; :attr:`Config.criterion`), at a block no shallower than ``min_block``."""
+
+    rule: Literal["grad_change", "weight_change", "output_change"] = "grad_change"
+    threshold: PosFloat = 0.1
+    interval: PosInt = 20
+    patience: PosInt = 2
+    epoch_max: PosInt | None = None
+    min_block: PosInt = 1
+
+
 class Freeze(Section):
+    # A list of {block, epoch} or "auto" (one point, both decided); blocks count the model's
+    # natural blocks. Only the first point may hold "auto".
     points: list[FreezePoint] = Field(default_factory=lambda: [FreezePoint(block=3, epoch=1)])
+    criterion: Criterion = Field(default_factory=Criterion)
+
+    @field_validator("points", mode="before")
+    @classmethod
+    def _auto(cls, value):
+        return [{"block": AUTO, "epoch": AUTO}] if value == AUTO else value
+
+    def model_post_init(self, context: Any) -> None:
+        for i, p in enumerate(self.points):
+            p._i = i
 
 
 class Rank(Section):
@@ -225,161 +272,39 @@ class Config(Section):
     def points(self) -> list[FreezePoint]:
         return self.freeze.points
 
-    def point(self, block: int) -> tuple[int, FreezePoint]:
-        """(1-based index, point) of the freeze point at ``block``."""
-        for i, p in enumerate(self.points, start=1):
-            if p.block == block:
-                return i, p
-        blocks = [p.block for p in self.points]
-        raise FreezecacheError(f"--block {block}: params.yaml has freeze points at blocks {blocks}")
+    def point(self, i: int) -> FreezePoint:
+        """Freeze point ``i`` (0-based, the ``--point`` of the stages)."""
+        if not 0 <= i < len(self.points):
+            raise FreezecacheError(
+                f"--point {i}: params.yaml has {len(self.points)} freeze points (0.."
+                f"{len(self.points) - 1}) — run `freezecache pipeline` after changing their number"
+            )
+        return self.points[i]
 
-    def point_epochs(self, index: int) -> tuple[int, int]:
-        """Epochs [start, end) that freeze point ``index`` (1-based) trains: the one place that
-        says how long each freezing state lasts."""
+    def point_epochs(self, i: int) -> tuple[int, int]:
+        """Epochs [start, end) that freeze point ``i`` (0-based) trains: the one place that says
+        how long each freezing state lasts (the points must be decided: not ``auto``)."""
         pts = self.points
-        end = pts[index].epoch if index < len(pts) else self.train.epochs
-        return pts[index - 1].epoch, end
+        end = pts[i + 1].epoch if i + 1 < len(pts) else self.train.epochs
+        return pts[i].epoch, end
 
     @property
     def prefix_epochs(self) -> int:
         """Epochs of full-model training shared by every method (up to the first point)."""
         return self.points[0].epoch if self.points else self.train.epochs
 
+    @property
+    def criterion(self) -> Criterion:
+        """``freeze.criterion`` with its ``epoch_max`` filled in (null: half the epochs)."""
+        crit = self.freeze.criterion
+        if crit.epoch_max is not None:
+            return crit
+        return crit.model_copy(update={"epoch_max": max(1, self.train.epochs // 2)})
 
-def _format_pydantic(err: ValidationError, source: str) -> list[str]:
-    lines, seen = [], set()
-    for e in err.errors():
-        # Union types (a number or a list) report once per branch: keep the first per key.
-        parts = [str(p) for p in e["loc"] if isinstance(p, int) or str(p).isidentifier()]
-        key = ".".join(parts) or "<root>"
-        if key in seen:
-            continue
-        seen.add(key)
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}' — remove it or check its spelling")
-        else:
-            got = e.get("input")
-            lines.append(f"{source}: {key}: {e['msg']} (got {got!r})")
-    return lines
-
-
-def _schedule_problems(cfg: Config) -> list[str]:
-    """The freeze schedule against epochs and the chain DVC builds from it (against the model's
-    depth: :func:`freezecache.steps.model.model_problems`)."""
-    problems = []
-    points = cfg.freeze.points
-    if not points and any(method(m).uses_points for m in cfg.methods.all):
-        problems.append("freeze.points is empty — give at least one {block, epoch, after}")
-    for i, p in enumerate(points):
-        key = f"freeze.points.{i}"
-        if p.epoch >= cfg.train.epochs:
-            problems.append(
-                f"{key}.epoch = {p.epoch} must be below train.epochs = {cfg.train.epochs}"
-            )
-        if i and (p.block <= points[i - 1].block or p.epoch <= points[i - 1].epoch):
-            problems.append(
-                f"{key} must freeze more blocks at a later epoch than the point before it"
-            )
-        want = FIRST_AFTER if i == 0 else points[i - 1].name
-        if p.after != want:
-            problems.append(
-                f"{key}.after = {p.after!r}: write {want!r} — each point names the run it "
-                "continues from (the shared prefix, then the point before it)"
-            )
-    c = cfg.cache
-    if c.codec != "quant" and (c.relative or c.coding != "zstd"):
-        problems.append(
-            f"cache.relative and cache.coding apply to the quant codec, not {c.codec} — "
-            "set cache.codec: quant or drop them"
-        )
-    tol = cfg.cache.tolerance
-    if isinstance(tol, list) and len(tol) != len(points):
-        problems.append(
-            f"cache.tolerance has {len(tol)} values for {len(points)} freeze points — "
-            "give one number or one per point"
-        )
-    return problems
-
-
-def model_kwargs_problems(kwargs: dict[str, Any]) -> list[str]:
-    """model.kwargs keys that freezecache sets itself, one line each naming where they belong
-    (what only the built model can tell is checked by :func:`freezecache.steps.model.check_model`).
-    """
-    problems = []
-    for key in kwargs:
-        if key in DERIVED_KWARGS:
-            where = DERIVED_KWARGS[key]
-            problems.append(
-                f"model.kwargs.{key}: freezecache passes {key} itself, from {where} — remove it "
-                f"from model.kwargs and set {where} instead"
-            )
-        elif key in HUB_KWARGS:
-            problems.append(
-                f"model.kwargs.{key}: would have timm fetch weights, which freezecache never "
-                "does — remove it and set model.checkpoint to a weights file under paths.weights"
-            )
-    return problems
-
-
-def _class_problems(key: str, d: Data) -> list[str]:
-    from freezecache.data.classes import class_problems
-    from freezecache.data.sources import known_num_classes
-
-    return class_problems(
-        d.classes, known_num_classes(d.name), key=f"{key}.classes", dataset=d.name
-    )
-
-
-def _path_problems(cfg: Config, repo: Path) -> list[str]:
-    """Paths DVC tracks must lie inside the repository (DVC 3 cannot track external outputs)."""
-    problems = []
-    for name, value in cfg.paths.model_dump().items():
-        if name == "checkpoints":
-            continue
-        full = os.path.normpath(os.path.join(repo, os.path.expanduser(value)))
-        if os.path.commonpath([repo, full]) != str(repo):
-            problems.append(
-                f"paths.{name} = {value!r} is outside the repository, where DVC cannot track "
-                "outputs — use a relative path inside it (a symlinked folder works for big disks)"
-            )
-    ckpt = cfg.model.checkpoint
-    if ckpt is not None:
-        weights = os.path.normpath(cfg.paths.weights)
-        if os.path.commonpath([weights, os.path.normpath(ckpt)]) != weights:
-            problems.append(
-                f"model.checkpoint = {ckpt!r} must be a file under paths.weights ({weights}/), "
-                "where DVC tracks it — copy it there"
-            )
-    return problems
-
-
-def _semantic_problems(cfg: Config, source: str, repo: Path | None) -> list[str]:
-    """Checks that span several keys, each reported as one line."""
-    problems = _schedule_problems(cfg) + model_kwargs_problems(cfg.model.kwargs)
-    if repo is not None:
-        problems += _path_problems(cfg, repo)
-    problems += _class_problems("data", cfg.data)
-    if cfg.pretrain is not None:
-        problems += _class_problems("pretrain.data", cfg.pretrain.data)
-        src, dst = cfg.pretrain.data, cfg.data
-        if src.name == dst.name and src.root == dst.root and src.classes and dst.classes:
-            overlap = sorted(set(src.classes) & set(dst.classes))
-            if overlap:
-                problems.append(
-                    f"pretrain.data.classes and data.classes overlap ({overlap}) — pre-train and "
-                    "fine-tune on disjoint class sets"
-                )
-    if cfg.pretrain is not None and cfg.model.checkpoint:
-        problems.append("model.checkpoint and pretrain are both set — give one source of weights")
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        problems.append(f"seeds has duplicates ({cfg.seeds})")
-    for kind in ("baselines", "discard"):
-        names = getattr(cfg.methods, kind)
-        if len(set(names)) != len(names):
-            problems.append(f"methods.{kind} has duplicates ({names})")
-    if not cfg.methods.all:
-        problems.append("methods: both lists are empty — name at least one method")
-    return [f"{source}: {p}" for p in problems]
+    @property
+    def auto(self) -> bool:
+        """Whether the first freeze point is decided by training (``auto``)."""
+        return bool(self.points) and self.points[0].auto
 
 
 def parse_config(raw: object, source: str = "params.yaml", repo: Path | None = None) -> Config:
@@ -393,8 +318,12 @@ def parse_config(raw: object, source: str = "params.yaml", repo: Path | None = N
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise FreezecacheError("\n".join(_format_pydantic(err, source))) from None
-    problems = _semantic_problems(cfg, source, repo)
+        from freezecache.config_checks import format_pydantic
+
+        raise FreezecacheError("\n".join(format_pydantic(err, source))) from None
+    from freezecache.config_checks import semantic_problems
+
+    problems = semantic_problems(cfg, source, repo)
     if problems:
         raise FreezecacheError("\n".join(problems))
     return cfg

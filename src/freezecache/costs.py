@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from freezecache import runtime
+from freezecache.config import AUTO
 from freezecache.flops import part_flops, training_flops
 from freezecache.memory import accounted_memory, average_and_min_memory
 from freezecache.methods import method
@@ -91,7 +92,8 @@ def _method_costs(ctx, model, name, history, host_cache_mb, schedule) -> Costs:
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
     schedule = schedule or [(ph.state, ph.position, ph.epochs) for ph in phases(cfg, name)]
-    positions = sorted({p.block for p in cfg.points} | {pos for _, pos, _ in schedule})
+    blocks = {p.block for p in cfg.points if p.block != AUTO}  # auto: known once decided
+    positions = sorted(blocks | {pos for _, pos, _ in schedule})
     parts = {p: part_flops(model, p, input_shape) for p in positions}
     n = len(ctx.train)
     flops = training_flops(

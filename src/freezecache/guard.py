@@ -20,7 +20,7 @@ from freezecache.timing import STAGE_SECTIONS, Sections
 # Options shared by the stage commands in stages/.
 Seed = Annotated[int, typer.Option(help="one of params.yaml's seeds")]
 Method = Annotated[str, typer.Option(help="a method of params.yaml's methods lists")]
-Block = Annotated[int, typer.Option(help="the block of one of params.yaml's freeze points")]
+Point = Annotated[int, typer.Option(help="a freeze point of params.yaml: 0 for its first")]
 Params = Annotated[Path, typer.Option(help="params file")]
 
 
@@ -45,21 +45,21 @@ def stage(
     *,
     seed: int | None = None,
     method: tuple[str, str] | None = None,
-    block: int | None = None,
+    point: int | None = None,
 ) -> Iterator[Config]:
     """Loads and validates params, checks the stage's arguments against them, and turns user
     errors into one line and exit status 2. ``method`` is (name, list it must be in)."""
     setup_logging()
     try:
         with Sections(STAGE_SECTIONS):  # what the stage records of its own time
-            yield _load(params, seed, method, block)
+            yield _load(params, seed, method, point)
     except FreezecacheError as err:
         fail(str(err))
     except OSError as err:  # a full disk, a read-only folder: say which file, no traceback
         fail(f"{err.filename or ''}: {err.strerror} — free space or fix permissions, then rerun")
 
 
-def _load(params: Path, seed, method, block) -> Config:
+def _load(params: Path, seed, method, point) -> Config:
     """Loads params and checks the stage's arguments against them."""
     cfg = load_config(params)
     if seed is not None and seed not in cfg.seeds:
@@ -71,8 +71,8 @@ def _load(params: Path, seed, method, block) -> Config:
             raise FreezecacheError(
                 f"--method {name!r} is not in params.yaml's methods.{kind} ({names})"
             )
-    if block is not None:
-        cfg.point(block)
+    if point is not None:
+        cfg.point(point)
     return cfg
 
 

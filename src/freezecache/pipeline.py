@@ -32,7 +32,7 @@ MATRIX = {
     "seed": ("${seeds}", "--seed"),
     "method.baseline": ("${methods.baselines}", "--method"),
     "method.discard": ("${methods.discard}", "--method"),
-    "p": ("${freeze.points}", "--block"),
+    "p": (None, "--point"),  # rendered: one item per freeze point of params.yaml (render.py)
 }
 SECTIONS = (
     "paths", "seeds", "methods", "data", "pretrain", "model", "train", "runtime", "freeze",
@@ -79,14 +79,15 @@ def fill(template: str, cfg, **item) -> Path:
 
 # -- the declarations ---------------------------------------------------------------------------
 CHECKED = "{paths.runs}/params.ok"
-PLANNED = "{paths.runs}/plan.ok"
+ALLOWED = "{paths.runs}/allowed_blocks.json"  # the plan's blocks a decision may freeze at
 DATA = "{paths.data}"
 WEIGHTS = "{paths.runs}/pretrain/state.pt"
 SEED = "{paths.runs}/s{seed}"
 PREFIX = SEED + "/prefix/state.pt"
-POINT = SEED + "/{method}/b{p.block}"
-START = SEED + "/{method}/{p.after}/state.pt"  # the run a freeze point continues from
-CACHE = "{paths.cache}/s{seed}/{method}/b{p.block}.h5"
+POINT = SEED + "/{method}/{p.name}"  # p0, p1, ...: freeze points in their order
+START = SEED + "/{method}/{p.prev}/state.pt"  # the run a freeze point continues from
+CACHE = "{paths.cache}/s{seed}/{method}/{p.name}.h5"
+DECISION = SEED + "/prefix/decision.json"  # the freeze points as the shared run decided them
 # The train keys each kind of stage reads: the suffix reads them all; stages on raw images not
 # the suffix's own (Train.SUFFIX_ONLY); pretrain neither its epochs nor lr (pretrain.epochs/lr).
 IMAGE_TRAIN_KEYS = tuple(f"train.{k}" for k in Train.model_fields if k not in Train.SUFFIX_ONLY)
@@ -122,8 +123,9 @@ STAGES: dict[str, Stage] = {
                 "metrics": Out("{paths.runs}/pretrain/live/metrics.json"),
             },
         ),
-        # Cache sizes and savings per block, before any training; stops a schedule whose
-        # caches would not fit (its marker, like check's, never changes content).
+        # Cache sizes, savings and time per block, before any training; stops a schedule whose
+        # caches would not fit. Its "allowed" output (the blocks a decision may freeze at)
+        # changes only when that set does.
         Stage(
             "plan",
             deps=(CHECKED, DATA, WEIGHTS),
@@ -140,29 +142,35 @@ STAGES: dict[str, Stage] = {
                 "loader",
             ),  # fmt: skip
             outs={
-                "ok": Out(PLANNED),
+                "allowed": Out(ALLOWED),
                 "json": Out("{paths.results}/plan.json", cache=False),
                 "md": Out("{paths.results}/plan.md", cache=False),
             },
         ),
+        # The whole model up to the first freeze point, which it decides when the schedule
+        # says auto (decision.json; its criterion's statistics are curves either way).
         Stage(
             "train_prefix",
             matrix=("seed",),
-            deps=(CHECKED, PLANNED, DATA, WEIGHTS),
+            deps=(CHECKED, ALLOWED, DATA, WEIGHTS),
             params=TRAIN,
-            outs=_run_outs(SEED + "/prefix"),
+            outs={
+                **_run_outs(SEED + "/prefix"),
+                "decision": Out(DECISION),
+                "criterion": Out(SEED + "/prefix/criterion/plots/metrics", plot={"x": "step"}),
+            },
         ),
         Stage(
             "baseline",
             matrix=("seed", "method.baseline"),
-            deps=(CHECKED, DATA, WEIGHTS, PREFIX),
+            deps=(CHECKED, DATA, WEIGHTS, PREFIX, DECISION),
             params=TRAIN,
             outs=_run_outs(SEED + "/{method}"),
         ),
         Stage(
             "cache",
             matrix=("seed", "method.discard", "p"),
-            deps=(CHECKED, DATA, START),
+            deps=(CHECKED, DATA, START, DECISION),
             params=("model", "runtime", "freeze", "rank", "cache", "train.precision"),
             outs={
                 "cache": Out(CACHE),
@@ -173,13 +181,18 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train_suffix",
             matrix=("seed", "method.discard", "p"),
-            deps=(CHECKED, DATA, START, CACHE),
+            deps=(CHECKED, DATA, START, CACHE, DECISION),
             params=("model", "train", "runtime", "freeze", "augment", "loader"),
             outs=_run_outs(POINT),
         ),
         Stage(
             "tradeoffs",
-            deps=(CHECKED, DATA, "{paths.runs}/s{first_seed}/prefix/state.pt"),
+            deps=(
+                CHECKED,
+                DATA,
+                "{paths.runs}/s{first_seed}/prefix/state.pt",
+                "{paths.runs}/s{first_seed}/prefix/decision.json",
+            ),  # fmt: skip
             params=TRAIN,
             outs={
                 "json": Out("{paths.results}/tradeoffs.json"),
@@ -231,3 +244,23 @@ def start_of_point(cfg, seed: int, name: str, p) -> Path:
     at = next(k for k, (s, i) in enumerate(runs) if s.name == "train_suffix" and i["p"] == p)
     stage, item = runs[at - 1]
     return stage.path("state", cfg, **item)
+
+
+def check_rendered(cfg, dvc_yaml: Path = Path("dvc.yaml")) -> None:
+    """Refuse params whose number of freeze points is not the one dvc.yaml has stages for: DVC
+    cannot derive a point's predecessor, so ``freezecache pipeline`` renders one matrix item
+    per point (and ``make repro`` runs it)."""
+    import yaml
+
+    from freezecache.errors import FreezecacheError
+
+    if not dvc_yaml.is_file():
+        return
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    items = stages.get("cache", {}).get("matrix", {}).get("p")
+    if isinstance(items, list) and len(items) != len(cfg.points):
+        raise FreezecacheError(
+            f"params.yaml has {len(cfg.points)} freeze points but {dvc_yaml} has stages for "
+            f"{len(items)} — run `freezecache pipeline` (or `make repro`) first, then "
+            "`dvc repro` or `dvc exp run`"
+        )

@@ -19,6 +19,7 @@ from freezecache import augment
 from freezecache.cache.size import H5_HEADERS, H5_OVERHEAD, estimate_cache_bytes
 from freezecache.cache.spec import CacheSpec
 from freezecache.codecs.registry import calibrate
+from freezecache.config import AUTO, Config
 from freezecache.costs import method_costs
 from freezecache.disk import free_bytes
 from freezecache.errors import FreezecacheError
@@ -50,7 +51,7 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
     x, y = next(iter(ctx.train.batches(min(SAMPLE, len(ctx.train)))))
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
-    points = {p.block: i for i, p in enumerate(cfg.points, start=1)}
+    points = {p.block: i for i, p in enumerate(cfg.points, start=1) if p.block != AUTO}
     ranked = any(method(m).needs_ranking for m in cfg.methods.discard)
     n = len(ctx.train)
     rows = []
@@ -94,6 +95,7 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
                 "cache_bytes": x_bytes,
                 "cache_bytes_with_extra": with_extra,
                 "suffix_flops_share": flops["suffix_fwd"] / flops["full_fwd"],
+                "train_samples": n,
                 "time": predict(
                     ctx,
                     model,
@@ -107,22 +109,48 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
     return rows
 
 
+def _need(cfg: Config, row: dict) -> int:
+    """The bytes one freeze point at ``row``'s block caches over every seed and discard method."""
+    return sum(
+        len(cfg.seeds) * row["cache_bytes_with_extra" if method(m).needs_ranking else "cache_bytes"]
+        for m in cfg.methods.discard
+    )
+
+
+def allowed_blocks(cfg: Config, rows: list[dict], need: int, files: int, free: int) -> dict:
+    """The blocks a decided freeze point may take (:mod:`freezecache.decide`): its caches fit
+    on the disk next to the schedule's others, and each discard method pays back its one-off
+    FLOPs (the cache build's forward passes over the training set, twice with stored flipped
+    channels, and the ranking's) within the epochs left, against FreezeOut, which runs the
+    frozen blocks forward every epoch. FLOPs, not seconds: the decision must be the same on any
+    machine and under any load (the plan's timed break-even is shown beside it)."""
+    out = {}
+    for row in rows:
+        fits = (need + _need(cfg, row)) * MARGIN + files * (H5_OVERHEAD - H5_HEADERS) <= free
+        even = {}
+        for m in cfg.methods.discard:
+            ranks = method(m).needs_ranking and cfg.rank.gamma + cfg.rank.alpha > 0
+            passes = 2 if ranks else 1  # the build's forward passes (with F(flip(x)))
+            rank_share = 2 * min(cfg.rank.samples, row["train_samples"]) / row["train_samples"]
+            even[m] = passes + (rank_share if ranks else 0.0)  # one-off over saved, per epoch
+        out[str(row["block"])] = {"fits": bool(fits), "flops_break_even_epochs": even}
+    return {"epochs": cfg.train.epochs, "blocks": out}
+
+
 def make_plan(ctx, model: nn.Module) -> dict:
     """The plan for the configured model, data and schedule; refuses caches that cannot fit."""
     cfg = ctx.cfg
     rows = candidates(ctx, model)
     by_block = {r["block"]: r for r in rows}
-    need = files = 0
-    for name in cfg.methods.discard:
-        key = "cache_bytes_with_extra" if method(name).needs_ranking else "cache_bytes"
-        need += len(cfg.seeds) * sum(by_block[p.block][key] for p in cfg.points)
-        files += len(cfg.seeds) * len(cfg.points)
+    fixed = [p for p in cfg.points if p.block != AUTO]
+    need = sum(_need(cfg, by_block[p.block]) for p in fixed)
+    files = len(cfg.seeds) * len(cfg.points) * len(cfg.methods.discard)
     free = free_bytes(Path(cfg.paths.cache))
     normal = method_costs(ctx, model, "normal", [])
     schedule = {}
     for name in (*cfg.methods.baselines, *cfg.methods.discard):
-        if name == "normal" or not method(name).uses_points:
-            continue
+        if name == "normal" or not method(name).uses_points or cfg.auto:
+            continue  # an auto schedule's savings are known once it is decided
         costs = method_costs(ctx, model, name, [])
         schedule[name] = {
             "train_flops": costs.train_flops,
@@ -150,7 +178,13 @@ def make_plan(ctx, model: nn.Module) -> dict:
         "schedule": schedule,
         "caches_bytes": need,
         "free_bytes": free,
+        "allowed": allowed_blocks(cfg, rows, need, files, free),
     }
+    if cfg.auto and not any(r["fits"] for r in plan["allowed"]["blocks"].values()):
+        raise FreezecacheError(
+            f"no block's caches fit in the {free / 1e9:.2f} GB free under {cfg.paths.cache} "
+            "for an auto freeze point — free space or point paths.cache elsewhere"
+        )
     if need * MARGIN + files * (H5_OVERHEAD - H5_HEADERS) > free:  # what the writer reserves
         raise FreezecacheError(
             f"the freeze schedule's caches need {need / 1e9:.2f} GB (+10%) but "

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from freezecache.config import Config
+from freezecache.decide import resolve
 from freezecache.errors import FreezecacheError
 from freezecache.io import atomic_write_json, atomic_write_text, load_torch, read_json
 from freezecache.labels import label
@@ -174,12 +175,24 @@ def collect(cfg: Config) -> dict:
         "pretrained": cfg.pretrain is not None or cfg.model.checkpoint is not None,
         "epochs": cfg.train.epochs,
         "freeze_points": [{"block": p.block, "epoch": p.epoch} for p in cfg.points],
+        "decisions": _decisions(cfg),
         "methods": methods,
         "summary": summary,
         "stage_seconds": _stage_seconds(cfg),
         "cache": _cache_rows(cfg),
         "curves": _curves(rows),
     }
+
+
+def _decisions(cfg: Config) -> list[dict]:
+    """Each seed's freeze points as its shared run decided them (the given ones when fixed)."""
+    out = []
+    for s in cfg.seeds:
+        decision = read_json(STAGES["train_prefix"].path("decision", cfg, seed=s))
+        points = resolve(cfg, s).points
+        out.append({"seed": s, "points": [{"block": p.block, "epoch": p.epoch} for p in points],
+                    "why": decision.get("why"), "step": decision.get("step")})  # fmt: skip
+    return out
 
 
 def _cache_rows(cfg: Config) -> list[dict]:
@@ -194,7 +207,7 @@ def _cache_rows(cfg: Config) -> list[dict]:
                 {
                     "method": m,
                     "point": rows[0]["point"],
-                    "block": p.block,
+                    "block": rows[0]["block"],  # seed 0's (an auto point may differ per seed)
                     "codec": rows[0]["codec"],
                     "tolerance": rows[0]["tolerance"],
                     "chunk_size": rows[0]["chunk_size"],

@@ -115,6 +115,12 @@ def render_markdown(report: dict, plan: dict | None = None) -> str:
     methods = report["methods"]
     base = methods.get("normal")
     pts = ", ".join(f"block {p['block']} at epoch {p['epoch']}" for p in report["freeze_points"])
+    decisions = report.get("decisions") or []
+    if any(p["block"] == "auto" or p["epoch"] == "auto" for p in report["freeze_points"]):
+        pts = "auto, decided by each seed's run: " + "; ".join(
+            f"seed {d['seed']} block {d['points'][0]['block']} at epoch {d['points'][0]['epoch']}"
+            for d in decisions
+        )
     regime = "fine-tuned from pre-trained weights" if report["pretrained"] else "from scratch"
     classes = f" (classes {report['classes']})" if report["classes"] else ""
     lines = [
@@ -154,7 +160,8 @@ def render_markdown(report: dict, plan: dict | None = None) -> str:
             "(the paper, from scratch: 32%)."
         )
     lines += _flip_lines(methods)
-    lines += _time_lines(methods, report["freeze_points"], report["epochs"], plan)
+    first = decisions[0]["points"] if decisions else report["freeze_points"]
+    lines += _time_lines(methods, first, report["epochs"], plan)
     bn = {m: r for m, r in methods.items() if "bn_clean_gain" in r}
     if bn:
         lines += [

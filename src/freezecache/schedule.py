@@ -33,6 +33,6 @@ def phases(cfg: Config, name: str) -> list[Phase]:
         return [Phase("full", 0, 0, total)]
     state = "discard" if m.kind == "discard" else "freeze"
     out = [Phase("full", 0, 0, cfg.prefix_epochs)]
-    for i, p in enumerate(cfg.points, start=1):
+    for i, p in enumerate(cfg.points):
         out.append(Phase(state, p.block, *cfg.point_epochs(i)))
     return out

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,10 @@ class TrainSpec:
     steps_per_epoch: int
     evaluate: Callable[[], dict] = field(default=lambda: {})
     frozen: nn.Module | None = None  # FreezeOut: runs forward before ``forward``, without a graph
+    # Watches the training and may end it at an epoch's end (the decision of an auto freeze
+    # point): ``after_backward()`` after every backward pass; ``end_epoch(epoch, state)``
+    # records its state in the run state (checkpointed) and returns whether to stop.
+    monitor: Any = None
 
 
 class Trainer:
@@ -121,6 +126,7 @@ class Trainer:
         self.sync_batchnorm = sync_batchnorm  # with several ranks: global BatchNorm statistics
         self._ddp: nn.Module | None = None  # the DDP wrapper of what trains, several ranks only
         self.on_epoch: Callable[[dict], None] | None = None  # called with each epoch's row
+        self._monitor = None  # the running fit's TrainSpec.monitor
         self.scaler = runtime.grad_scaler(cfg.precision, device)
         self.state = state or RunState(model={})
         if state is not None and state.model:
@@ -182,6 +188,8 @@ class Trainer:
         if self.cfg.clip_grad_norm:
             self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_([p for _, p in self._named], self.cfg.clip_grad_norm)
+        if self._monitor is not None:
+            self._monitor.after_backward()
         with section("optimizer step"):
             self.scaler.step(opt)
             self.scaler.update()
@@ -257,6 +265,9 @@ class Trainer:
         With several ranks only ``forward`` is wrapped in DDP, so frozen parts never reach it."""
         state, position = spec.phase.state, spec.phase.position
         total_epochs = self.cfg.epochs
+        self._monitor = spec.monitor
+        if spec.monitor is not None and spec.monitor.stopped:
+            return  # a resumed run whose monitor had already stopped it
         set_frozen(self.model, position if state != "full" else 0)
         frozen_bn = frozen_parts(self.model, position if state != "full" else 0)
         with self._parallel(spec.forward) as net:
@@ -283,7 +294,10 @@ class Trainer:
                     **self._validate(spec),
                     "cuda_peak_mb": peak.peak_mb,
                 }
+                stop = spec.monitor is not None and spec.monitor.end_epoch(epoch + 1, self.state)
                 self._end_epoch(row, total_epochs)
+                if stop:
+                    break
 
     @staticmethod
     def _validate(spec: TrainSpec) -> dict:

@@ -8,8 +8,14 @@ forward); a control such as Normal without flips trains from the starting weight
 
 from __future__ import annotations
 
-from freezecache.config import Config
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from freezecache.config import AUTO, Config
 from freezecache.costs import method_costs
+from freezecache.decide import Monitor, Watch, allowed_from, resolve
+from freezecache.io import atomic_write_json, read_json
 from freezecache.methods import method
 from freezecache.schedule import Phase, phases
 from freezecache.steps.context import Context
@@ -18,17 +24,60 @@ from freezecache.train import RunState
 
 
 def train_prefix(cfg: Config, seed: int) -> None:
+    """The whole model up to the first freeze point: its given epoch, or (auto) the epoch and
+    block its criterion decides (:mod:`freezecache.decide`); writes the decision either way,
+    and the criterion's statistics per block as curves."""
     ctx = Context(cfg, seed, "train_prefix")
     model = ctx.new_model()
-    until = cfg.prefix_epochs
-    run = Run(ctx, model, None, ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state"))
-    run.fit(image_spec(ctx, model, Phase("full", 0, 0, until)))
-    schedule, history = [("full", 0, until)], run.state.history
+    allowed_file = ctx.stage_path("plan", "allowed")
+    inputs = (ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state"))
+    run = Run(ctx, model, None, *inputs, *([allowed_file] if cfg.auto else []))
+    point = cfg.points[0] if cfg.points else None
+    watch = _watch(ctx, model, run, point, allowed_file)
+    until = cfg.prefix_epochs if not cfg.auto else (
+        point.epoch if point.epoch != AUTO else cfg.criterion.epoch_max
+    )  # fmt: skip
+    run.fit(replace(image_spec(ctx, model, Phase("full", 0, 0, until)), monitor=watch))
+    if ctx.main:
+        decision = watch.decision if cfg.auto else {"block": point.block, "epoch": point.epoch,
+                                                    "why": "freeze.points"}  # fmt: skip
+        atomic_write_json(ctx.out("decision"), decision)
+        _curves(ctx.out("criterion").parents[1], watch.monitor, cfg.criterion.threshold)
+    schedule, history = [("full", 0, run.state.epoch)], run.state.history
     costs = method_costs(ctx, model, "normal", history, schedule=schedule) if ctx.main else {}
     run.finish(costs)
 
 
+def _watch(ctx: Context, model, run: Run, point, allowed_file) -> Watch:
+    """The criterion's monitor of the run (deciding when the first point is auto)."""
+    cfg = ctx.cfg
+    crit = cfg.criterion
+    probe = None
+    if crit.rule == "output_change":  # a fixed batch, the same on every rank and resume
+        probe, _ = next(iter(ctx.train.batches(min(64, len(ctx.train)))))
+    allowed = lambda block, epoch: True  # noqa: E731 (a fixed schedule decides nothing)
+    if cfg.auto:
+        allowed = allowed_from(read_json(allowed_file), cfg.train.epochs)
+    monitor = Monitor(model, crit, probe)
+    return Watch(monitor, point, allowed, cfg.auto, run.state.extra)
+
+
+def _curves(folder, monitor: Monitor, threshold: float) -> None:
+    """The criterion's statistic per block over training steps, as DVCLive curves."""
+    from dvclive import Live
+
+    live = Live(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+    for row in monitor.rows:
+        live.step = row["step"]
+        for b, value in enumerate(row["values"], start=1):
+            if not math.isnan(value):
+                live.log_metric(f"block{b}", value)
+        live.log_metric("threshold", threshold)
+    (Path(folder) / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # none measured yet
+
+
 def baseline(cfg: Config, seed: int, name: str) -> None:
+    cfg = resolve(cfg, seed)
     ctx = Context(cfg, seed, "baseline", method=name)
     m = method(name)
     model = ctx.new_model()

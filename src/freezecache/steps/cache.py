@@ -24,6 +24,7 @@ from freezecache import augment, distributed, rank, runtime
 from freezecache.cache import Build, CacheSpec, CacheWriter
 from freezecache.codecs.registry import calibrate, needs_calibration
 from freezecache.config import Config
+from freezecache.decide import resolve
 from freezecache.io import atomic_write_json
 from freezecache.methods import method
 from freezecache.models import feature_shape, split
@@ -163,17 +164,18 @@ def spool_name(key: str, rank: int, ranges: int) -> str:
     return key if ranges == 1 else f"{key}-r{rank}of{ranges}"
 
 
-def cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
-    """Builds the cache of method ``name`` at the freeze point at ``block`` (with several ranks:
+def cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
+    """Builds the cache of method ``name`` at freeze point ``i`` (0-based; with several ranks:
     each encodes its range of the training set, rank 0 writes the file and returns its stats,
     the others {})."""
-    stats = _cache_point(cfg, seed, name, block)
+    stats = _cache_point(resolve(cfg, seed), seed, name, i)
     distributed.barrier()  # the stage ends on every rank once the cache is published
     return stats
 
 
-def _cache_point(cfg: Config, seed: int, name: str, block: int) -> dict:
-    index, point = cfg.point(block)
+def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
+    point = cfg.point(i)
+    index, block = i + 1, point.block
     ctx = Context(cfg, seed, "cache", method=name, p=point)
     t0 = time.perf_counter()
     model, start_file = frozen_model(ctx, point)

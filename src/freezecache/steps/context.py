@@ -141,4 +141,4 @@ class Context:
 
 def _item_names(item: dict) -> list[object]:
     """How DVC names a matrix item in stage names: values, and p<index> for freeze points."""
-    return [v if not hasattr(v, "block") else f"b{v.block}" for v in item.values()]
+    return [v if not hasattr(v, "block") else v.name for v in item.values()]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from freezecache.config import Config, Model, model_kwargs_problems
+from freezecache.config import Config, Model
+from freezecache.config_checks import model_kwargs_problems
 from freezecache.errors import FreezecacheError, ModelOptionError
 from freezecache.io import tensors_digest
 from freezecache.models import BlockModel, create_model, split
@@ -52,8 +53,14 @@ def check_schedule(cfg: Config, model: BlockModel) -> None:
         f"freeze.points.{i}.block = {p.block} is past the last block of {cfg.model.name} "
         f"({model.num_blocks} blocks)"
         for i, p in enumerate(cfg.points)
-        if p.block > model.num_blocks
+        if p.block != "auto" and p.block > model.num_blocks
     ]
+    crit = cfg.criterion
+    if cfg.auto and crit.min_block >= model.num_blocks:
+        problems.append(
+            f"freeze.criterion.min_block = {crit.min_block} leaves no block to freeze at in "
+            f"{cfg.model.name} ({model.num_blocks} blocks: 1..{model.num_blocks - 1})"
+        )
     if problems:
         raise FreezecacheError("\n".join(problems))
 

@@ -18,5 +18,5 @@ def plan(cfg: Config, write: bool = True) -> str:
     if write:
         atomic_write_json(ctx.out("json"), result)
         atomic_write_text(ctx.out("md"), text)
-        atomic_write_text(ctx.out("ok"), "the freeze schedule's caches fit on the disk\n")
+        atomic_write_json(ctx.out("allowed"), result["allowed"])  # what a decision may take
     return text

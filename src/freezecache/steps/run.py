@@ -130,9 +130,11 @@ class Run:
 
 
 def published(state: RunState) -> RunState:
-    """The run state without machine timings (see TIMINGS)."""
+    """The run state without machine timings (see TIMINGS) and without a criterion monitor's
+    working state (its weight snapshots: checkpoints need them, later stages do not)."""
     history = [{k: v for k, v in row.items() if k not in TIMINGS} for row in state.history]
-    return dataclasses.replace(state, history=history)
+    extra = {k: v for k, v in state.extra.items() if k != "monitor"}
+    return dataclasses.replace(state, history=history, extra=extra)
 
 
 def start_of_point(ctx: Context, point) -> tuple[Path, RunState]:

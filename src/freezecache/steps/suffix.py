@@ -14,6 +14,7 @@ from freezecache.cache import CacheInfo, make_loader, open_cache
 from freezecache.cache.feed import Feed, feature_std
 from freezecache.config import Config
 from freezecache.costs import method_costs
+from freezecache.decide import resolve
 from freezecache.methods import method
 from freezecache.models import split
 from freezecache.schedule import Phase
@@ -71,8 +72,11 @@ def cached_batches(ctx: Context, feed: Feed):
     return batches
 
 
-def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
-    index, point = cfg.point(block)
+def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
+    """Trains freeze point ``i`` (0-based) of method ``name`` from its cache."""
+    cfg = resolve(cfg, seed)
+    point = cfg.point(i)
+    block = point.block
     ctx = Context(cfg, seed, "train_suffix", method=name, p=point)
     start_file, start = start_of_point(ctx, point)
     model = ctx.new_model()
@@ -84,7 +88,7 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
     run = Run(ctx, model, start, start_file, path)
     run.fit(
         TrainSpec(
-            phase=Phase("discard", block, *cfg.point_epochs(index)),
+            phase=Phase("discard", block, *cfg.point_epochs(i)),
             forward=suffix,
             batches=cached_batches(ctx, feed),
             steps_per_epoch=len(feed),
@@ -99,7 +103,7 @@ def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
         run.state.model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     history, host = run.state.history, {block: held / 1e6}
     costs = method_costs(ctx, model, name, history, host_cache_mb=host) if ctx.main else {}
-    final = index == len(cfg.points)
+    final = i == len(cfg.points) - 1
     run.finish(costs, final=final)
     if final and cfg.train.bn_recalibrate == "off":  # a measurement, after the wall time
         measured = bn_on_clean_features(ctx, model, block, feed)  # every rank
