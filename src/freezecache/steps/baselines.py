@@ -9,7 +9,7 @@ forward); a control such as Normal without flips trains from the starting weight
 from __future__ import annotations
 
 from freezecache.config import Config
-from freezecache.costs import method_costs
+from freezecache.costs import method_costs, require_counter
 from freezecache.methods import method
 from freezecache.schedule import Phase, phases
 from freezecache.steps.context import Context
@@ -18,6 +18,7 @@ from freezecache.train import RunState
 
 
 def train_prefix(cfg: Config, seed: int) -> None:
+    require_counter()
     ctx = Context(cfg, seed, "train_prefix")
     model = ctx.new_model()
     until = cfg.prefix_epochs
@@ -29,6 +30,7 @@ def train_prefix(cfg: Config, seed: int) -> None:
 
 
 def baseline(cfg: Config, seed: int, name: str) -> None:
+    require_counter()
     ctx = Context(cfg, seed, "baseline", method=name)
     m = method(name)
     model = ctx.new_model()

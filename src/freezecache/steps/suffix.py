@@ -13,7 +13,7 @@ from freezecache import augment, distributed, runtime
 from freezecache.cache import CacheInfo, make_loader, open_cache
 from freezecache.cache.feed import Feed, feature_std
 from freezecache.config import Config
-from freezecache.costs import method_costs
+from freezecache.costs import method_costs, require_counter
 from freezecache.methods import method
 from freezecache.models import split
 from freezecache.schedule import Phase
@@ -71,6 +71,7 @@ def cached_batches(ctx: Context, feed: Feed):
 
 
 def train_suffix(cfg: Config, seed: int, name: str, block: int) -> None:
+    require_counter()
     index, point = cfg.point(block)
     ctx = Context(cfg, seed, "train_suffix", method=name, p=point)
     start_file, start = start_of_point(ctx, point)
