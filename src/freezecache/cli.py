@@ -126,7 +126,7 @@ def doctor(
     measure: bool = typer.Option(
         True, "--measure/--no-measure", help="the ~20 s epoch measurement on the profile"
     ),
-    samples: int = typer.Option(1024, min=64, help="training images of the measurement"),
+    samples: int = typer.Option(512, min=64, help="training images of the measurement"),
     json_out: Path = typer.Option(None, "--json", help="also write the checks to this file"),
 ) -> None:
     """Check this environment for the profile: packages, device(s), CUDA/NCCL, the quant decode
@@ -137,7 +137,7 @@ def doctor(
     from freezecache.io import atomic_write_json
 
     setup_logging()
-    logging.getLogger().setLevel(logging.WARNING)  # one screen: the checks, not the stages' logs
+    logging.getLogger().setLevel(logging.ERROR)  # one screen: the checks say what logs would
     try:
         cfg, source = doc.load_profile(params)
     except FreezecacheError as err:
@@ -161,6 +161,7 @@ README_SECTIONS = {
     "sweep": "results/codec_sweep.md",
     "bench": "results/bench.md",
     "scaling": "results/bench_scaling.md",
+    "gpu": "results/gpu/gpu_check.md",
 }
 
 

@@ -121,20 +121,24 @@ PACKAGES = (
 
 
 def tested_ranges() -> dict[str, str]:
-    """distribution (lower case) -> the range pyproject.toml declares (the versions tested)."""
-    text = None
+    """distribution (lower case) -> the range pyproject.toml declares (the versions tested),
+    extras included; the installed package's metadata when there is no pyproject.toml."""
     pyproject = ROOT / "pyproject.toml"
     try:
         if pyproject.is_file():
             import tomllib
 
-            deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+            project = tomllib.loads(pyproject.read_text())["project"]
+            extras = project.get("optional-dependencies", {}).values()
+            deps = [*project["dependencies"], *(d for group in extras for d in group)]
         else:
             deps = metadata.requires("freezecache") or []
     except Exception:  # noqa: BLE001 (Python 3.10 has no tomllib; not installed: no ranges)
         return {}
     out = {}
     for text in deps:
+        if text.startswith("freezecache"):
+            continue  # the `all` extra names the others
         spec = text.split(";")[0].strip()
         name = spec
         for sep in "<>=!~ [":
@@ -379,7 +383,7 @@ def _timed_epoch(trainer, spec, epoch: int) -> float:
     return float(trainer.state.history[-1]["epoch_time_s"])
 
 
-def measure(cfg: Config, samples: int = 1024, rounds: int = 2, budget_s: float = 8.0) -> dict:
+def measure(cfg: Config, samples: int = 512, rounds: int = 2, budget_s: float = 8.0) -> dict:
     """One suffix epoch from a small cache (built by the cache stage's own function, read by
     train_suffix's) against one FreezeOut epoch on the same images; a warm-up epoch each, then
     the fastest of at least ``rounds`` rounds, more (up to MAX_ROUNDS) while the timed epochs
@@ -487,7 +491,7 @@ def load_profile(params: Path) -> tuple[Config, str]:
     return Config(), f"no {params}: the default profile"
 
 
-def run_checks(cfg: Config, *, measure_epochs: bool = True, samples: int = 1024) -> list[Check]:
+def run_checks(cfg: Config, *, measure_epochs: bool = True, samples: int = 512) -> list[Check]:
     checks = check_packages(cfg)
     if any(c.status == "fail" and c.name in ("torch", "numpy") for c in checks):
         return checks  # nothing below can run
