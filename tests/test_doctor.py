@@ -145,3 +145,17 @@ def test_bad_params_are_one_line(tmp_path):
     path = params_file(tmp_path, train={"epochs": -1})
     done = run_doctor(path, "--no-measure")
     assert done.exit_code == 2 and "train.epochs" in done.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache", [{}, {"relative": True, "coding": "rans"}])
+def test_on_cuda_the_doctor_sees_the_gpus_and_decodes_there_bit_for_bit(tmp_path, cache):
+    from freezecache.config import load_config
+
+    cfg = load_config(params_file(tmp_path, runtime={"device": "cuda"}, cache=cache))
+    device = {c.name: c for c in doctor.check_device(cfg)}
+    assert device["cuda"].status == "ok" and device["cuda"].numbers["count"] >= 1
+    assert device["profile"].numbers["device"].startswith("cuda")
+    decode = {c.name: c for c in doctor.check_decode(cfg)}
+    assert decode["cuda"].status == "ok" and decode["cuda"].numbers["equal"] is True
