@@ -22,8 +22,9 @@ PATH). The steps, in order:
 8. the default profile by ``dvc repro`` in a second copy, with what is left of the budget (a
    timeout is recorded as such, with the stages it finished).
 
-On a machine without CUDA every CUDA-only step is skipped with one line (the smoke repro then
-runs on the CPU, where it fits: it checks the machinery); ``--skip`` leaves out steps by name.
+On a machine without CUDA every CUDA-only step is skipped with one line (``--cpu-smoke`` runs
+the smoke repro on the CPU all the same: a check of the copies' machinery, minutes on 2 cores);
+``--skip`` leaves out steps by name.
 Writes ``gpu_check.json`` and ``gpu_check.md`` (the machine line, one row per step with its
 status, seconds and key numbers) and each step's log under ``--out``. Exit status 1 when a step
 failed. ``--data-root``: the Fashion-MNIST folder (data.root and pretrain.data.root of the
@@ -33,6 +34,7 @@ copies' params) where Debian's package is not installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -101,6 +103,7 @@ class Check:
         self.repos: dict[str, Path] = {}
         self.timeout_s = 0.0  # the current step's
         self.machine: dict = {}
+        self.cpu_smoke = False  # run the smoke repro on the CPU when there is no CUDA
 
     # -- environment ----------------------------------------------------------------------------
     def wrappers(self) -> None:
@@ -137,14 +140,19 @@ class Check:
             "GIT_COMMITTER_NAME": "gpu-check", "GIT_COMMITTER_EMAIL": "gpu-check@localhost",
         }  # fmt: skip
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.cuda else "cpu"
+
     def left(self) -> float:
         return self.deadline - time.monotonic() - RESERVE_S
 
     def sh(self, name: str, cmd: list[str], cwd: Path = ROOT, timeout: float | None = None,
            repo: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
         """Run ``cmd`` in its own process group under the step's timeout (or ``timeout``);
-        on timeout the whole group is killed (dvc's stages, torchrun's workers). Its output is
-        appended to the step's log; returns with ``returncode`` 124 on timeout."""
+        on timeout the whole group is killed (dvc's stages, torchrun's workers). Its output goes
+        to the step's log as it comes (a killed step's log shows how far it got) and comes back
+        as ``stdout``; ``returncode`` 124 on timeout."""
         limit = min(timeout or self.timeout_s, self.left())
         if limit <= 1:
             raise StepFailed("no time left in the budget")
@@ -154,17 +162,22 @@ class Check:
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}  (cwd {cwd}, timeout {limit:.0f} s)\n")
             f.flush()
-            proc = subprocess.Popen(cmd, cwd=cwd, env=self.env(repo or cwd), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True,
+            at = f.tell()
+            proc = subprocess.Popen(cmd, cwd=cwd, env=self.env(repo or cwd), stdout=f,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)  # fmt: skip
             try:
-                output, _ = proc.communicate(timeout=limit)
-                code = proc.returncode
+                code = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                output, _ = proc.communicate()
+                proc.wait()
                 code = 124
-            f.write(output)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what the command left running
+        with open(log, errors="replace") as f:
+            f.seek(at)
+            output = f.read()
+        with open(log, "a") as f:
             f.write(f"\n[exit {code} after {time.monotonic() - start:.1f} s]\n")
         return subprocess.CompletedProcess(cmd, code, output, "")
 
@@ -357,10 +370,9 @@ def _repro(c: Check, name: str, repo: Path) -> dict:
 
 
 def step_smoke(c: Check) -> dict:
-    device = "cuda" if c.cuda else "cpu"
-    repo = c.copy("smoke", "smoke", device)
+    repo = c.copy("smoke", "smoke", c.device)  # the CPU only with --cpu-smoke
     numbers = _repro(c, "smoke", repo)
-    numbers["device"] = device
+    numbers["device"] = c.device
     return numbers
 
 
@@ -396,7 +408,8 @@ def step_nccl(c: Check) -> dict:
     block = raw["freeze"]["points"][0]["block"]
     cache = repo / "data/cache/s0/discard_aug" / f"b{block}.h5"
     one = _md5(cache)
-    raw["distributed"].update(nproc_per_node=2, backend="nccl")
+    # gloo only where a test runs this step without CUDA
+    raw["distributed"].update(nproc_per_node=2, backend="nccl" if c.cuda else "gloo")
     (repo / "params_nccl.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     item = ["--seed", "0", "--method", "discard_aug", "--block", str(block),
             "--params", "params_nccl.yaml"]  # fmt: skip
@@ -420,7 +433,7 @@ def step_nccl(c: Check) -> dict:
 
 
 def step_bench(c: Check) -> dict:
-    repo = c.repos.get("default") or c.copy("default", "default", "cuda")
+    repo = c.repos.get("default") or c.copy("default", "default", c.device)
     done = c.python("bench", ["benchmarks/bench_cache.py", "--epochs-only", "--repeats", "2",
                               "--out", str(c.out)], cwd=repo)  # fmt: skip
     if done.returncode == 124:
@@ -438,7 +451,7 @@ def step_bench(c: Check) -> dict:
 
 
 def step_default(c: Check) -> dict:
-    repo = c.repos.get("default") or c.copy("default", "default", "cuda")
+    repo = c.repos.get("default") or c.copy("default", "default", c.device)
     return _repro(c, "default", repo)
 
 
@@ -446,25 +459,11 @@ STEPS = (
     Step("imports", "every required package imports; the machine", 60, False, step_imports),
     Step("doctor", "freezecache doctor (default profile)", 150, False, step_doctor),
     Step("gpu_tests", "pytest -m gpu", 150, True, step_gpu_tests),
-    Step(
-        "smoke", "smoke profile: dvc repro (on CUDA; the CPU without it)", 240, False, step_smoke
-    ),  # fmt: skip
+    Step("smoke", "smoke profile: dvc repro on CUDA", 240, True, step_smoke),
     Step("tradeoffs", "bf16 x checkpointing trade-offs on CUDA", 120, True, step_tradeoffs),
     Step("nccl", "2 processes on NCCL: cache (byte-identical) + suffix", 150, True, step_nccl),
-    Step(
-        "bench",
-        "epoch breakdown, decode on the device (bench_cache --epochs-only)",
-        180,
-        True,
-        step_bench,
-    ),  # fmt: skip
-    Step(
-        "default",
-        "default profile: dvc repro on CUDA (what the budget leaves)",
-        600,
-        True,
-        step_default,
-    ),  # fmt: skip
+    Step("bench", "epoch breakdown, decode on the device", 180, True, step_bench),
+    Step("default", "default profile: dvc repro on CUDA, the time left", 600, True, step_default),
 )
 
 
@@ -478,8 +477,10 @@ def run_steps(c: Check) -> list[Result]:
             r.reason = stop
         elif step.name in c.skip:
             r.reason = "skipped by --skip"
-        elif step.cuda_only and not c.cuda:
+        elif step.cuda_only and not c.cuda and not (step.name == "smoke" and c.cpu_smoke):
             r.reason = "no CUDA here"
+            if step.name == "smoke":
+                r.reason += " (--cpu-smoke runs it on the CPU)"
         elif step.name == "nccl" and c.gpus < 2:
             r.reason = f"{c.gpus} GPU(s): NCCL needs 2"
         elif c.left() < 5:
@@ -505,10 +506,12 @@ def run_steps(c: Check) -> list[Result]:
 # -- the report ----------------------------------------------------------------------------------
 def machine_line(m: dict) -> str:
     if m.get("cuda"):
-        smi = m.get("nvidia_smi") or m.get("gpu")
-        gpus = f"{m.get('gpus')} x {smi}"
-        return (f"{gpus}; CUDA {m.get('cuda_build')}, torch {m.get('torch')}, Python "
-                f"{m.get('python')}")  # fmt: skip
+        gpu = m.get("gpu")
+        smi = [x.strip() for x in (m.get("nvidia_smi") or "").split(",")]
+        if len(smi) == 3:  # name, driver, memory (nvidia-smi's csv)
+            gpu = f"{smi[0]} ({smi[2]}), driver {smi[1]}"
+        return (f"{m.get('gpus')} x {gpu}; CUDA {m.get('cuda_build')}, torch {m.get('torch')}, "
+                f"Python {m.get('python')}")  # fmt: skip
     return (
         f"no CUDA ({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
         f"torch {m.get('torch')} (CUDA build {m.get('cuda_build')}), Python {m.get('python')}"
@@ -555,6 +558,38 @@ def markdown(results: list[Result], m: dict, total_s: float, out: Path) -> str:
     return text
 
 
+# Files under --out that a step writes (a step left out by --skip keeps its earlier ones).
+OWN_FILES = {
+    "imports": ["logs/imports.log"],
+    "doctor": ["doctor.json", "logs/doctor.log"],
+    "gpu_tests": ["logs/gpu_tests.log"],
+    "smoke": ["logs/smoke.log", "logs/copy-smoke.log"],
+    "tradeoffs": ["tradeoffs.json", "tradeoffs.md", "logs/tradeoffs.log"],
+    "nccl": ["logs/nccl.log"],
+    "bench": ["bench_epochs.json", "bench_epochs.md", "logs/bench.log", "logs/copy-default.log"],
+    "default": ["logs/default.log"],
+}
+
+
+def _earlier(path: Path, skip: set[str]) -> dict[str, Result]:
+    """The earlier run's results of the steps left out now (a rerun of the steps that failed
+    or timed out keeps the others), marked as such."""
+    if not path.is_file() or not skip:
+        return {}
+    try:
+        steps = json.loads(path.read_text())["steps"]
+    except (ValueError, KeyError):
+        return {}
+    out = {}
+    for s in steps:
+        if s["name"] in skip and s["status"] != "skipped":
+            r = Result(**s)
+            if not r.reason.endswith("(an earlier run)"):
+                r.reason = f"{r.reason} (an earlier run)".strip()
+            out[r.name] = r
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu")
@@ -562,21 +597,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=None, help="Fashion-MNIST folder")
     p.add_argument("--skip", default="", help="steps to leave out, comma-separated")
     p.add_argument("--keep", action="store_true", help="keep the scratch copies")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="without CUDA, run the smoke repro on the CPU (minutes; checks the "
+                   "machinery of the copies)")  # fmt: skip
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "logs", ignore_errors=True)
-    for old in ("tradeoffs.json", "tradeoffs.md", "bench_epochs.json", "bench_epochs.md",
-                "doctor.json"):  # fmt: skip
-        (out / old).unlink(missing_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    earlier = _earlier(out / "gpu_check.json", skip)
+    for step, files in OWN_FILES.items():  # what the steps that run now will write again
+        if step not in earlier:
+            for name in files:
+                (out / name).unlink(missing_ok=True)
     start = time.monotonic()
-    c = Check(out, args.budget, args.data_root, set(filter(None, args.skip.split(","))))
+    c = Check(out, args.budget, args.data_root, skip)
+    c.cpu_smoke = args.cpu_smoke
     try:
         c.wrappers()
         results = run_steps(c)
     finally:
         if not args.keep:
             shutil.rmtree(c.work, ignore_errors=True)
+    results = [earlier.get(r.name, r) for r in results]
     total = time.monotonic() - start
     record = {
         "machine": c.machine,

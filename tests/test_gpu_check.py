@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU be
 
 
 def test_without_cuda_every_cuda_step_is_skipped_with_one_line(tmp_path, capsys):
-    code = gpu_check.main(["--out", str(tmp_path), "--skip", "doctor,smoke", "--budget", "120"])
+    code = gpu_check.main(["--out", str(tmp_path), "--skip", "doctor", "--budget", "120"])
     assert code == 0
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = {s["name"]: s for s in record["steps"]}
@@ -25,7 +25,8 @@ def test_without_cuda_every_cuda_step_is_skipped_with_one_line(tmp_path, capsys)
     assert record["machine"]["torch"] == torch.__version__ and record["machine"]["cuda"] is False
     for name in ("gpu_tests", "tradeoffs", "nccl", "bench", "default"):
         assert steps[name]["status"] == "skipped" and steps[name]["reason"] == "no CUDA here"
-    assert steps["smoke"]["reason"] == "skipped by --skip"
+    assert steps["smoke"]["reason"] == "no CUDA here (--cpu-smoke runs it on the CPU)"
+    assert steps["doctor"]["reason"] == "skipped by --skip"
     printed = [line for line in capsys.readouterr().out.splitlines() if "[gpu-check]" in line]
     assert len(printed) == len(gpu_check.STEPS) + 1  # one line per step, one at the end
     md = (tmp_path / "gpu_check.md").read_text()
@@ -84,3 +85,21 @@ def test_the_project_files_leave_out_a_runs_outputs():
     assert "dvc.yaml" in files and "src/freezecache/doctor.py" in files
     assert not any(f.startswith(("runs/", "data/cache", "results/", ".whl/")) for f in files)
     assert "dvc.lock" not in files
+
+
+def test_a_rerun_of_some_steps_keeps_the_others_earlier_results(tmp_path):
+    step = {"name": "default", "what": "default profile", "status": "passed", "reason": "",
+            "seconds": 200.0, "numbers": {"stages_run": 31}}  # fmt: skip
+    earlier = {"steps": [step]}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(earlier))
+    code = gpu_check.main(["--out", str(tmp_path), "--skip", "doctor,default", "--budget", "60"])
+    assert code == 0
+    steps = {s["name"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
+    assert steps["default"]["status"] == "passed"
+    assert steps["default"]["numbers"]["stages_run"] == 31
+    assert steps["default"]["reason"] == "(an earlier run)"
+    assert steps["doctor"]["reason"] == "skipped by --skip"  # nothing earlier to keep
+    assert (
+        "| default | default profile | passed | 200 | 31 stages (an earlier run) |"
+        in (tmp_path / "gpu_check.md").read_text()
+    )
