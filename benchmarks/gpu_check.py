@@ -93,10 +93,11 @@ class StepFailed(Exception):
 class Check:
     """Runs the steps: environment, wrappers, scratch copies, the budget."""
 
-    def __init__(self, out: Path, budget_s: float, data_root: Path | None, skip: set[str]):
+    def __init__(self, out: Path, budget_s: float, data_root: Path | None, skip: set[str],
+                 work: Path | None = None):  # fmt: skip
         self.out, self.data_root, self.skip = out, data_root, skip
         self.deadline = time.monotonic() + budget_s
-        self.work = Path(tempfile.mkdtemp(prefix="freezecache-gpu-check-"))
+        self.work = work or Path(tempfile.mkdtemp(prefix="freezecache-gpu-check-"))
         self.bin = self.work / "bin"
         self.cuda = False
         self.gpus = 0

@@ -44,7 +44,7 @@ def test_a_missing_package_stops_the_check_at_once(tmp_path, monkeypatch):
 
 
 def test_the_wrappers_run_this_interpreter_and_stop_a_loop(tmp_path):
-    c = gpu_check.Check(tmp_path, 60, None, set())
+    c = gpu_check.Check(tmp_path, 60, None, set(), work=tmp_path / "work")
     c.wrappers()
     env = c.env()
     done = subprocess.run(["python", "-c", "import sys; print(sys.executable)"], env=env,
@@ -57,7 +57,7 @@ def test_the_wrappers_run_this_interpreter_and_stop_a_loop(tmp_path):
 
 
 def test_a_step_past_its_timeout_is_killed_with_its_children(tmp_path):
-    c = gpu_check.Check(tmp_path, 60, None, set())
+    c = gpu_check.Check(tmp_path, 60, None, set(), work=tmp_path / "work")
     c.wrappers()
     c.timeout_s = 2
     started = tmp_path / "child.pid"
