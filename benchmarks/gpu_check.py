@@ -265,8 +265,16 @@ def _stages_run(output: str) -> list[str]:
 
 
 def _report_numbers(repo: Path) -> dict:
-    """Test accuracy and wall time per method from a finished run's report."""
-    path = repo / "results" / "report.json"
+    """Test accuracy and wall time per method from a finished run's report (the copy's own
+    declarations say where it is)."""
+    sys.path.insert(0, str(repo / "src"))
+    try:
+        from freezecache.config import load_config
+        from freezecache.pipeline import STAGES
+
+        path = repo / STAGES["report"].path("json", load_config(repo / "params.yaml"))
+    finally:
+        sys.path.remove(str(repo / "src"))
     if not path.is_file():
         return {}
     methods = json.loads(path.read_text()).get("methods", {})
@@ -381,8 +389,8 @@ def step_tradeoffs(c: Check) -> dict:
     repo = c.repos.get("smoke")
     if repo is None or not (repo / "runs/s0/prefix/state.pt").is_file():
         raise StepFailed("needs the smoke run's weights (its step did not finish)")
-    out = c.out / "tradeoffs.json"
-    md = c.out / "tradeoffs.md"
+    out = c.out / "tradeoffs_cuda.json"  # not the stage's own outputs: those of this step
+    md = c.out / "tradeoffs_cuda.md"
     code = ("import sys; from pathlib import Path; from freezecache.config import load_config; "
             "from freezecache.pipeline import STAGES; from freezecache.tradeoffs import "
             "measure_tradeoffs, write; cfg = load_config('params.yaml'); "
@@ -522,10 +530,11 @@ def machine_line(m: dict) -> str:
 def _numbers_text(r: Result) -> str:
     n = r.numbers
     if r.name == "doctor" and "ratio" in n:
-        return (
-            f"suffix/FreezeOut epoch {n['ratio']:.2f} (FLOPs {n.get('flops_ratio') or 0:.2f}) "
-            f"on {n['device']}; decode on CUDA = CPU: {n.get('cuda_decode_equal')}"
-        )
+        text = (f"suffix/FreezeOut epoch {n['ratio']:.2f} (FLOPs {n.get('flops_ratio') or 0:.2f}) "
+                f"on {n['device']}")  # fmt: skip
+        if n.get("cuda_decode_equal") is not None:
+            text += f"; decode on CUDA = CPU bit for bit: {n['cuda_decode_equal']}"
+        return text
     if r.name == "gpu_tests":
         return ", ".join(f"{v} {k}" for k, v in n.items())
     if r.name in ("smoke", "default") and "stages_run" in n:
@@ -552,7 +561,7 @@ def markdown(results: list[Result], m: dict, total_s: float, out: Path) -> str:
         text = " ".join(filter(None, [_numbers_text(r), r.reason])).replace("|", "\\|")
         lines.append(f"| {r.name} | {r.what} | {r.status} | {r.seconds:.0f} | {text} |")
     text = "\n".join(lines) + "\n"
-    for extra, title in (("tradeoffs.md", "Trade-offs on CUDA"),
+    for extra, title in (("tradeoffs_cuda.md", "Trade-offs on CUDA"),
                          ("bench_epochs.md", "Epoch breakdown on the GPU")):  # fmt: skip
         if (out / extra).is_file():
             text += f"\n#### {title}\n\n{(out / extra).read_text()}"
@@ -565,7 +574,7 @@ OWN_FILES = {
     "doctor": ["doctor.json", "logs/doctor.log"],
     "gpu_tests": ["logs/gpu_tests.log"],
     "smoke": ["logs/smoke.log", "logs/copy-smoke.log"],
-    "tradeoffs": ["tradeoffs.json", "tradeoffs.md", "logs/tradeoffs.log"],
+    "tradeoffs": ["tradeoffs_cuda.json", "tradeoffs_cuda.md", "logs/tradeoffs.log"],
     "nccl": ["logs/nccl.log"],
     "bench": ["bench_epochs.json", "bench_epochs.md", "logs/bench.log", "logs/copy-default.log"],
     "default": ["logs/default.log"],

@@ -103,3 +103,17 @@ def test_a_rerun_of_some_steps_keeps_the_others_earlier_results(tmp_path):
         "| default | default profile | passed | 200 | 31 stages (an earlier run) |"
         in (tmp_path / "gpu_check.md").read_text()
     )
+
+
+def test_the_report_numbers_come_from_where_the_declarations_put_the_report(tmp_path):
+    import shutil
+
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    shutil.copy(ROOT / "configs/smoke.yaml", tmp_path / "params.yaml")
+    (tmp_path / "results").mkdir()
+    report = {"methods": {"normal": {"accuracy_mean": 91.5, "wall_time_s": 12.0}}}
+    (tmp_path / "results/report.json").write_text(json.dumps(report))
+    got = gpu_check._report_numbers(tmp_path)
+    assert got["normal"]["acc"] == 91.5 and got["normal"]["wall_s"] == 12.0
