@@ -153,6 +153,8 @@ def test_bad_params_are_one_line(tmp_path):
 def test_on_cuda_the_doctor_sees_the_gpus_and_decodes_there_bit_for_bit(tmp_path, cache):
     from freezecache.config import load_config
 
+    if cache.get("coding") == "rans":
+        pytest.importorskip("numba")
     cfg = load_config(params_file(tmp_path, runtime={"device": "cuda"}, cache=cache))
     device = {c.name: c for c in doctor.check_device(cfg)}
     assert device["cuda"].status == "ok" and device["cuda"].numbers["count"] >= 1

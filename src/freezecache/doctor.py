@@ -383,7 +383,7 @@ def _timed_epoch(trainer, spec, epoch: int) -> float:
     return float(trainer.state.history[-1]["epoch_time_s"])
 
 
-def measure(cfg: Config, samples: int = 512, rounds: int = 2, budget_s: float = 8.0) -> dict:
+def measure(cfg: Config, samples: int = 512, rounds: int = 3, budget_s: float = 8.0) -> dict:
     """One suffix epoch from a small cache (built by the cache stage's own function, read by
     train_suffix's) against one FreezeOut epoch on the same images; a warm-up epoch each, then
     the fastest of at least ``rounds`` rounds, more (up to MAX_ROUNDS) while the timed epochs
@@ -463,7 +463,18 @@ def measure(cfg: Config, samples: int = 512, rounds: int = 2, budget_s: float = 
             "cache_build_s": build_s,
             "compression_ratio": stats.get("compression_ratio"),
             "seconds": time.perf_counter() - start,
+            "load_per_core": _load_per_core(),
         }
+
+
+def _load_per_core() -> float | None:
+    """The 1-minute load average per core: above 1, other work shares the cores (noisy times)."""
+    try:
+        import os
+
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
 
 
 def check_measure(cfg: Config, samples: int) -> list[Check]:
@@ -478,6 +489,9 @@ def check_measure(cfg: Config, samples: int) -> list[Check]:
         f"{m['freezeout_epoch_s']:.2f} s = {m['ratio']:.2f}{flops} ({m['method']}, block "
         f"{m['block']}, {m['samples']} samples on {m['device']}, {m['seconds']:.0f} s in all)"
     )
+    load = m["load_per_core"]
+    if m["device"] == "cpu" and load is not None and load > 1:
+        detail += f"; other work is running (load {load:.1f} per core): the times are noisy"
     return [Check("measure", "epoch", "ok", detail, m)]
 
 
