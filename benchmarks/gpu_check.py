@@ -228,13 +228,14 @@ def _project_files() -> list[str]:
         files = [f for f in done.stdout.decode().split("\0") if f]
     except (OSError, subprocess.SubprocessError):
         skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
-                ".dvc/cache", ".dvc/tmp", "dvclive"}  # fmt: skip
+                "dvclive", "cache", "tmp"}  # fmt: skip
         files = []
-        for path in ROOT.rglob("*"):
-            rel = path.relative_to(ROOT).as_posix()
-            if path.is_file() and not any(rel == s or rel.startswith(s + "/") or f"/{s}/" in rel
-                                          for s in skip):  # fmt: skip
-                files.append(rel)
+        for folder, dirs, names in os.walk(ROOT):
+            here = Path(folder).relative_to(ROOT)
+            # .dvc/cache and .dvc/tmp, not the project's own cache/ package
+            dirs[:] = [d for d in dirs if not d.endswith(".egg-info") and (
+                d not in skip or (d in ("cache", "tmp") and here.name != ".dvc"))]  # fmt: skip
+            files += [(here / n).as_posix() for n in names if n != ".git"]  # a worktree's
     return [f for f in files if not f.startswith(GENERATED)]
 
 

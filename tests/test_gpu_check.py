@@ -117,3 +117,16 @@ def test_the_report_numbers_come_from_where_the_declarations_put_the_report(tmp_
     (tmp_path / "results/report.json").write_text(json.dumps(report))
     got = gpu_check._report_numbers(tmp_path)
     assert got["normal"]["acc"] == 91.5 and got["normal"]["wall_s"] == 12.0
+
+
+def test_without_git_the_project_files_are_walked(monkeypatch):
+    """The tree sent to a GPU machine may come without .git."""
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not a repository")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", no_git)
+    files = gpu_check._project_files()
+    assert "dvc.yaml" in files and "src/freezecache/doctor.py" in files
+    assert not any(f.startswith((".git/", ".venv/", "runs/", "results/")) for f in files)
+    assert not any("__pycache__" in f for f in files)
