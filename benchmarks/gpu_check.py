@@ -467,7 +467,7 @@ def step_default(c: Check) -> dict:
 
 STEPS = (
     Step("imports", "every required package imports; the machine", 60, False, step_imports),
-    Step("doctor", "freezecache doctor (default profile)", 150, False, step_doctor),
+    Step("doctor", "freezecache doctor (default profile)", 200, False, step_doctor),
     Step("gpu_tests", "pytest -m gpu", 150, True, step_gpu_tests),
     Step("smoke", "smoke profile: dvc repro on CUDA", 240, True, step_smoke),
     Step("tradeoffs", "bf16 x checkpointing trade-offs on CUDA", 120, True, step_tradeoffs),
