@@ -6,15 +6,16 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro scratch plan sweep bench plots readme test test-fast lint clean
+.PHONY: setup repro scratch plan sweep bench plots readme doctor gpu-check test test-fast lint clean
 
-$(VENV)/.installed: pyproject.toml
+# The exact versions of constraints.txt (pyproject.toml declares only compatible ranges).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
 	@touch $@
 
-## setup: venv + pinned packages + the embedded dataset (Debian's dataset-fashion-mnist)
+## setup: venv + the packages of constraints.txt + the embedded dataset (Debian's dataset-fashion-mnist)
 setup: $(VENV)/.installed
 	@$(PY) -m freezecache.cli ensure-data
 
@@ -46,6 +47,16 @@ plots: setup
 ## readme: regenerate the README's result sections from results/
 readme: setup
 	freezecache readme
+
+## doctor: packages, device, decode on the device, disk, and a 20 s epoch measurement
+doctor: setup
+	freezecache doctor
+
+## gpu-check: every CUDA check in one command, at most 8 minutes (results/gpu/); runs with the
+## interpreter that has torch: the venv's, else python3 (a bare CUDA machine: no setup step)
+PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out results/gpu
 
 ## test: the whole test suite (the smoke pipeline included)
 test: setup

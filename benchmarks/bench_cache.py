@@ -375,6 +375,68 @@ def run(
     }
 
 
+def epochs_only(cfg: Config, *, method: str | None = None, repeats: int = 2) -> dict:
+    """The epoch breakdown alone, on the profile's training device (``make gpu-check``): every
+    method's epoch after the first freeze point through the stages' own functions, with the
+    loader's decode on the device, P1, P2 and the break-even; no codec table or zfp builds."""
+    seed, name = cfg.seeds[0], method or bench_method(cfg)
+    if not (STAGES["prepare"].path("data", cfg) / "meta.json").is_file():
+        log.info("no prepared data at %s: preparing it", cfg.paths.data)
+        prepare(cfg)
+    with tempfile.TemporaryDirectory(prefix="freezecache-bench-") as tmp:
+        work = scratch_config(cfg, Path(tmp))
+        state, weights = prefix_state(cfg, work, seed)
+        first = work.points[0]
+        one_point = work.model_copy(
+            update={"freeze": work.freeze.model_copy(update={"points": [first]})}
+        )
+        order = [name, *(m for m in work.methods.discard if m != name)]
+        builds = {m: stage_caches(one_point, seed, m, state)[0] for m in order}
+        ctx = Context(work, seed, "train_suffix", method=name, p=first)
+        machine = bench.machine_info(ctx.device)
+        model, _ = frozen_model(ctx, first)
+        paths = {m: STAGES["cache"].path("cache", work, seed=seed, method=m, p=first)
+                 for m in builds}  # fmt: skip
+        p1p2 = measure_epochs(ctx, model, paths, builds, name, repeats)
+        n = len(ctx.train)
+    machine["load_avg_1m_end"] = bench.machine_info(ctx.device)["load_avg_1m"]
+    return {
+        "machine": machine,
+        "setup": {
+            "model": cfg.model.name,
+            "samples": n,
+            "method": name,
+            "block": first.block,
+            "batch_size": cfg.train.batch_size,
+            "loader": cfg.loader.model_dump(),
+            "repeats": repeats,
+            "weights": weights,
+        },  # fmt: skip
+        "p1_cache_vs_ram": p1p2["p1_cache_vs_ram"],
+        "p1_file_cache_vs_ram": p1p2["p1_file_cache_vs_ram"],
+        "p2_vs_flops_ideal": p1p2["p2_vs_flops_ideal"],
+        "p1_p2": p1p2,
+    }
+
+
+def epochs_markdown(res: dict) -> str:
+    """bench_epochs.md: the machine, then the epoch breakdown with P1 and P2."""
+    m, s, t = res["machine"], res["setup"], res["p1_p2"]
+    where = m.get("gpu") or m["cpu"]
+    lines = [
+        f"Epoch breakdown on {where} (training device `{m['device']}`, torch {m['torch']}): "
+        f"{s['model']}, {s['samples']} training samples, batch {s['batch_size']}, decode on the "
+        f"device {s['loader']['device_decode']}, min of {s['repeats']} epochs. Weights: "
+        f"{s['weights']}.",
+        "",
+        *bench.breakdown_markdown(t["breakdown"], s["block"]),
+        f"P1 (cache in memory / features in RAM) {res['p1_cache_vs_ram']:.2f}, from the file "
+        f"{res['p1_file_cache_vs_ram']:.2f}; P2 (suffix / full epoch over their FLOPs ratio) "
+        f"{res['p2_vs_flops_ideal']:.2f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (the default profile)"),
     method: str = typer.Option(None, help="discard method timed (default: bench_method)"),
@@ -382,13 +444,24 @@ def main(
     warmup_steps: int = typer.Option(3, min=1, help="untimed steps per setting before timing"),
     codec_samples: int = typer.Option(512, min=1, help="samples for the codec table"),
     coding_json: Path = typer.Option(CODING_JSON, help="bench_coding.py's results, if any"),
+    only_epochs: bool = typer.Option(
+        False, "--epochs-only", help="only the epoch breakdown (bench_epochs.json/.md)"
+    ),
+    out: Path = typer.Option(None, help="folder for the files (default: paths.results)"),
 ) -> None:
     with stage(params, method=(method, "discard") if method else None) as cfg:
+        if only_epochs:
+            res = epochs_only(cfg, method=method, repeats=repeats)
+            folder = out or Path(cfg.paths.results)
+            atomic_write_json(folder / "bench_epochs.json", _epochs.np_free(res))
+            atomic_write_text(folder / "bench_epochs.md", epochs_markdown(res))
+            print(epochs_markdown(res))
+            return
         results = run(
             cfg, method=method, repeats=repeats, warmup_steps=warmup_steps,
             codec_samples=codec_samples, coding_json=coding_json,
         )  # fmt: skip
-        out = Path(cfg.paths.results)
+        out = out or Path(cfg.paths.results)
         atomic_write_json(out / "bench.json", _epochs.np_free(results))
         markdown = bench.to_markdown(results)
         atomic_write_text(out / "bench.md", markdown)

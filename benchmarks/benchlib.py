@@ -31,6 +31,7 @@ from freezecache.codecs import Codec
 from freezecache.codecs.quant import QuantCodec
 from freezecache.codecs.registry import make_codec
 from freezecache.codecs.zfp import ZfpCodec
+from freezecache.errors import FreezecacheError, optional
 from freezecache.schedule import Phase
 from freezecache.train import Trainer, TrainSpec
 
@@ -639,8 +640,8 @@ def breakdown_markdown(b: dict, block: int) -> list[str]:
 def svg(spec: dict) -> str | None:
     """A Vega-Lite spec as SVG (vl-convert bundles Vega: no network); None without vl-convert."""
     try:
-        import vl_convert
-    except ImportError:
-        log.info("vl-convert is not installed: no SVG plot")
+        vl_convert = optional("vl_convert", "vl-convert-python", why="for the bench's SVG plot")
+    except FreezecacheError as err:
+        log.warning("no SVG plot: %s", err)
         return None
     return vl_convert.vegalite_to_svg(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import shutil
 import subprocess
@@ -98,3 +99,33 @@ def augment_once(x, *, mode, g, flip_p=0.5, crop_pad=0, noise_std=0.0, blur_p=0.
     return augment.augment_features(
         x, aug, aug.draw(x.shape[0], g, bank, numel), bank, extra=extra, where=where
     )
+
+
+# -- packages that fail to import --------------------------------------------------------------
+BROKEN = ImportError("numpy.core.multiarray failed to import")  # as zfpy's numpy-1 wheel fails
+
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    """Makes every import of the given top-level packages raise ``error``."""
+
+    def __init__(self, names: tuple[str, ...], error: Exception) -> None:
+        self.names, self.error = names, error
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in self.names:
+            raise self.error
+        return None
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    """``broken("zfpy", ...)``: those packages (and ``also``, e.g. a module that imports one at
+    its top) unimportable for the test; sys.modules and sys.meta_path are restored after."""
+
+    def make(*names: str, also: tuple[str, ...] = (), error: Exception = BROKEN) -> None:
+        for mod in list(sys.modules):
+            if mod.split(".")[0] in names or mod in also:
+                monkeypatch.delitem(sys.modules, mod)
+        monkeypatch.setattr(sys, "meta_path", [_Refuse(names, error), *sys.meta_path])
+
+    return make

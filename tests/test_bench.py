@@ -108,13 +108,36 @@ def bench_out(tmp_path_factory):
                 spy(mp, calls, name)
             load_script().main(
                 params=params, method=None, repeats=1, warmup_steps=1, codec_samples=64,
-                coding_json=root / "missing.json",
+                coding_json=root / "missing.json", only_epochs=False, out=None,
             )  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # the bench set the config's threads process-wide
     results = root / "results"
     markdown = (results / "bench.md").read_text()
     return json.loads((results / "bench.json").read_text()), markdown, calls
+
+
+@pytest.mark.slow
+def test_the_epochs_only_bench_writes_the_breakdown(tmp_path):
+    """`--epochs-only` (what `make gpu-check` runs): every method's epoch, P1 and P2, no codec
+    table (so no zfp), into the folder asked for."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(tmp_path)))
+    write_prepared(tmp_path / "data")
+    threads = torch.get_num_threads()
+    try:
+        load_script().main(
+            params=params, method=None, repeats=1, warmup_steps=1, codec_samples=64,
+            coding_json=tmp_path / "missing.json", only_epochs=True, out=tmp_path / "gpu",
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "gpu/bench_epochs.json").read_text())
+    assert set(res["p1_p2"]["breakdown"]["epochs"]) == EPOCHS
+    assert res["p1_cache_vs_ram"] > 0 and res["p2_vs_flops_ideal"] > 0 and "codecs" not in res
+    text = (tmp_path / "gpu/bench_epochs.md").read_text()
+    assert text.startswith("Epoch breakdown on") and "P1 (cache in memory" in text
+    assert not (tmp_path / "results/bench.json").exists()
 
 
 def test_bench_json_has_every_measurement(bench_out):

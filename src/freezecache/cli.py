@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -144,6 +145,36 @@ def plots(out: Path = typer.Option(Path("results/plots"), help="folder for index
         print(f"{render(out)}: open it in a browser (no network needed)")
 
 
+@app.command()
+def doctor(
+    params: Path = typer.Option(Path("params.yaml"), help="the profile to check"),
+    measure: bool = typer.Option(
+        True, "--measure/--no-measure", help="the ~20 s epoch measurement on the profile"
+    ),
+    samples: int = typer.Option(512, min=64, help="training images of the measurement"),
+    json_out: Path = typer.Option(None, "--json", help="also write the checks to this file"),
+) -> None:
+    """Check this environment for the profile: packages, device(s), CUDA/NCCL, the quant decode
+    on the device, free disk, and one suffix epoch against one FreezeOut epoch. Exit status 1
+    when the setup is broken."""
+    from freezecache import doctor as doc
+    from freezecache.errors import FreezecacheError
+    from freezecache.io import atomic_write_json
+
+    setup_logging()
+    logging.getLogger().setLevel(logging.ERROR)  # one screen: the checks say what logs would
+    try:
+        cfg, source = doc.load_profile(params)
+    except FreezecacheError as err:
+        fail(str(err))
+    checks = doc.run_checks(cfg, measure_epochs=measure, samples=samples)
+    print(doc.render(checks, source, cfg))
+    if json_out is not None:
+        atomic_write_json(json_out, doc.to_json(checks, source))
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
 # README section -> the generated file it shows (between `<!-- name:start -->` markers).
 README_SECTIONS = {
     "search": "results/schedule_search.md",
@@ -155,6 +186,7 @@ README_SECTIONS = {
     "sweep": "results/codec_sweep.md",
     "bench": "results/bench.md",
     "scaling": "results/bench_scaling.md",
+    "gpu": "results/gpu/gpu_check.md",
 }
 
 

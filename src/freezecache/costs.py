@@ -15,7 +15,7 @@ from torch import nn
 
 from freezecache import runtime
 from freezecache.config import AUTO
-from freezecache.flops import part_flops, training_flops
+from freezecache.flops import part_flops, ptflops, training_flops
 from freezecache.memory import accounted_memory, average_and_min_memory
 from freezecache.methods import method
 from freezecache.models import split
@@ -25,6 +25,12 @@ from freezecache.timing import section
 from freezecache.train import set_frozen
 
 log = logging.getLogger(__name__)
+
+
+def require_counter() -> None:
+    """One line before a training stage trains, not after, when ptflops (the FLOP counter its
+    costs.json needs) is missing or broken."""
+    ptflops()
 
 
 def _example(ctx, n: int) -> torch.Tensor:

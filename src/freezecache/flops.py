@@ -8,7 +8,8 @@ for the CPU flash-attention kernel), so this module adds the missing terms. ptfl
 timm layers that compute through functions (BEiT/EVA's ``F.linear`` qkv with a separate bias;
 ``StdConv2d``-like conv subclasses, since it maps exact types only) and counts broadcast
 products wrongly (EVA's rotary embedding): those are counted or fixed here too. ptflops is
-imported where it counts, so training never loads it.
+imported where it counts, so training never loads it; a missing or broken ptflops is one line
+(:func:`ptflops`), which the training stages check before they train.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from freezecache.errors import FreezecacheError
+from freezecache.errors import FreezecacheError, first_line, optional
 from freezecache.models import split
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,15 @@ _PTFLOPS_LEFTOVERS = (
     "compute_average_flops_cost",
     "__batch_counter__",
 )
+
+
+# What needs ptflops; no setting turns FLOP accounting off.
+PTFLOPS_NEEDED_FOR = "the training stages and the plan count FLOPs with it (costs.json)"
+
+
+def ptflops(submodule: str = "ptflops"):
+    """``ptflops`` (or one of its modules), or one line naming the package and what needs it."""
+    return optional(submodule, "ptflops", why=PTFLOPS_NEEDED_FOR)
 
 
 def _sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
@@ -119,7 +129,7 @@ def _fixed_elementwise_hooks() -> Iterator[None]:
     where a lower-rank operand broadcasts.
     """
     ops = (torch.mul, torch.Tensor.mul, torch.add, torch.Tensor.add)
-    from ptflops import pytorch_ops as ptflops_ops
+    ptflops_ops = ptflops("ptflops.pytorch_ops")
 
     saved = {op: ptflops_ops.TENSOR_OPS_MAPPING[op] for op in ops}
     ptflops_ops.TENSOR_OPS_MAPPING.update(dict.fromkeys(ops, _broadcast_elementwise_flops))
@@ -132,7 +142,7 @@ def _fixed_elementwise_hooks() -> Iterator[None]:
 @contextlib.contextmanager
 def _track_counted_modules(module: nn.Module, counter: _MissedMacCounter) -> Iterator[None]:
     """Keep ``counter.inside`` = the number of ptflops-counted modules running right now."""
-    from ptflops import pytorch_ops as ptflops_ops
+    ptflops_ops = ptflops("ptflops.pytorch_ops")
 
     counted = (*ptflops_ops.MODULES_MAPPING, *_custom_hooks())
 
@@ -175,9 +185,14 @@ def _timm_attention_hook(module: nn.Module, inputs: tuple, output: torch.Tensor)
 @functools.cache
 def _custom_hooks() -> dict:
     """Module hooks ptflops lacks (imported on first use: timm and ptflops load torchvision,
-    a second of start-up that a stage which counts no FLOPs should not pay)."""
-    from timm.layers import Attention as TimmAttention
-
+    a second of start-up that a stage which counts no FLOPs should not pay). Without a usable
+    timm there is no timm model to count, so no hook is needed."""
+    try:
+        from timm.layers import Attention as TimmAttention
+    except Exception as err:  # noqa: BLE001 (missing, or broken by its torchvision)
+        log.info("timm is not usable (%s): FLOPs are counted without its attention hook",
+                 first_line(err))  # fmt: skip
+        return {}
     return {TimmAttention: _timm_attention_hook}
 
 
@@ -210,9 +225,7 @@ def forward_macs_ptflops(module: nn.Module, input_shape: tuple[int, ...]) -> int
             _track_counted_modules(module, missed),
             missed,
         ):
-            from ptflops import get_model_complexity_info
-
-            macs, _ = get_model_complexity_info(
+            macs, _ = ptflops().get_model_complexity_info(
                 module,
                 tuple(input_shape),
                 as_strings=False,

@@ -7,11 +7,16 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from freezecache.errors import FreezecacheError
+from freezecache.errors import FreezecacheError, optional
 from freezecache.io import atomic_write_text
 
 # Plots across stages, from the report's long tables (one row per method and x): the template
 # .dvc/plots/by_method.json colours by the `method` column, so any set of methods draws.
+# What needs vl-convert (the Vega bundle); the tables and `dvc plots show` (online) do not.
+VL_CONVERT_NEEDED_FOR = (
+    "`freezecache plots` and the sweep's SVG plot need it (`dvc plots show` does not, online)"
+)
+
 PLOTS = [
     {
         "validation_accuracy": {
@@ -58,8 +63,7 @@ PAGE = """<!DOCTYPE html>
 
 def template() -> str:
     """The page, with the libraries inline (window.vegaEmbed is what DVC's divs call)."""
-    import vl_convert
-
+    vl_convert = optional("vl_convert", "vl-convert-python", why=VL_CONVERT_NEEDED_FOR)
     bundle = vl_convert.javascript_bundle().replace("</script", "<\\/script")
     return PAGE.format(bundle=bundle)
 

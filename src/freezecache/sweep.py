@@ -17,9 +17,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from freezecache.errors import FreezecacheError
+from freezecache.errors import FreezecacheError, optional
 from freezecache.io import atomic_write_json, atomic_write_text
 from freezecache.labels import label
+from freezecache.plots import VL_CONVERT_NEEDED_FOR
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,10 @@ def write(rows: list[dict], results: Path) -> None:
     atomic_write_text(results / "codec_sweep.csv", buf.getvalue())
     atomic_write_json(results / "codec_sweep.json", rows)
     atomic_write_text(results / "codec_sweep.md", render_markdown(rows))
-    import vl_convert
-
+    try:  # the plot is the one part that needs vl-convert: the tables are written anyway
+        vl_convert = optional("vl_convert", "vl-convert-python", why=VL_CONVERT_NEEDED_FOR)
+    except FreezecacheError as err:
+        log.warning("no codec_sweep.svg: %s", err)
+        return
     svg = vl_convert.vegalite_to_svg(plot_spec(rows))
     atomic_write_text(results / "codec_sweep.svg", svg)

@@ -20,6 +20,8 @@ import logging
 
 import numpy as np
 
+from freezecache.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -89,7 +91,10 @@ def available() -> bool:
     try:
         import numba  # noqa: F401
     except Exception as err:  # noqa: BLE001 (missing or broken: the torch path works anyway)
-        log.info("numba is not usable (%s): cached batches decode through torch", err)
+        log.warning(
+            "numba is not usable (%s): cached batches decode and augment through torch on the "
+            "CPU (slower; pip install numba for the fused pass)", first_line(err)
+        )  # fmt: skip
         return False
     return True
 

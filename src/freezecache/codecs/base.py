@@ -1,18 +1,19 @@
 """What every codec shares: the finite-values check, float32 input, per-thread zstd contexts,
-and the one line for an optional package that is missing or broken."""
+and (from :mod:`freezecache.errors`) the one line for an optional package that is missing or
+broken."""
 
 from __future__ import annotations
 
-import importlib
 import threading
-from types import ModuleType
 
 import numpy as np
 
-from freezecache.errors import FreezecacheError
+from freezecache.errors import FreezecacheError, optional
 
 # Why: zstd contexts are not safe to share between threads, and building one per blob is slow.
 _ZSTD_LOCAL = threading.local()
+
+__all__ = ["as_f32", "check_finite", "optional", "zstd_compressor", "zstd_decompressor"]
 
 
 def check_finite(x: np.ndarray) -> None:
@@ -27,21 +28,6 @@ def check_finite(x: np.ndarray) -> None:
 def as_f32(x: np.ndarray) -> np.ndarray:
     """C-contiguous float32 view or copy of ``x`` (zfpy and tobytes need it)."""
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def optional(module: str, package: str, avoid: str) -> ModuleType:
-    """Import an optional package, or one line that names it and the setting that avoids it.
-
-    A package can be missing, or present but broken (zfpy's wheels built against numpy 1 fail
-    to import under numpy 2 with an ImportError, not a ModuleNotFoundError)."""
-    try:
-        return importlib.import_module(module)
-    except Exception as err:  # noqa: BLE001 (any import failure of an optional package)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FreezecacheError(
-            f"{package} is not usable here ({first}) — install it (pip install {package}) or "
-            f"set {avoid}"
-        ) from None
 
 
 def zstd_compressor(level: int):

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from freezecache.config import AUTO, Config
-from freezecache.costs import method_costs
+from freezecache.costs import method_costs, require_counter
 from freezecache.decide import Monitor, Watch, allowed_from, resolve
 from freezecache.io import atomic_write_json, read_json
 from freezecache.methods import method
@@ -27,6 +27,7 @@ def train_prefix(cfg: Config, seed: int) -> None:
     """The whole model up to the first freeze point: its given epoch, or (auto) the epoch and
     block its criterion decides (:mod:`freezecache.decide`); writes the decision either way,
     and the criterion's statistics per block as curves."""
+    require_counter()
     ctx = Context(cfg, seed, "train_prefix")
     model = ctx.new_model()
     allowed_file = ctx.stage_path("plan", "allowed")
@@ -78,6 +79,7 @@ def _curves(folder, monitor: Monitor, threshold: float) -> None:
 
 def baseline(cfg: Config, seed: int, name: str) -> None:
     cfg = resolve(cfg, seed)
+    require_counter()
     ctx = Context(cfg, seed, "baseline", method=name)
     m = method(name)
     model = ctx.new_model()

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from freezecache.config import Config
-from freezecache.costs import method_costs
+from freezecache.costs import method_costs, require_counter
 from freezecache.records import Costs
 from freezecache.schedule import Phase
 from freezecache.steps.context import Context
@@ -30,6 +30,8 @@ def _body(model) -> dict:
 def pretrain(cfg: Config) -> None:
     p = cfg.pretrain
     seed = cfg.seeds[0]  # one pre-trained model, shared by every seed (as the paper does)
+    if p is not None:
+        require_counter()  # the run counts its FLOPs at the end: say now if it cannot
     if p is None:
         ctx = Context(cfg, seed, "pretrain")
         model = ctx.new_model()

@@ -13,7 +13,7 @@ from freezecache import augment, distributed, runtime
 from freezecache.cache import CacheInfo, make_loader, open_cache
 from freezecache.cache.feed import Feed, feature_std
 from freezecache.config import Config
-from freezecache.costs import method_costs
+from freezecache.costs import method_costs, require_counter
 from freezecache.decide import resolve
 from freezecache.methods import method
 from freezecache.models import split
@@ -74,6 +74,7 @@ def cached_batches(ctx: Context, feed: Feed):
 
 def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
     """Trains freeze point ``i`` (0-based) of method ``name`` from its cache."""
+    require_counter()
     cfg = resolve(cfg, seed)
     point = cfg.point(i)
     block = point.block
