@@ -13,12 +13,13 @@ PATH). The steps, in order:
    stops the check at once with the package's name (nothing else could pass without it);
 2. ``freezecache doctor`` on the default profile (JSON kept);
 3. the ``gpu``-marked tests (``pytest -m gpu``);
-4. the smoke profile by ``dvc repro`` in a scratch copy of the repository, on CUDA;
-5. bf16 x gradient checkpointing trade-offs (``stages/tradeoffs.py``) on CUDA, in that copy;
-6. a 2-process NCCL run (the cache stage, whose file must be byte for byte the 1-process one,
+4. the epoch breakdown of ``make bench`` with the loader's decode on the device
+   (``bench_cache.py --epochs-only``) on the default profile (before the smoke run: on a
+   machine lent for minutes, the numbers that matter most come first);
+5. the smoke profile by ``dvc repro`` in a scratch copy of the repository, on CUDA;
+6. bf16 x gradient checkpointing trade-offs (``stages/tradeoffs.py``) on CUDA, in that copy;
+7. a 2-process NCCL run (the cache stage, whose file must be byte for byte the 1-process one,
    then the suffix) when the machine has 2 GPUs;
-7. the epoch breakdown of ``make bench`` with the loader's decode on the device
-   (``bench_cache.py --epochs-only``) on the default profile;
 8. the default profile by ``dvc repro`` in a second copy, with what is left of the budget (a
    timeout is recorded as such, with the stages it finished).
 
@@ -469,10 +470,10 @@ STEPS = (
     Step("imports", "every required package imports; the machine", 60, False, step_imports),
     Step("doctor", "freezecache doctor (default profile)", 200, False, step_doctor),
     Step("gpu_tests", "pytest -m gpu", 150, True, step_gpu_tests),
+    Step("bench", "epoch breakdown, decode on the device", 180, True, step_bench),
     Step("smoke", "smoke profile: dvc repro on CUDA", 240, True, step_smoke),
     Step("tradeoffs", "bf16 x checkpointing trade-offs on CUDA", 120, True, step_tradeoffs),
     Step("nccl", "2 processes on NCCL: cache (byte-identical) + suffix", 150, True, step_nccl),
-    Step("bench", "epoch breakdown, decode on the device", 180, True, step_bench),
     Step("default", "default profile: dvc repro on CUDA, the time left", 600, True, step_default),
 )
 

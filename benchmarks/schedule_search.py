@@ -27,12 +27,9 @@ from freezecache.train import Trainer
 
 
 def _points(text: str) -> list[dict]:
-    """'3@1,6@2' -> freeze points, each naming the run it continues from."""
+    """'3@1,6@2' -> freeze points, in order (each continues from the one before)."""
     pairs = [tuple(int(v) for v in part.split("@")) for part in text.split(",")]
-    return [
-        {"block": b, "epoch": e if i == 0 else f"b{pairs[i - 1][0]}"}
-        for i, (b, e) in enumerate(pairs)
-    ]
+    return [{"block": b, "epoch": e} for b, e in pairs]
 
 
 def val_accuracy(cfg, method: str, seed: int) -> tuple[float, dict]:
