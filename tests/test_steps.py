@@ -334,3 +334,24 @@ def test_only_stages_that_declare_plots_write_dvclive_curves(tmp_path):
     assert (tmp_path / "runs/pretrain/live/metrics.json").exists()
     assert not (tmp_path / "runs/pretrain/live/plots").exists()
     assert (tmp_path / "runs/s0/prefix/live/plots/metrics/val_acc.tsv").exists()
+
+
+@needs_fashion
+def test_the_plan_times_a_vit_with_its_stored_tokens(tmp_path):
+    """The plan's time prediction reads, decodes and augments a batch as the training stage
+    does; for tokens that means the stored tokens at their positions (the CI once failed here)."""
+    from freezecache.steps.plan import plan
+
+    cfg = _config(
+        tmp_path,
+        data={"img_size": 32, "channels": 3},
+        model={"name": "deit_tiny", "kwargs": {"patch_size": 8}},
+        freeze={"points": _points(4, 8)},
+        train={"batch_size": 32},
+    )
+    prepare(cfg)
+    pretrain(cfg)
+    plan(cfg)
+    rows = json.loads(STAGES["plan"].path("json", cfg).read_text())["blocks"]
+    assert rows and all(r["time"]["epoch_s"]["discard_aug"] > 0 for r in rows)
+    assert all(r["time"]["freezeout_epoch_s"] > 0 for r in rows)

@@ -53,14 +53,18 @@ def _data_seconds(ctx, spec: CacheSpec, feats: torch.Tensor, y, name: str, layou
     calibrate(codec, feats.cpu().numpy(), spec.chunk_size)
     with tempfile.TemporaryDirectory(prefix="freezecache-plan-") as tmp:
         path = Path(tmp) / "c.h5"
-        layout_ = spec.layout_for(len(feats), list(range(spec.stored)) if spec.stored else None)
-        if spec.extras == "tokens":  # token positions per sample: time the features alone
-            layout_ = spec.layout_for(len(feats))
-        extra = None
-        if layout_.extra_shape is not None:
+        tokens = spec.extras == "tokens"
+        channels = list(range(spec.stored)) if spec.stored and not tokens else None
+        layout_ = spec.layout_for(len(feats), channels)
+        extra = pos = None
+        if layout_.extra_shape is not None and tokens:  # the last tokens (never prefix tokens)
+            first = feats.shape[1] - spec.stored
+            extra = feats[:, first:].cpu().numpy()
+            pos = (first + torch.arange(spec.stored)).expand(len(feats), -1).numpy()
+        elif layout_.extra_shape is not None:
             extra = feats[:, : spec.stored].cpu().numpy()
         with CacheWriter(path, codec, layout_, prefix_hash="plan", build=Build(workers=0)) as w:
-            w.add(feats.cpu().numpy(), y.cpu().numpy(), extra=extra)
+            w.add(feats.cpu().numpy(), y.cpu().numpy(), extra=extra, extra_pos=pos)
         info = open_cache(path)
         feed = cache_feed(ctx, path, info, method(name).augment, layout)
         g = runtime.generator(ctx.seed, "plan")
