@@ -13,7 +13,7 @@ from torch import nn
 from conftest import load_profile, needs_fashion, project_copy, run
 from freezecache import render
 from freezecache.config import Criterion, FreezePoint, parse_config
-from freezecache.decide import Monitor, allowed_from, resolve
+from freezecache.decide import Monitor, allowed_from, replay, resolve
 
 STEPS = 20  # per epoch
 STOPS = (2, 2, 3, 5)  # block b's weights (and gradient norms) stop changing at epoch STOPS[b]
@@ -122,6 +122,21 @@ def test_a_monitor_resumed_from_its_state_decides_the_same(rule):
     second.load(loaded["monitor"])
     assert _train(second, model, range(2, 10), AUTO) == want
     assert json.dumps(second.rows) == json.dumps(whole.rows)  # NaN where nothing to compare
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_replay_of_the_measurements_decides_what_the_run_decided(rule):
+    """One run measured to the end answers for every threshold: the replay of its record under
+    threshold t decides what a run under t decided."""
+    full, model = _monitor(rule)
+    _train(full, model, range(1, 10), FreezePoint(block="auto", epoch=9))  # measures to the end
+    rows = json.loads(json.dumps(full.record()))  # as decision.json holds them
+    for threshold in (1e-4, 1e3):  # (2, 2) as above; everything ready: (3, 1)
+        live, model = _monitor(rule, threshold=threshold)
+        want = _train(live, model, range(1, 10), AUTO)
+        got = replay(rows, _crit(rule, threshold=threshold), AUTO, lambda b, e: True)
+        assert (got["block"], got["epoch"], got["step"]) == (want["block"], want["epoch"],
+                                                             want["step"])  # fmt: skip
 
 
 def test_allowed_blocks_need_the_disk_and_the_break_even():

@@ -48,7 +48,7 @@ class Monitor:
         self.probe = probe
         self.blocks = list(model.blocks)
         self.step = 0
-        self.rows: list[dict] = []  # {"step", "epoch", "values": [per block]}
+        self.rows: list[dict] = []  # {"step", "epoch" (1-based, in progress), "values"}
         self._sum = [0.0] * len(self.blocks)  # grad_change: norms summed over the interval
         self._prev: list | None = None  # the previous measurement's per-block quantity
         self.epoch = 0
@@ -70,7 +70,7 @@ class Monitor:
         if self._prev is not None:
             values = [self._change(a, b) for a, b in zip(now, self._prev, strict=True)]
         self._prev = now
-        self.rows.append({"step": self.step, "epoch": self.epoch, "values": values})
+        self.rows.append({"step": self.step, "epoch": self.epoch + 1, "values": values})
 
     def _quantity(self) -> list:
         """What the rule compares between measurements, per block."""
@@ -177,8 +177,15 @@ class Monitor:
             "threshold": self.crit.threshold,
             "step": self.step,
             "ready_depth": self.ready_depth(),
-            "last": self.rows[-1]["values"] if self.rows else [],
+            "last": [None if math.isnan(v) else v for v in self.rows[-1]["values"]]
+            if self.rows
+            else [],
         }
+
+    def record(self) -> list[dict]:
+        """The measurements as JSON can hold them (None where there was nothing to compare)."""
+        return [{**r, "values": [None if math.isnan(v) else v for v in r["values"]]}
+                for r in self.rows]  # fmt: skip
 
     # -- resuming ----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -217,6 +224,30 @@ class Watch:
                 state.extra["decision"] = self.decision
         state.extra["monitor"] = self.monitor.state()
         return self.stopped
+
+
+def replay(rows: list[dict], crit: Criterion, point: FreezePoint, allowed) -> dict | None:
+    """The decision a run whose monitor measured ``rows`` (:meth:`Monitor.record`) would have
+    made under ``crit``'s threshold and patience (same rule and interval): training does not
+    depend on the monitor, so one run to ``epoch_max`` answers for every threshold."""
+    blocks = len(rows[0]["values"]) if rows else 0
+    monitor = Monitor(_Blocks(blocks), crit)
+    measured = [{**r, "values": [math.nan if v is None else v for v in r["values"]]}
+                for r in rows]  # fmt: skip
+    for epoch in range(1, crit.epoch_max + 1):
+        monitor.rows = [r for r in measured if r["epoch"] <= epoch]
+        monitor.step = monitor.rows[-1]["step"] if monitor.rows else 0
+        decision = monitor.decide(point, epoch, allowed)
+        if decision is not None:
+            return decision
+    return None
+
+
+class _Blocks:
+    """A model's stand-in for :func:`replay`: only the number of blocks matters."""
+
+    def __init__(self, n: int) -> None:
+        self.blocks = [None] * n
 
 
 def allowed_from(plan: dict, epochs: int):

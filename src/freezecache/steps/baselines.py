@@ -42,7 +42,8 @@ def train_prefix(cfg: Config, seed: int) -> None:
     if ctx.main:
         decision = watch.decision if cfg.auto else {"block": point.block, "epoch": point.epoch,
                                                     "why": "freeze.points"}  # fmt: skip
-        atomic_write_json(ctx.out("decision"), decision)
+        # every measurement with it: benchmarks/adaptive_search.py replays other thresholds
+        atomic_write_json(ctx.out("decision"), {**decision, "rows": watch.monitor.record()})
         _curves(ctx.out("criterion").parents[1], watch.monitor, cfg.criterion.threshold)
     schedule, history = [("full", 0, run.state.epoch)], run.state.history
     costs = method_costs(ctx, model, "normal", history, schedule=schedule) if ctx.main else {}
