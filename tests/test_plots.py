@@ -6,13 +6,12 @@ import csv
 import importlib.util
 import json
 import shutil
-import subprocess
 
 import pytest
 import yaml
 
 import _epochs
-from conftest import ROOT
+from conftest import ROOT, env_with_venv, run
 from freezecache import plots
 from freezecache.pipeline import STAGES
 from freezecache.plots import BENCH_BREAKDOWN, LEAD, PLOTS
@@ -28,7 +27,7 @@ def _dvc_project(root, cfg) -> None:
     the report's outputs (the fixture's, two seeds), plus the committed bench breakdown."""
     write_report(cfg)
     shutil.copy(ROOT / "results" / BENCH_BREAKDOWN, root / "results" / BENCH_BREAKDOWN)
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    run(["dvc", "init", "--no-scm", "-q"], root)
     shutil.copytree(ROOT / ".dvc/plots", root / ".dvc/plots")
     (root / "params.yaml").write_text(yaml.safe_dump({"paths": {"results": "results"}}))
     stage = {"cmd": "true", "plots": [{LIVE: {"x": "step"}}]}
@@ -42,6 +41,7 @@ def pages(tmp_path_factory):
     _dvc_project(root, _fixture(root))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
+        mp.setenv("PATH", env_with_venv()["PATH"])  # render() calls this interpreter's dvc
         mp.setenv("DVC_NO_ANALYTICS", "1")
         if not DRAWS:  # the data side needs no Vega bundle (nor vl-convert)
             mp.setattr(plots, "template", lambda: plots.PAGE.format(bundle=""))
