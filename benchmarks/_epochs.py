@@ -12,7 +12,9 @@ timed discard method's cache read from the file and its features held decoded in
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+import io
 import logging
 import statistics
 import subprocess
@@ -28,6 +30,7 @@ import benchlib as bench
 from freezecache.augment import augment_features
 from freezecache.cache import CacheInfo, iter_cache, open_cache
 from freezecache.flops import part_flops
+from freezecache.io import atomic_write_text
 from freezecache.labels import label
 from freezecache.methods import method
 from freezecache.models import split
@@ -292,12 +295,53 @@ def p1(result: dict, timed: str) -> dict:
     }
 
 
-def stacked_bar_spec(result: dict) -> dict:
-    """A Vega-Lite stacked bar: seconds of one epoch per part, one bar per setting."""
+def breakdown_rows(result: dict) -> list[dict]:
+    """The breakdown as a long table: seconds of one epoch per part (validation last), one
+    row per setting and part, in the breakdown's order (`make plots` stacks them)."""
     rows = []
     for name, e in result["epochs"].items():
         for part, seconds in {**e["parts_s"], "validation": e["validation_s"]}.items():
             rows.append({"setting": result["labels"][name], "part": part, "seconds": seconds})
+    return rows
+
+
+# An older bench.json (before the breakdown) timed the timed method's epoch three ways and the
+# full model's, and split each only into the wait for data and the rest.
+_OLD_SETTINGS = {"cache in memory": ", compressed in RAM", "cache file": ", cache file",
+                 "ram": ", features in RAM", "full": None}  # fmt: skip
+
+
+def bench_breakdown_rows(bench_json: dict) -> list[dict]:
+    """:func:`breakdown_rows` of a bench.json; an older one without the breakdown gives two
+    parts per setting, the wait for data and the rest of the epoch (not split further)."""
+    p1p2 = bench_json["p1_p2"]
+    if "breakdown" in p1p2:
+        return breakdown_rows(p1p2["breakdown"])
+    timed = label(bench_json["setup"]["method"])
+    rows = []
+    for key, e in p1p2["epochs"].items():
+        suffix = _OLD_SETTINGS[key]
+        setting = label("normal") + " (full model)" if suffix is None else timed + suffix
+        wait = e["data_wait_frac"] * e["min_s"]
+        rows += [{"setting": setting, "part": "data wait", "seconds": wait},
+                 {"setting": setting, "part": "rest (not split in this bench.json)",
+                  "seconds": e["min_s"] - wait}]  # fmt: skip
+    return rows
+
+
+def write_breakdown_csv(bench_json: dict, path: Path) -> Path:
+    """:func:`bench_breakdown_rows` as CSV (setting, part, seconds) at ``path``."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["setting", "part", "seconds"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(bench_breakdown_rows(bench_json))
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def stacked_bar_spec(result: dict) -> dict:
+    """A Vega-Lite stacked bar: seconds of one epoch per part, one bar per setting."""
+    rows = breakdown_rows(result)
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
         "title": "One epoch after the freeze point, by part",

@@ -21,7 +21,8 @@ measured side by side in one run and printed as ratios next to their goals:
 - A codec table (ratio, max error, encode/decode MB/s per codec and tolerance) and the coding
   ideas of benchmarks/bench_coding.py (read from its JSON, or measured here on these features).
 
-Writes bench.json and bench.md in the results folder of params.yaml (not DVC outputs).
+Writes bench.json, bench.md and bench_breakdown.csv (the epoch breakdown `make plots` stacks)
+in the results folder of params.yaml (not DVC outputs).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from freezecache.guard import stage
 from freezecache.io import atomic_write_json, atomic_write_text, read_json
 from freezecache.methods import method as method_info
 from freezecache.pipeline import STAGES, start_of_point
+from freezecache.plots import BENCH_BREAKDOWN
 from freezecache.steps.cache import BUILD_BATCH, cache_point, feature_pairs, frozen_model
 from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare
@@ -448,7 +450,14 @@ def main(
         False, "--epochs-only", help="only the epoch breakdown (bench_epochs.json/.md)"
     ),
     out: Path = typer.Option(None, help="folder for the files (default: paths.results)"),
+    breakdown_from: Path = typer.Option(
+        None, help="only rewrite bench_breakdown.csv (beside it) from this bench.json"
+    ),
 ) -> None:
+    if breakdown_from is not None:
+        csv = breakdown_from.with_name(BENCH_BREAKDOWN)
+        print(_epochs.write_breakdown_csv(read_json(breakdown_from), csv))
+        return
     with stage(params, method=(method, "discard") if method else None) as cfg:
         if only_epochs:
             res = epochs_only(cfg, method=method, repeats=repeats)
@@ -462,14 +471,16 @@ def main(
             codec_samples=codec_samples, coding_json=coding_json,
         )  # fmt: skip
         out = out or Path(cfg.paths.results)
-        atomic_write_json(out / "bench.json", _epochs.np_free(results))
+        results = _epochs.np_free(results)
+        atomic_write_json(out / "bench.json", results)
         markdown = bench.to_markdown(results)
         atomic_write_text(out / "bench.md", markdown)
+        _epochs.write_breakdown_csv(results, out / BENCH_BREAKDOWN)  # `make plots` stacks it
         svg = bench.svg(_epochs.stacked_bar_spec(results["p1_p2"]["breakdown"]))
         if svg is not None:
             atomic_write_text(out / "bench_epochs.svg", svg)
         print(markdown)
-        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+        print(f"wrote bench.json, bench.md and {BENCH_BREAKDOWN} in {out}")
 
 
 if __name__ == "__main__":

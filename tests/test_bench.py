@@ -1,6 +1,7 @@
 """The cache benchmark runs end to end on a tiny setup, writes every measurement, and times the
 train_suffix stage's own batch functions (no timing asserted)."""
 
+import csv
 import importlib.util
 import json
 import math
@@ -96,7 +97,7 @@ def spy(monkeypatch, calls: dict, name: str) -> None:
 def bench_out(tmp_path_factory):
     """Runs the whole benchmark once on the tiny setup, with the stage functions spied on.
 
-    Returns (bench.json, bench.md text, the recorded calls)."""
+    Returns (bench.json, bench.md text, the recorded calls, bench_breakdown.csv's rows)."""
     root = tmp_path_factory.mktemp("bench")
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(root)))
@@ -108,13 +109,15 @@ def bench_out(tmp_path_factory):
                 spy(mp, calls, name)
             load_script().main(
                 params=params, method=None, repeats=1, warmup_steps=1, codec_samples=64,
-                coding_json=root / "missing.json", only_epochs=False, out=None,
+                coding_json=root / "missing.json", only_epochs=False, out=None, breakdown_from=None,
             )  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # the bench set the config's threads process-wide
     results = root / "results"
     markdown = (results / "bench.md").read_text()
-    return json.loads((results / "bench.json").read_text()), markdown, calls
+    with open(results / "bench_breakdown.csv", newline="") as f:
+        breakdown = list(csv.DictReader(f))
+    return json.loads((results / "bench.json").read_text()), markdown, calls, breakdown
 
 
 @pytest.mark.slow
@@ -129,6 +132,7 @@ def test_the_epochs_only_bench_writes_the_breakdown(tmp_path):
         load_script().main(
             params=params, method=None, repeats=1, warmup_steps=1, codec_samples=64,
             coding_json=tmp_path / "missing.json", only_epochs=True, out=tmp_path / "gpu",
+            breakdown_from=None,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -141,7 +145,7 @@ def test_the_epochs_only_bench_writes_the_breakdown(tmp_path):
 
 
 def test_bench_json_has_every_measurement(bench_out):
-    res, markdown, _ = bench_out
+    res, markdown, _, _ = bench_out
     for key in (
         "p1_cache_vs_ram", "p1_file_cache_vs_ram", "p2_vs_flops_ideal", "p4_build_mb_s",
         "p4_baseline_mb_s",
@@ -169,13 +173,21 @@ def test_bench_json_has_every_measurement(bench_out):
         assert sum(b["fixed_s"][name].values()) > sum(b["fixed_s"]["freezeout"].values())
     assert "augment" in epochs["normal"]["parts_s"] and epochs["normal"]["validation_s"] > 0
     assert "### Where an epoch goes" in markdown
+    # the CSV `make plots` stacks: every setting's parts and validation, adding up to its epoch
+    rows = bench_out[3]
+    assert {r["setting"] for r in rows} == {b["labels"][n] for n in EPOCHS}
+    for name, e in epochs.items():
+        mine = [r for r in rows if r["setting"] == b["labels"][name]]
+        assert [r["part"] for r in mine] == [*e["parts_s"], "validation"]
+        total = sum(float(r["seconds"]) for r in mine)
+        assert total == pytest.approx(sum(e["parts_s"].values()) + e["validation_s"])
     assert set(res["p4_build_mb_s_by_setting"]) == {"profile", "quant relative", "zfp"}
     metrics = {g["metric"] for g in res["goals"]}
     assert metrics == {*bench.GOALS, "epoch_vs_freezeout"}  # per method: 1.05 x its FLOPs ratio
 
 
 def test_p3_per_freeze_point(bench_out):
-    res, _, _ = bench_out
+    res, _, _, _ = bench_out
     assert [p["block"] for p in res["p3"]] == [2, 5]
     assert res["p3"][1]["feature_shape"] == [32, 6, 6]
     for point in res["p3"]:
@@ -192,7 +204,7 @@ def test_p3_per_freeze_point(bench_out):
 
 
 def test_the_bench_times_the_stages_batch_functions(bench_out):
-    _, _, calls = bench_out
+    _, _, calls, _ = bench_out
     feeds = [(args[0].cfg.loader.in_memory, args[3]) for args, _ in calls["cache_feed"]]
     # each discard method as its stage reads the cache, then the timed one from the file and
     # (decoded into RAM) through the same augmentation
@@ -204,7 +216,7 @@ def test_the_bench_times_the_stages_batch_functions(bench_out):
 
 
 def test_coding_ideas_in_bench_json(bench_out, tmp_path):
-    res, markdown, _ = bench_out
+    res, markdown, _, _ = bench_out
     ideas = res["coding_ideas"]
     assert ideas["source"].startswith("this run")
     assert {p["block"] for p in ideas["points"]} == {2, 5}
@@ -218,7 +230,7 @@ def test_coding_ideas_in_bench_json(bench_out, tmp_path):
 
 
 def test_codec_table_keeps_the_bounds(bench_out):
-    res, markdown, _ = bench_out
+    res, markdown, _, _ = bench_out
     rows = res["codecs"]
     assert len(rows) == 12 and "### Codecs" in markdown
     for row in rows:

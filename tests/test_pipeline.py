@@ -1,6 +1,7 @@
 """The pipeline's declarations, the dvc.yaml rendered from them, and the smoke pipeline under
 real DVC in a fresh git repository."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
-from freezecache import render
+from freezecache import plots, render
 from freezecache.pipeline import STAGES
 from freezecache.render import code_deps
 
@@ -173,6 +174,17 @@ def test_smoke_pipeline_in_a_fresh_git_repo(tmp_path):
     assert "Running stage" not in run(["dvc", "repro"], repo).stdout
     run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
     assert (tmp_path / "plots/index.html").is_file()
+    summary = (repo / "results/summary.csv").read_text().splitlines()
+    assert summary[0].startswith("method,label,seeds,test_acc,test_acc_std,wall_time_s,")
+    assert len(summary) == 1 + len(m)
+    if importlib.util.find_spec("vl_convert") is not None:  # what `freezecache plots` needs
+        # the page leads with the report's charts, each with data (the bench's: `make bench`)
+        shown = run(["freezecache", "plots", "--out", str(tmp_path / "page")], repo).stdout
+        assert "lead chart epoch_breakdown has no data" in shown and shown.count("no data") == 1
+        charts = plots.charts((tmp_path / "page/index.html").read_text())
+        assert list(charts)[:4] == [c.name for c in plots.LEAD[:4]]
+        assert all(plots.rows(charts[c.name]) > 0 for c in plots.LEAD[:4])
+        assert len(charts) > 4  # the per-stage DVCLive curves, below
 
     # editing a module reruns exactly the stages that import it
     edited = repo / "src/freezecache/flops.py"

@@ -1,5 +1,6 @@
 """The paper-style report from fixture metrics, and the README sections it regenerates."""
 
+import csv
 import json
 import re
 
@@ -153,8 +154,14 @@ def test_report_json_shape_and_statistics(tmp_path):
     assert (
         "3,normal,100.0" in memory and "3,discard,20.0" in memory and "2,freezeout,50.0" in memory
     )
-    curves = (tmp_path / "results/curves.csv").read_text().splitlines()
-    assert curves[0] == "epoch,method,val_acc" and "3,normal,0.91" in curves
+    curves = _table(tmp_path / "results/curves.csv")
+    assert list(curves[0]) == ["epoch", "method", "val_acc", "val_acc_std", "seeds"]
+    assert len(curves) == 3 * 4  # epochs x methods
+    last = next(r for r in curves if (r["epoch"], r["method"]) == ("3", "normal"))
+    assert float(last["val_acc"]) == pytest.approx(0.91) and last["seeds"] == "2"
+    assert float(last["val_acc_std"]) == pytest.approx(0.01414, abs=1e-4)  # 0.90 and 0.92
+    first = next(r for r in curves if (r["epoch"], r["method"]) == ("1", "normal"))
+    assert float(first["val_acc_std"]) == 0.0  # both seeds 0.5
     headline = json.loads((tmp_path / "results/metrics.json").read_text())
     assert headline["acc"]["normal"] == pytest.approx(91.0)
     assert headline["flops_saved"]["discard"] == pytest.approx(0.4)
@@ -170,6 +177,40 @@ def test_report_json_shape_and_statistics(tmp_path):
         "compress_mb_s",
     ):
         assert key in report["cache"][0]
+
+
+def _table(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_csv_has_one_row_per_method_for_the_lead_plots(tmp_path):
+    cfg = _fixture(tmp_path)
+    write_report(cfg)
+    rows = {r["method"]: r for r in _table(tmp_path / "results/summary.csv")}
+    assert list(rows) == cfg.methods.all
+    columns = ["method", "label", "seeds", "test_acc", "test_acc_std", "wall_time_s",
+               "wall_time_s_std", "train_flops"]  # fmt: skip
+    assert all(list(r) == columns for r in rows.values())
+    normal, discard = rows["normal"], rows["discard"]
+    assert normal["label"] == "Normal" and normal["seeds"] == "2"
+    assert float(normal["test_acc"]) == pytest.approx(91.0)
+    assert float(normal["test_acc_std"]) == pytest.approx(1.4142, abs=1e-3)
+    assert float(discard["test_acc"]) == pytest.approx(89.0)
+    # the prefix run, two suffixes and two cache builds; every seed took as long
+    assert float(discard["wall_time_s"]) == pytest.approx(4.0 + 2 * 10.0 + 2 * 2.0)
+    assert float(discard["wall_time_s_std"]) == 0.0
+    assert float(discard["train_flops"]) == pytest.approx(0.6e12)
+
+
+def test_one_seed_has_a_zero_spread(tmp_path):
+    cfg = _fixture(tmp_path)
+    cfg = cfg.model_copy(update={"seeds": [0]})
+    write_report(cfg)
+    summary = _table(tmp_path / "results/summary.csv")
+    assert {r["seeds"] for r in summary} == {"1"}
+    assert {float(r["test_acc_std"]) for r in summary} == {0.0}
+    assert {float(r["val_acc_std"]) for r in _table(tmp_path / "results/curves.csv")} == {0.0}
 
 
 def test_report_markdown_has_savings_against_normal(tmp_path):

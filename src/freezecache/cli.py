@@ -142,7 +142,10 @@ def plots(out: Path = typer.Option(Path("results/plots"), help="folder for index
     from freezecache.plots import render
 
     with stage_free():
-        print(f"{render(out)}: open it in a browser (no network needed)")
+        page, empty = render(out)
+        for name in empty:
+            print(f"warning: the lead chart {name} has no data (the page says what writes it)")
+        print(f"{page}: open it in a browser (no network needed)")
 
 
 @app.command()

@@ -207,6 +207,7 @@ STAGES: dict[str, Stage] = {
                 "md": Out("{paths.results}/report.md", cache=False),
                 "json": Out("{paths.results}/report.json", cache=False),
                 "metrics": Out("{paths.results}/metrics.json", cache=False, metric=True),
+                "summary": Out("{paths.results}/summary.csv", cache=False),
                 "curves": Out("{paths.results}/curves.csv", cache=False),
                 "memory": Out("{paths.results}/memory.csv", cache=False),
                 "cache": Out("{paths.results}/cache.csv", cache=False),

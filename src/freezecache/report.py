@@ -140,6 +140,7 @@ def collect(cfg: Config) -> dict:
             "cuda_min_memory_mb": costs.cuda_min_memory_mb,
             "train_flops": costs.train_flops,
             "wall_time_s": statistics.fmean(r["wall_s"] for r in rs),
+            "wall_time_s_std": _mean_std([r["wall_s"] for r in rs])[1],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
             "states": [
                 {k: getattr(s, k) for k in ("state", "position", "epochs", "accounted_memory_mb")}
@@ -222,14 +223,35 @@ def _cache_rows(cfg: Config) -> list[dict]:
 
 
 def _curves(rows: dict[str, list[dict]]) -> list[dict]:
-    """Validation accuracy per method and epoch, mean over seeds (long format)."""
+    """Validation accuracy per method and epoch, mean and std over the seeds that reached the
+    epoch (long format; the std is 0 with one seed)."""
     out = []
     for m, rs in rows.items():
         epochs = sorted(set().union(*(r["curve"] for r in rs)))
         for e in epochs:
-            vals = [r["curve"][e] for r in rs if e in r["curve"]]
-            out.append({"epoch": e, "method": m, "val_acc": statistics.fmean(vals)})
+            mean, std = _mean_std([r["curve"][e] for r in rs if e in r["curve"]])
+            seeds = sum(e in r["curve"] for r in rs)
+            out.append({"epoch": e, "method": m, "val_acc": mean, "val_acc_std": std,
+                        "seeds": seeds})  # fmt: skip
     return out
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """One row per method for the lead plots: test accuracy (mean and std over seeds) against
+    the wall time of its stages (mean and std over seeds) and its training FLOPs."""
+    return [
+        {
+            "method": m,
+            "label": r["label"],
+            "seeds": len(r["accuracy_per_seed"]),
+            "test_acc": r["accuracy_mean"],
+            "test_acc_std": r["accuracy_std"],
+            "wall_time_s": r["wall_time_s"],
+            "wall_time_s_std": r["wall_time_s_std"],
+            "train_flops": r["train_flops"],
+        }
+        for m, r in report["methods"].items()
+    ]
 
 
 def headline(report: dict) -> dict:
@@ -285,6 +307,7 @@ def write_report(cfg: Config) -> dict:
     report = collect(cfg)
     atomic_write_json(me.path("json", cfg), report)
     atomic_write_json(me.path("metrics", cfg), headline(report))
+    atomic_write_text(me.path("summary", cfg), _csv(summary_rows(report)))
     atomic_write_text(me.path("curves", cfg), _csv(report["curves"]))
     atomic_write_text(me.path("memory", cfg), _csv(memory_timeline(report)))
     keys = ("method", "point", "block", "tolerance", "compression_ratio", "max_abs_error")
