@@ -60,7 +60,7 @@ gpu-check:
 
 ## test: the whole test suite (the smoke pipeline included)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

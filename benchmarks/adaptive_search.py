@@ -74,7 +74,11 @@ class Search:
         self.seeds = cfg.seeds
         self.cap = cfg.criterion.epoch_max
         self._work: dict[Schedule, Config] = {}
-        self._prefix_s: dict[tuple[int, int], float] = {}  # (epoch, seed) -> seconds
+        # (epoch, seed) -> seconds of the shared prefix run, kept with the runs for a rerun
+        self._prefix_file = root / "prefix_seconds.json"
+        self._prefix_s: dict[str, float] = (
+            read_json(self._prefix_file) if self._prefix_file.is_file() else {}
+        )
         self.allowed = None
         self.normal_flops = None
 
@@ -144,11 +148,12 @@ class Search:
                 start = time.perf_counter()  # shared by the schedules of its epoch: timed once
                 with Sections(STAGE_SECTIONS):
                     train_prefix(work, seed)
-                self._prefix_s[(sched[1], seed)] = time.perf_counter() - start
+                self._prefix_s[f"{sched[1]}/{seed}"] = time.perf_counter() - start
+                atomic_write_json(self._prefix_file, self._prefix_s)
             start = time.perf_counter()
             val.append(_runs.run(work, seed, name))
             took = time.perf_counter() - start
-            seconds.append(took + self._prefix_s.get((sched[1], seed), math.nan))
+            seconds.append(took + self._prefix_s.get(f"{sched[1]}/{seed}", math.nan))
             stage, item = method_runs(work, seed, name)[-1]
             test.append(100.0 * read_json(stage.path("metrics", work, **item))["test_acc"])
         return {"val": val, "test": test, "seconds": seconds, "flops_saved": self.saved(work, name)}
@@ -216,6 +221,7 @@ def run_search(cfg: Config, root: Path) -> dict:
             "epochs": cfg.train.epochs,
             "epoch_max": s.cap,
             "train_size": cfg.data.train_size,
+            "criterion": {"rule": cfg.criterion.rule, "threshold": cfg.criterion.threshold},
         },  # fmt: skip
         "hand": list(hand),
         "best_fixed": list(best),
@@ -287,8 +293,12 @@ def render_markdown(res: dict) -> str:
               "|---|---|---|---|---|---|"]  # fmt: skip
     for rule, r in rules.items():
         g = next((g for g in r["grid"] if g["threshold"] == r["chosen"]), None)
-        if g is None:
-            lines.append(f"| {rule} | none keeps the savings | | | | |")
+        if g is None:  # what came closest: the threshold that saves the most
+            c = max(r["grid"], key=lambda g: g["flops_saved"])
+            scheds = ", ".join(c["schedules"].values())
+            lines.append(f"| {rule} (none keeps the savings; the most saving:) | "
+                         f"{c['threshold']:.3g} | {scheds} | | {_ms(c['val'])} | "
+                         f"{100 * c['flops_saved']:.1f}% |")  # fmt: skip
             continue
         scheds = list(g["schedules"].values())
         same = max(scheds.count(x) for x in scheds)
@@ -297,7 +307,9 @@ def render_markdown(res: dict) -> str:
             f"| {rule}{mark} | {g['threshold']:.3g} | {', '.join(scheds)} | "
             f"{same}/{len(scheds)} | {_ms(g['val'])} | {100 * g['flops_saved']:.1f}% |"
         )
-    lines += ["", "Test (3 seeds; FreezeOut follows each schedule):", "",
+    lines += ["", f"Test ({len(p['seeds'])} seeds; FreezeOut follows each schedule; wall s: "
+              "the prefix run, cache and suffix of Discard & Aug., in-process, on a machine "
+              "shared with other work):", "",
               "| schedule | Discard & Aug. test acc. | FreezeOut test acc. | FLOPs saved "
               "(D&A) | D&A wall s |", "|---|---|---|---|---|"]  # fmt: skip
     fo = res["freezeout"]
@@ -335,17 +347,19 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_spec(res: dict) -> dict | None:
+def plot_spec(res: dict) -> dict:
     """The chosen rule's statistic per block over steps (seed 0), threshold and firing step."""
     rule = res["rule"]
-    if rule is None:
-        return None
     seed = str(res["profile"]["seeds"][0])
+    if rule is None:  # none chosen: the configured rule and threshold, nothing fired
+        rule, chosen = res["profile"]["criterion"]["rule"], res["profile"]["criterion"]["threshold"]
+        block = epoch = None
+    else:
+        chosen = res["rules"][rule]["chosen"]
+        g = next(g for g in res["rules"][rule]["grid"] if g["threshold"] == chosen)
+        block, epoch = (int(x) for x in g["schedules"][seed].split("@"))
     rows = res["measured"][rule][seed]
-    chosen = res["rules"][rule]["chosen"]
-    g = next(g for g in res["rules"][rule]["grid"] if g["threshold"] == chosen)
-    block, epoch = (int(x) for x in g["schedules"][seed].split("@"))
-    fired = max((r["step"] for r in rows if r["epoch"] <= epoch), default=0)
+    fired = max((r["step"] for r in rows if epoch and r["epoch"] <= epoch), default=None)
     data = [
         {"step": r["step"], "block": f"block {b + 1}", "value": v}
         for r in rows
@@ -354,8 +368,9 @@ def plot_spec(res: dict) -> dict | None:
     ]
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
-        "title": f"{rule} per block (seed {seed}); threshold {chosen:.3g}, decided block "
-                 f"{block} at the end of epoch {epoch}",
+        "title": f"{rule} per block (seed {seed}); threshold {chosen:.3g}, "
+                 + (f"decided block {block} at the end of epoch {epoch}" if block
+                    else "no threshold kept the savings (the configured one shown)"),
         "width": 560, "height": 300,
         "layer": [
             {"data": {"values": data}, "mark": {"type": "line", "point": True},
@@ -366,9 +381,8 @@ def plot_spec(res: dict) -> dict | None:
                                     "sort": [f"block {b}" for b in range(1, 40)]}}},
             {"data": {"values": [{"y": chosen}]}, "mark": {"type": "rule", "strokeDash": [4, 4]},
              "encoding": {"y": {"field": "y", "type": "quantitative"}}},
-            {"data": {"values": [{"x": fired}]}, "mark": {"type": "rule", "color": "black"},
-             "encoding": {"x": {"field": "x", "type": "quantitative"}}},
-        ],
+        ] + ([{"data": {"values": [{"x": fired}]}, "mark": {"type": "rule", "color": "black"},
+               "encoding": {"x": {"field": "x", "type": "quantitative"}}}] if fired else []),
     }  # fmt: skip
 
 
@@ -387,12 +401,10 @@ def main(
     res = json.loads(json.dumps(res))
     atomic_write_json(out.with_suffix(".json"), res)
     atomic_write_text(out.with_suffix(".md"), render_markdown(res))
-    spec = plot_spec(res)
-    if spec is not None:
-        import vl_convert
+    import vl_convert
 
-        svg = out.parent / f"{out.name}_criterion.svg"
-        atomic_write_text(svg, vl_convert.vegalite_to_svg(spec))
+    svg = out.parent / f"{out.name}_criterion.svg"
+    atomic_write_text(svg, vl_convert.vegalite_to_svg(plot_spec(res)))
     print(render_markdown(res))
 
 
