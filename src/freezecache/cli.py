@@ -181,6 +181,8 @@ def doctor(
 # README section -> the generated file it shows (between `<!-- name:start -->` markers).
 README_SECTIONS = {
     "search": "results/schedule_search.md",
+    "recipe": "results/recipe_search.md",
+    "adaptive": "results/adaptive.md",
     "flips": "results/flip_symmetry.md",
     "results": "results/report.md",
     "scratch": "results/scratch/report.md",
