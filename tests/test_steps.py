@@ -237,6 +237,12 @@ def test_bn_recalibration_resumes_to_the_same_state(tmp_path, source, monkeypatc
     got = RunState.load(STAGES["train_suffix"].path("state", cfg, seed=0, method="discard",
                                                     p=cfg.points[0]))  # fmt: skip
     assert all(torch.equal(got.model[k], want.model[k]) for k in want.model)
+    assert got.history == want.history
+    # the point's last validation is the recalibrated model's (what the recipe search reads)
+    ctx = Context(cfg, 0, "train_suffix", method="discard", p=cfg.points[0])
+    model = ctx.new_model()
+    model.load_state_dict(got.model)
+    assert ctx.evaluate(model)["val_acc"] == pytest.approx(got.history[-1]["val_acc"], abs=1e-6)
 
 
 def test_stage_arguments_are_checked(tmp_path):

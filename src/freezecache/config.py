@@ -48,7 +48,7 @@ class Methods(Section):
     """Which methods run: DVC iterates each list (stages/baseline.py, the discard stages)."""
 
     baselines: list[Literal[BASELINES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["normal", "freezeout", "normal_noflip"]
+        default_factory=lambda: ["normal", "freezeout"]
     )
     discard: list[Literal[DISCARD]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["discard", "discard_aug"]
@@ -101,7 +101,7 @@ class Train(Section):
     momentum: Unit = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
     crop_pad: NonNegInt = 2
-    hflip: bool = True
+    hflip: bool = False
     eval_batch_size: PosInt = 500
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_checkpointing: NonNegInt = 0  # 0: off; k: recompute every k trainable blocks
@@ -230,7 +230,7 @@ class Loader(Section):
 
 
 class Augment(Section):
-    flip_p: Unit = 0.5
+    flip_p: Unit = 0.0
     crop_pad: NonNegInt = 2  # in input pixels; scaled to each feature map's resolution
     noise_std: Annotated[float, Field(ge=0.0)] = 0.05  # relative to the batch's feature std
     blur_p: Unit = 0.0

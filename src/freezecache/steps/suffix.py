@@ -87,13 +87,14 @@ def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
     _, suffix = split(model, block)
     feed = cache_feed(ctx, path, info, method(name).augment, model.layout)
     run = Run(ctx, model, start, start_file, path)
+    evaluate = ctx.evaluator(model, block)  # the prefix's validation features, once
     run.fit(
         TrainSpec(
             phase=Phase("discard", block, *cfg.point_epochs(i)),
             forward=suffix,
             batches=cached_batches(ctx, feed),
             steps_per_epoch=len(feed),
-            evaluate=ctx.evaluator(model, block),  # the prefix's validation features, once
+            evaluate=evaluate,
         )
     )
     held = feed.loader.dataset.held_bytes()  # the cache held in host memory (codes or blobs)
@@ -101,6 +102,9 @@ def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
     if cfg.train.bn_recalibrate != "off":  # part of the method: its time counts
         with section("bn recalibration"):
             recalibrate_bn(suffix, _clean_batches(ctx, model, block, feed))
+            # the point ends with these statistics: its last validation is theirs (the DVCLive
+            # curve keeps the epoch's own, measured before)
+            run.state.history[-1].update(evaluate())
         run.state.model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     history, host = run.state.history, {block: held / 1e6}
     costs = method_costs(ctx, model, name, history, host_cache_mb=host) if ctx.main else {}
