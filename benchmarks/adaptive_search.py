@@ -336,7 +336,8 @@ def render_markdown(res: dict) -> str:
         lines += [
             "",
             f"Adaptive against the best fixed schedule on test: {gap:+.2f} points "
-            f"(goal: within 0.2), {sa / sb:.0%} of its FLOPs savings (goal: at least 90%).",
+            f"(goal: no more than 0.2 below), {sa / sb:.0%} of its FLOPs savings (goal: at "
+            "least 90%).",
         ]
     check = res.get("auto_check")
     if check:
