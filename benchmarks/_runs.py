@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from freezecache.config import Config, parse_config
@@ -76,3 +79,14 @@ def share_caches(src: Config, dst: Config, seed: int, name: str) -> None:
     if method(name).kind == "discard":
         for p in src.points:
             link_outputs(src, dst, "cache", seed, method=name, p=p)
+
+
+@contextmanager
+def workdir(work: Path | None, prefix: str) -> Iterator[Path]:
+    """The searches' scratch folder: ``work`` when given (kept, so a rerun resumes), else a
+    temporary one removed afterwards."""
+    if work is not None:
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -394,11 +393,8 @@ def main(
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(params)
-    if work is None:
-        with tempfile.TemporaryDirectory(prefix="freezecache-adaptive-") as tmp:
-            res = run_search(cfg, Path(tmp))
-    else:
-        res = run_search(cfg, work)
+    with _runs.workdir(work, "freezecache-adaptive-") as root:
+        res = run_search(cfg, root)
     res = json.loads(json.dumps(res))
     atomic_write_json(out.with_suffix(".json"), res)
     atomic_write_text(out.with_suffix(".md"), render_markdown(res))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import tempfile
 from pathlib import Path
 
 import typer
@@ -135,11 +134,8 @@ def main(
     work: Path = typer.Option(None, help="scratch folder kept for reruns (default: a temp one)"),
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if work is None:
-        with tempfile.TemporaryDirectory(prefix="freezecache-recipe-") as tmp:
-            res = search(params, Path(tmp))
-    else:
-        res = search(params, work)
+    with _runs.workdir(work, "freezecache-recipe-") as root:
+        res = search(params, root)
     atomic_write_json(out.with_suffix(".json"), json.loads(json.dumps(res)))
     atomic_write_text(out.with_suffix(".md"), render_markdown(res))
     print(render_markdown(res))
