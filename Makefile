@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 ## setup: venv + the packages of constraints.txt + the embedded dataset (Debian's dataset-fashion-mnist)
 setup: $(VENV)/.installed
-	@$(PY) -m freezecache.cli ensure-data
+	@$(PY) -m freezecache ensure-data
 
 ## repro: run the pipeline of params.yaml (the fine-tuning default unless you chose a profile)
 repro: setup

@@ -4,7 +4,7 @@ Every setting trains the model the way its stage does, through the stage's own f
 raw-image epochs of Normal and FreezeOut (``steps.run.image_spec``), the cache epochs of Discard
 and Discard & Aug. (``steps.suffix.cache_feed`` and ``cached_batches``), each with the stage's
 per-epoch validation. The epochs run in turn, several rounds, under a
-:class:`freezecache.timing.Sections` clock that splits them into reading, decoding,
+:class:`freezecache.core.timing.Sections` clock that splits them into reading, decoding,
 augmenting, forward, backward, the optimizer step and validation. Two more settings time the
 timed discard method's cache read from the file and its features held decoded in memory (P1).
 """
@@ -27,19 +27,19 @@ import numpy as np
 import torch
 
 import benchlib as bench
-from freezecache.augment import augment_features
+from freezecache.accounting.flops import part_flops
 from freezecache.cache import CacheInfo, iter_cache, open_cache
-from freezecache.flops import part_flops
-from freezecache.io import atomic_write_text
-from freezecache.labels import label
-from freezecache.methods import method
+from freezecache.core.io import atomic_write_text
+from freezecache.core.methods import method
+from freezecache.core.timing import Sections
 from freezecache.models import split
-from freezecache.schedule import Phase
+from freezecache.reporting.labels import label
 from freezecache.steps import suffix
 from freezecache.steps.context import Context
 from freezecache.steps.run import image_spec
-from freezecache.timing import Sections
-from freezecache.train import Trainer, TrainSpec
+from freezecache.training.augment import augment_features
+from freezecache.training.schedule import Phase
+from freezecache.training.train import Trainer, TrainSpec
 
 log = logging.getLogger("bench")
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from freezecache import augment, data
+from freezecache import data
 from freezecache.models import create_model, split
+from freezecache.training import augment
 
 log = logging.getLogger("bench_coding")
 

@@ -16,13 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from freezecache.config import Config, parse_config
-from freezecache.methods import method
+from freezecache.core.methods import method
+from freezecache.core.timing import STAGE_SECTIONS, Sections
 from freezecache.pipeline import STAGES, method_runs
 from freezecache.steps.baselines import baseline, train_prefix
 from freezecache.steps.cache import cache_point
 from freezecache.steps.suffix import train_suffix
-from freezecache.timing import STAGE_SECTIONS, Sections
-from freezecache.train import RunState
+from freezecache.training.train import RunState
 
 
 def scratch(cfg: Config, folder: Path, **sections: dict) -> Config:

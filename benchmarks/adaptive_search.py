@@ -7,7 +7,8 @@ Through the pipeline's own stage functions (benchmarks/_runs.py), in scratch fol
 1. **Measure.** Per seed and criterion rule, the shared full-model run (``train_prefix``) with
    ``freeze.points: [{block: auto, epoch: epoch_max}]``: it trains to the cap and its
    ``decision.json`` keeps every measurement of the rule's statistic.
-2. **Replay.** The decision each threshold would have made (:func:`freezecache.decide.replay`):
+2. **Replay.** The decision each threshold would have made
+(:func:`freezecache.training.decide.replay`):
    training does not depend on the monitor, so an auto run that stops at epoch e under threshold
    t is the run above cut at e, and what follows it is the fixed schedule (block, e). The grid
    of thresholds per rule spans the statistic's measured range (log-spaced quantiles).
@@ -39,15 +40,15 @@ from pathlib import Path
 import typer
 
 import _runs
+from freezecache.accounting.costs import method_costs
 from freezecache.config import Config, FreezePoint, load_config
-from freezecache.costs import method_costs
-from freezecache.decide import allowed_from, replay
-from freezecache.io import atomic_write_json, atomic_write_text, read_json
+from freezecache.core.io import atomic_write_json, atomic_write_text, read_json
+from freezecache.core.timing import STAGE_SECTIONS, Sections
 from freezecache.pipeline import STAGES, method_runs
-from freezecache.plan import make_plan
+from freezecache.planning.plan import make_plan
 from freezecache.steps.baselines import train_prefix
 from freezecache.steps.context import Context
-from freezecache.timing import STAGE_SECTIONS, Sections
+from freezecache.training.decide import allowed_from, replay
 
 log = logging.getLogger("adaptive_search")
 

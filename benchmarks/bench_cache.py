@@ -45,17 +45,17 @@ from freezecache.cache.format import CacheInfo, open_cache
 from freezecache.cache.loader import held_in_memory
 from freezecache.codecs.registry import make_codec
 from freezecache.config import Config
-from freezecache.errors import FreezecacheError
-from freezecache.guard import stage
-from freezecache.io import atomic_write_json, atomic_write_text, read_json
-from freezecache.methods import method as method_info
+from freezecache.core.errors import FreezecacheError
+from freezecache.core.io import atomic_write_json, atomic_write_text, read_json
+from freezecache.core.methods import method as method_info
+from freezecache.core.timing import STAGE_SECTIONS, Sections
 from freezecache.pipeline import STAGES, start_of_point
-from freezecache.plots import BENCH_BREAKDOWN
+from freezecache.pipeline.guard import stage
+from freezecache.reporting.plots import BENCH_BREAKDOWN
 from freezecache.steps.cache import BUILD_BATCH, cache_point, feature_pairs, frozen_model
 from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare
-from freezecache.timing import STAGE_SECTIONS, Sections
-from freezecache.train import RunState, Trainer
+from freezecache.training.train import RunState, Trainer
 
 log = logging.getLogger("bench")
 

@@ -2,7 +2,8 @@
 on 2 processes of one thread each, side by side in one run, and their ratio (goal >= 1.6 on a
 2-core machine).
 
-It times the real path: the train_suffix stage command through ``python -m freezecache.launch``
+It times the real path: the train_suffix stage command through ``python -m
+freezecache.pipeline.launch``
 (torchrun for 2 processes) on a project of its own in a temporary folder (the smoke profile on
 ``--samples`` Split Fashion-MNIST images, prefix trained 1 epoch, one freeze point, the cache
 built once). The number is the training set over the stage's own ``epoch_time_s`` of its last epoch
@@ -82,7 +83,8 @@ def _set_procs(folder: Path, procs: int) -> None:
 
 def _stage(folder: Path, name: str, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "freezecache.launch", str(ROOT / f"stages/{name}.py"), *args]
+    launch = "freezecache.pipeline.launch"
+    cmd = [sys.executable, "-m", launch, str(ROOT / f"stages/{name}.py"), *args]
     done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

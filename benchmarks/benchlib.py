@@ -2,7 +2,8 @@
 
 Each function measures one thing on the arrays, models or files it is given and returns plain
 numbers, so the benchmark script reads as a list of measurements and a tiny test can run them
-all. Timed training goes through the real :class:`~freezecache.train.Trainer`; the batches come
+all. Timed training goes through the real :class:`~freezecache.training.train.Trainer`; the batches
+come
 from the functions the train_suffix stage uses (:mod:`freezecache.steps.suffix`), on whatever
 device the caller passes.
 """
@@ -31,9 +32,9 @@ from freezecache.codecs import Codec
 from freezecache.codecs.quant import QuantCodec
 from freezecache.codecs.registry import make_codec
 from freezecache.codecs.zfp import ZfpCodec
-from freezecache.errors import FreezecacheError, optional
-from freezecache.schedule import Phase
-from freezecache.train import Trainer, TrainSpec
+from freezecache.core.errors import FreezecacheError, optional
+from freezecache.training.schedule import Phase
+from freezecache.training.train import Trainer, TrainSpec
 
 log = logging.getLogger(__name__)
 

@@ -59,8 +59,9 @@ RESERVE_S = 10  # kept back for writing the results
 # Copied into the scratch repositories: what a clone has, less a run's outputs.
 GENERATED = ("runs/", "results/", "data/prepared", "data/cache", "dvc.lock", ".ckpt/", ".whl/")
 REQUIRED = ("torch", "numpy", "h5py", "zstandard", "pydantic", "yaml", "typer", "psutil", "tqdm",
-            "ptflops", "dvc.repo", "dvclive", "freezecache.cli")  # fmt: skip
-IMPORT_NAMES = {"yaml": "PyYAML", "dvc.repo": "dvc", "freezecache.cli": "freezecache (src/)"}
+            "ptflops", "dvc.repo", "dvclive", "freezecache.tooling.cli")  # fmt: skip
+IMPORT_NAMES = {"yaml": "PyYAML", "dvc.repo": "dvc",
+                "freezecache.tooling.cli": "freezecache (src/)"}  # fmt: skip
 WRAP_DEPTH = 16  # nested wrapper calls allowed before a loop is assumed
 
 
@@ -115,7 +116,7 @@ class Check:
         self.bin.mkdir(parents=True)
         exe = shlex.quote(sys.executable)
         tools = {"python": "", "python3": "", "dvc": "-m dvc", "torchrun":
-                 "-m torch.distributed.run", "freezecache": "-m freezecache.cli"}  # fmt: skip
+                 "-m torch.distributed.run", "freezecache": "-m freezecache"}  # fmt: skip
         for name, args in tools.items():
             script = self.bin / name
             script.write_text(
@@ -331,7 +332,7 @@ def step_imports(c: Check) -> dict:
 
 def step_doctor(c: Check) -> dict:
     report = c.out / "doctor.json"
-    done = c.python("doctor", ["-m", "freezecache.cli", "doctor", "--json", str(report)])
+    done = c.python("doctor", ["-m", "freezecache.tooling.cli", "doctor", "--json", str(report)])
     numbers = {}
     if report.is_file():
         data = json.loads(report.read_text())
@@ -394,7 +395,7 @@ def step_tradeoffs(c: Check) -> dict:
     out = c.out / "tradeoffs_cuda.json"  # not the stage's own outputs: those of this step
     md = c.out / "tradeoffs_cuda.md"
     code = ("import sys; from pathlib import Path; from freezecache.config import load_config; "
-            "from freezecache.pipeline import STAGES; from freezecache.tradeoffs import "
+            "from freezecache.pipeline import STAGES; from freezecache.planning.tradeoffs import "
             "measure_tradeoffs, write; cfg = load_config('params.yaml'); "
             "rows = measure_tradeoffs(cfg, steps=7, warmup=2, weights=STAGES['train_prefix']"
             ".path('state', cfg, seed=cfg.seeds[0])); "
@@ -427,7 +428,7 @@ def step_nccl(c: Check) -> dict:
     numbers: dict = {"block": block}
     for stage in ("cache", "train_suffix"):
         start = time.monotonic()
-        done = c.python("nccl", ["-m", "freezecache.launch", f"stages/{stage}.py", *item],
+        done = c.python("nccl", ["-m", "freezecache.pipeline.launch", f"stages/{stage}.py", *item],
                         cwd=repo)  # fmt: skip
         numbers[f"{stage}_s"] = round(time.monotonic() - start, 1)
         if done.returncode != 0:

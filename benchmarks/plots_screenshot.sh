@@ -24,7 +24,7 @@ echo "$out"
 import sys
 from pathlib import Path
 
-from freezecache.plots import drawn_marks, dump_dom
+from freezecache.reporting.plots import drawn_marks, dump_dom
 
 marks = drawn_marks(dump_dom(Path(sys.argv[1]), Path(sys.argv[2])))
 for name, n in marks.items():

@@ -29,8 +29,8 @@ import typer
 
 import _runs
 from freezecache.config import load_config
-from freezecache.io import atomic_write_json, atomic_write_text
-from freezecache.labels import label
+from freezecache.core.io import atomic_write_json, atomic_write_text
+from freezecache.reporting.labels import label
 
 log = logging.getLogger("recipe_search")
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import typer
 import yaml
 
+from freezecache.accounting.costs import method_costs
 from freezecache.config import parse_config
-from freezecache.costs import method_costs
-from freezecache.schedule import phases
 from freezecache.steps.context import Context
 from freezecache.steps.run import image_spec
-from freezecache.train import Trainer
+from freezecache.training.schedule import phases
+from freezecache.training.train import Trainer
 
 
 def _points(text: str) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from freezecache.flops import forward_flops_counter, forward_macs_ptflops
+from freezecache.accounting.flops import forward_flops_counter, forward_macs_ptflops
 from freezecache.models import create_model
 
 TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_timm_models.py"

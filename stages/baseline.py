@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Method, Params, Seed, stage
+from freezecache.pipeline.guard import Method, Params, Seed, stage
 from freezecache.steps.baselines import baseline
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Method, Params, Point, Seed, stage
+from freezecache.pipeline.guard import Method, Params, Point, Seed, stage
 from freezecache.steps.cache import cache_point
 
 

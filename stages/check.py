@@ -13,9 +13,9 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Params, stage
-from freezecache.io import atomic_write_text
+from freezecache.core.io import atomic_write_text
 from freezecache.pipeline import STAGES, check_rendered
+from freezecache.pipeline.guard import Params, stage
 
 
 def main(params: Params = Path("params.yaml")) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Params, stage
+from freezecache.pipeline.guard import Params, stage
 from freezecache.steps.plan import plan
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Params, stage
+from freezecache.pipeline.guard import Params, stage
 from freezecache.steps.pretrain import pretrain
 
 

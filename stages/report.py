@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Params, stage
-from freezecache.report import write_report
+from freezecache.pipeline.guard import Params, stage
+from freezecache.reporting.report import write_report
 
 
 def main(params: Params = Path("params.yaml")) -> None:

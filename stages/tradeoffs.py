@@ -9,10 +9,10 @@ from pathlib import Path
 
 import typer
 
-from freezecache.decide import resolve
-from freezecache.guard import Params, stage
 from freezecache.pipeline import STAGES
-from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
+from freezecache.pipeline.guard import Params, stage
+from freezecache.planning.tradeoffs import measure_tradeoffs, render_markdown, write
+from freezecache.training.decide import resolve
 
 
 def main(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Params, Seed, stage
+from freezecache.pipeline.guard import Params, Seed, stage
 from freezecache.steps.baselines import train_prefix
 
 

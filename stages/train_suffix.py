@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from freezecache.guard import Method, Params, Point, Seed, stage
+from freezecache.pipeline.guard import Method, Params, Point, Seed, stage
 from freezecache.steps.suffix import train_suffix
 
 

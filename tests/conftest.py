@@ -87,9 +87,10 @@ needs_fashion = pytest.mark.skipif(
 
 def augment_once(x, *, mode, g, flip_p=0.5, crop_pad=0, noise_std=0.0, blur_p=0.0,
                  blur_sigma=0.5, extra=None, where=None, layout=None):  # fmt: skip
-    """One batch through :func:`freezecache.augment.augment_features` as a stage would: draws
+    """One batch through :func:`freezecache.training.augment.augment_features` as a stage would:
+    draws
     from ``g``, a noise bank from ``g``, noise ``noise_std`` x the batch's std."""
-    from freezecache import augment
+    from freezecache.training import augment
 
     layout = augment.resolve_layout(x, layout)
     scale = noise_std * float(x.float().std()) if noise_std else 0.0

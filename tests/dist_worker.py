@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from freezecache import distributed
 from freezecache.config import load_config
-from freezecache.guard import setup_logging
 from freezecache.pipeline import STAGES
+from freezecache.pipeline.guard import setup_logging
 from freezecache.steps import run as stage_run
 from freezecache.steps.baselines import baseline, train_prefix
 from freezecache.steps.cache import cache_point
 from freezecache.steps.pretrain import pretrain
 from freezecache.steps.suffix import train_suffix
-from freezecache.train import Trainer
+from freezecache.training import distributed
+from freezecache.training.train import Trainer
 
 
 def _dump_on_finish(folder: Path) -> None:

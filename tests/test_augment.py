@@ -3,9 +3,9 @@
 import torch
 
 from conftest import augment_once
-from freezecache import augment, rank
 from freezecache.codecs.registry import make_codec
 from freezecache.models import create_model, split
+from freezecache.training import augment, rank
 
 
 def test_random_crop_matches_manual_slices():
@@ -171,7 +171,7 @@ def test_token_layout_leaves_prefix_tokens_alone():
 def test_layout_must_fit_the_features():
     import pytest
 
-    from freezecache.errors import FreezecacheError
+    from freezecache.core.errors import FreezecacheError
 
     with pytest.raises(FreezecacheError, match="not tokens"):
         augment.augmented_view(torch.randn(2, 3, 4, 4), None, None, layout="tokens")

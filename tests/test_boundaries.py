@@ -11,10 +11,10 @@ import yaml
 from conftest import ROOT
 from freezecache import config
 from freezecache.codecs import CODECS, CODINGS
-from freezecache.labels import LABELS
-from freezecache.methods import METHODS
+from freezecache.core.methods import METHODS
 from freezecache.pipeline import STAGES
-from freezecache.render import code_deps
+from freezecache.reporting.labels import LABELS
+from freezecache.tooling.render import code_deps
 
 LIB = "src/freezecache"
 TRAINING = ("pretrain", "train_prefix", "baseline", "tradeoffs")  # never touch a cache
@@ -46,10 +46,10 @@ def test_stages_depend_only_on_the_code_of_their_work():
 @pytest.mark.parametrize(
     ("module", "line"),
     [
-        ("train.py", "from freezecache.cache import open_cache"),
-        ("train.py", "from freezecache.codecs.registry import make_codec"),
-        ("config.py", "from freezecache.models import create_model"),
-        ("costs.py", "from freezecache.labels import label"),
+        ("training/train.py", "from freezecache.cache import open_cache"),
+        ("training/train.py", "from freezecache.codecs.registry import make_codec"),
+        ("config/__init__.py", "from freezecache.models import create_model"),
+        ("accounting/costs.py", "from freezecache.reporting.labels import label"),
     ],
 )
 def test_the_boundary_check_fails_when_an_import_crosses_a_boundary(tmp_path, module, line):
@@ -100,3 +100,55 @@ def test_long_modules_say_why():
         text = path.read_text()
         if len(text.splitlines()) > 420:
             assert "Why it is long:" in text.split('"""')[1], path.relative_to(ROOT)
+
+
+# The library's layers, lowest first: a module imports only from its own layer or those before it
+# (the README's Layout lists them in this order).
+LAYERS = ("core", "codecs", "data", "models", "config", "pipeline", "training", "cache",
+          "accounting", "reporting", "planning", "steps", "tooling")  # fmt: skip
+# Imports that cross the layers today; the public API (freezecache.api) moves what they use out
+# of steps/. This set may only shrink.
+KNOWN_CROSSINGS = {
+    ("planning/plan_time.py", "steps"),
+    ("planning/tradeoffs.py", "steps"),
+    ("planning/doctor.py", "steps"),
+}
+
+
+def layer_crossings(root: Path) -> set[tuple[str, str]]:
+    """(module, layer it imports) for each import of a later layer, lazy imports included."""
+    import ast
+
+    lib = root / LIB
+    found = set()
+    for path in sorted(lib.rglob("*.py")):
+        rel = path.relative_to(lib).as_posix()
+        own = rel.split("/")[0]
+        if own not in LAYERS:
+            continue  # the top level: the public API and `python -m freezecache`
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "freezecache" and len(parts) > 1 and parts[1] in LAYERS:
+                    if LAYERS.index(parts[1]) > LAYERS.index(own):
+                        found.add((rel, parts[1]))
+    return found
+
+
+def test_each_layer_imports_only_the_layers_before_it():
+    assert sorted(LAYERS) == sorted(
+        p.name for p in (ROOT / LIB).iterdir() if p.is_dir() and not p.name.startswith("__")
+    ), "a new folder belongs in LAYERS"
+    assert layer_crossings(ROOT) <= KNOWN_CROSSINGS
+
+
+def test_the_layer_check_fails_when_a_lower_layer_imports_a_higher_one(tmp_path):
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    target = tmp_path / LIB / "training/train.py"
+    target.write_text(target.read_text() + "\nfrom freezecache.reporting.labels import label\n")
+    assert ("training/train.py", "reporting") in layer_crossings(tmp_path)

@@ -19,7 +19,7 @@ from freezecache.cache.writer import Build, CacheWriter
 from freezecache.codecs.planes import byte_planes, channel_std, dequantize, exact_step, join_planes
 from freezecache.codecs.quant import QuantCodec
 from freezecache.codecs.registry import make_codec
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 TOLERANCES = (1e-1, 1e-2, 1e-3)
 RANS = {"coding": "rans"}

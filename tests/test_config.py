@@ -5,7 +5,7 @@ import yaml
 
 from conftest import ROOT, env_with_venv, load_profile, run
 from freezecache.config import load_config, parse_config
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 from freezecache.steps.model import check_model
 
 

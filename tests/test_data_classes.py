@@ -9,6 +9,7 @@ import pytest
 
 from conftest import needs_fashion
 from fake_datasets import make_cifar10, make_fashion, make_imagefolder
+from freezecache.core.errors import FreezecacheError
 from freezecache.data import (
     FASHION_MNIST_CLASSES,
     check_classes,
@@ -18,7 +19,6 @@ from freezecache.data import (
     load_val,
     prepare,
 )
-from freezecache.errors import FreezecacheError
 
 
 def prep(name: str, root: Path | None, out: Path, **kw) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data import fit_images
-from freezecache.errors import FreezecacheError
 
 
 def test_fit_images_pads_centred() -> None:

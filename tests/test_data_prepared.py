@@ -17,8 +17,8 @@ from fake_datasets import (
     make_unique_fashion,
     write_idx,
 )
+from freezecache.core.errors import FreezecacheError
 from freezecache.data import load_prepared, load_val, prepare, prepared
-from freezecache.errors import FreezecacheError
 
 
 def run_prepare(root: Path, out: Path, **kw) -> dict:

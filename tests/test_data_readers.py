@@ -23,8 +23,8 @@ from fake_datasets import (
     make_tiny_imagenet,
 )
 from freezecache import data
+from freezecache.core.errors import FreezecacheError
 from freezecache.data import load_prepared, load_source, prepare
-from freezecache.errors import FreezecacheError
 
 
 def test_fashion_mnist_reads_idx(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ import logging
 import numpy as np
 import pytest
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data import Split, stratified_subset
 from freezecache.data.subset import stratified_indices, train_val_indices
-from freezecache.errors import FreezecacheError
 
 
 def labelled(counts: list[int]) -> Split:

@@ -11,9 +11,9 @@ import yaml
 from torch import nn
 
 from conftest import load_profile, needs_fashion, project_copy, run
-from freezecache import render
 from freezecache.config import Criterion, FreezePoint, parse_config
-from freezecache.decide import Monitor, allowed_from, replay, resolve
+from freezecache.tooling import render
+from freezecache.training.decide import Monitor, allowed_from, replay, resolve
 
 STEPS = 20  # per epoch
 STOPS = (2, 2, 3, 5)  # block b's weights (and gradient norms) stop changing at epoch STOPS[b]
@@ -169,7 +169,7 @@ def test_auto_renders_the_stage_graph_of_one_fixed_point(tmp_path):
 
 
 def test_resolve_reads_the_seed_s_decision(tmp_path):
-    from freezecache.errors import FreezecacheError
+    from freezecache.core.errors import FreezecacheError
 
     raw = load_profile("smoke")
     raw["paths"] = {k: str(tmp_path / k) for k in raw["paths"]}
@@ -218,7 +218,7 @@ def test_an_auto_run_decides_the_deepest_allowed_block_and_the_chain_follows(tmp
     from freezecache.steps.baselines import baseline
     from freezecache.steps.cache import cache_point
     from freezecache.steps.suffix import train_suffix
-    from freezecache.train import RunState
+    from freezecache.training.train import RunState
 
     cfg = _stage_cfg(tmp_path, threshold=1e6, epoch_max=3)
     _prefix_chain(cfg)
@@ -248,7 +248,7 @@ def test_an_auto_run_decides_the_deepest_allowed_block_and_the_chain_follows(tmp
 def test_a_killed_decision_resumes_and_decides_the_same(tmp_path, monkeypatch):
     """Nothing ready (a threshold no change is below): the decision comes at epoch_max = 3; the
     run killed during epoch 2 resumes from its checkpoint and measures and decides the same."""
-    from freezecache import decide
+    from freezecache.training import decide
 
     whole = _stage_cfg(tmp_path / "whole", threshold=1e-12, epoch_max=3)
     _prefix_chain(whole)

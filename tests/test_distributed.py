@@ -19,10 +19,11 @@ import yaml
 from torch import nn
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
-from freezecache import distributed, pipeline
+from freezecache import pipeline
 from freezecache.cache.format import open_cache
 from freezecache.cache.loader import ChunkShuffleSampler, ShardedChunkBatches
-from freezecache.train import Images
+from freezecache.training import distributed
+from freezecache.training.train import Images
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 PY = sys.executable
@@ -115,7 +116,7 @@ def _params(folder: Path, **distributed_) -> Path:
 def _launch(*args: str, env: dict | None = None, cwd: Path = ROOT):
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("FREEZECACHE_", "PET_"))}
     return subprocess.run(
-        [PY, "-m", "freezecache.launch", *args],
+        [PY, "-m", "freezecache.pipeline.launch", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -160,7 +161,7 @@ def test_launcher_runs_one_process_in_place(tmp_path):
     )
     params = _params(tmp_path)
     proc = subprocess.Popen(
-        [PY, "-m", "freezecache.launch", str(script), "--params", str(params), "--x"],
+        [PY, "-m", "freezecache.pipeline.launch", str(script), "--params", str(params), "--x"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         text=True,
@@ -174,12 +175,12 @@ def test_launcher_runs_one_process_in_place(tmp_path):
 def test_training_stages_launch_and_list_the_distributed_params():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        launched = stage["cmd"].startswith("python -m freezecache.launch stages/")
+        launched = stage["cmd"].startswith("python -m freezecache.pipeline.launch stages/")
         assert launched == (name in pipeline.LAUNCHED), name
         if name != "check":  # check validates every section
             assert ("distributed" in stage["params"]) == bool(pipeline.LAUNCHED.get(name)), name
         if launched:
-            assert "${lib}/launch.py" in stage["deps"]
+            assert "${lib}/pipeline/launch.py" in stage["deps"]
 
 
 # -- torchrun jobs --------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def test_two_simulated_nodes_train_the_suffix(two_ranks, tmp_path):
     raw = yaml.safe_load((folder / "params.yaml").read_text())
     raw["distributed"].update(nproc_per_node=1, nnodes=2)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    cmd = [PY, "-m", "freezecache.launch", str(ROOT / "stages/train_suffix.py")]
+    cmd = [PY, "-m", "freezecache.pipeline.launch", str(ROOT / "stages/train_suffix.py")]
     cmd += ["--seed", "0", "--method", "discard_aug", "--point", "0", "--params", "params.yaml"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env["FREEZECACHE_RDZV_ENDPOINT"] = f"127.0.0.1:{_free_port()}"
@@ -355,7 +356,7 @@ def test_dvc_exp_run_on_two_processes_produces_the_report(tmp_path):
     run("git add -A && git commit -qm smoke", repo)
     done = run(["dvc", "exp", "run", "-S", "distributed.nproc_per_node=2"], repo)
     log = done.stdout + done.stderr
-    assert "freezecache.launch: python -m torch.distributed.run --nproc-per-node 2" in log
+    assert "freezecache.pipeline.launch: python -m torch.distributed.run --nproc-per-node 2" in log
     report = json.loads((repo / "results/report.json").read_text())
     assert set(report["methods"]) == {"normal", "freezeout", "discard", "discard_aug"}
     assert yaml.safe_load((repo / "params.yaml").read_text())["distributed"]["nproc_per_node"] == 2
@@ -380,7 +381,7 @@ def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
     raw = yaml.safe_load((two / "params.yaml").read_text())
     raw["distributed"]["nproc_per_node"] = 2
     (two / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    cmd = [PY, "-m", "freezecache.launch", str(ROOT / "stages/cache.py"), "--seed", "0"]
+    cmd = [PY, "-m", "freezecache.pipeline.launch", str(ROOT / "stages/cache.py"), "--seed", "0"]
     cmd += ["--method", "discard_aug", "--point", "0", "--params", "params.yaml"]
     _run(cmd, one)
     done = _run(cmd, two)

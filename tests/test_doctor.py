@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import load_profile
-from freezecache import doctor
-from freezecache.cli import app
+from freezecache.planning import doctor
+from freezecache.tooling.cli import app
 
 
 def params_file(tmp_path, **edits) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import env_with_venv, needs_fashion, project_copy, run
-from freezecache.io import tensors_digest
-from freezecache.train import RunState
+from freezecache.core.io import tensors_digest
+from freezecache.training.train import RunState
 
 # Machine measurements, not results: they differ between any two runs.
 TIMING = {

@@ -13,14 +13,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from freezecache.errors import FreezecacheError
-from freezecache.flops import (
+from freezecache.accounting.flops import (
     forward_flops_counter,
     forward_macs_ptflops,
     part_flops,
     training_flops,
 )
-from freezecache.memory import MIB, CudaPeak, accounted_memory, average_and_min_memory
+from freezecache.accounting.memory import MIB, accounted_memory, average_and_min_memory
+from freezecache.core.errors import FreezecacheError
+from freezecache.core.runtime import CudaPeak
 from freezecache.models import create_model, feature_shape, split
 
 F32 = 4  # bytes per float32

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from freezecache import augment
 from freezecache.cache import fused, packed
 from freezecache.codecs.registry import make_codec
+from freezecache.training import augment
 
 SHAPE = (6, 7, 9)
 

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
 from freezecache.config import DERIVED_KWARGS, HUB_KWARGS, Model, parse_config
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 from freezecache.models import timm_view
 from freezecache.steps.model import build_model, check_model
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 from freezecache.models import (
     BlockModel,
     create_model,

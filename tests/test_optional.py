@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, load_profile
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 
 def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
@@ -30,7 +30,7 @@ def relu_maps(n=4, c=3, hw=8) -> np.ndarray:
 
 
 def test_optional_names_the_package_the_reason_and_the_setting(broken):
-    from freezecache.errors import optional
+    from freezecache.core.errors import optional
 
     broken("zfpy")
     with pytest.raises(FreezecacheError) as err:
@@ -94,7 +94,7 @@ def test_broken_numba_turns_the_fused_pass_off_with_one_line(broken, caplog):
 
 # -- ptflops: FLOP accounting of every training stage and the plan -----------------------------
 def test_broken_ptflops_is_one_line_that_says_what_needs_it(broken):
-    from freezecache.flops import forward_macs_ptflops
+    from freezecache.accounting.flops import forward_macs_ptflops
 
     broken("ptflops")
     with pytest.raises(FreezecacheError) as err:
@@ -124,7 +124,7 @@ def test_training_stages_stop_before_training_without_ptflops(broken, step, tmp_
 
 
 def test_flops_without_timm_count_a_plain_model(broken):
-    from freezecache import flops
+    from freezecache.accounting import flops
     from freezecache.models import create_model
 
     broken("timm")
@@ -138,7 +138,7 @@ def test_flops_without_timm_count_a_plain_model(broken):
 
 # -- vl-convert: offline plots ------------------------------------------------------------------
 def test_broken_vl_convert_fails_only_the_offline_plots(broken):
-    from freezecache import plots
+    from freezecache.reporting import plots
 
     broken("vl_convert")
     with pytest.raises(FreezecacheError) as err:
@@ -147,7 +147,7 @@ def test_broken_vl_convert_fails_only_the_offline_plots(broken):
 
 
 def test_the_sweep_writes_its_tables_without_vl_convert(broken, tmp_path, caplog):
-    from freezecache import sweep
+    from freezecache.tooling import sweep
 
     broken("vl_convert")
     rows = [

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
-from freezecache import plots, render
 from freezecache.pipeline import STAGES
-from freezecache.render import code_deps
+from freezecache.reporting import plots
+from freezecache.tooling import render
+from freezecache.tooling.render import code_deps
 
 PROFILES = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
 
@@ -73,10 +74,10 @@ def test_code_deps_cover_every_module_the_stage_imports(name):
 
 def test_code_deps_follow_imports_including_lazy_ones():
     deps = {n: code_deps(ROOT / s.script) for n, s in STAGES.items()}
-    assert "src/freezecache/flops.py" in deps["train_suffix"]
-    assert "src/freezecache/costs.py" in deps["baseline"]
+    assert "src/freezecache/accounting/flops.py" in deps["train_suffix"]
+    assert "src/freezecache/accounting/costs.py" in deps["baseline"]
     assert "src/freezecache/cache/writer.py" in deps["cache"]
-    assert "src/freezecache/train.py" not in deps["report"]
+    assert "src/freezecache/training/train.py" not in deps["report"]
     assert "src/freezecache/cache" not in deps["baseline"]
 
 
@@ -187,12 +188,12 @@ def test_smoke_pipeline_in_a_fresh_git_repo(tmp_path):
         assert len(charts) > 4  # the per-stage DVCLive curves, below
 
     # editing a module reruns exactly the stages that import it
-    edited = repo / "src/freezecache/flops.py"
+    edited = repo / "src/freezecache/accounting/flops.py"
     edited.write_text(edited.read_text() + "\n# a comment\n")
     importers = {
         n
         for n, s in STAGES.items()
-        if "src/freezecache/flops.py" in code_deps(repo / s.script, repo)
+        if "src/freezecache/accounting/flops.py" in code_deps(repo / s.script, repo)
     }
     stale = {s.split("@")[0] for s in _status_stages(repo)}
     assert stale == importers and "report" not in stale, (stale, importers)

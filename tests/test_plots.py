@@ -12,10 +12,10 @@ import yaml
 
 import _epochs
 from conftest import ROOT, env_with_venv, run
-from freezecache import plots
 from freezecache.pipeline import STAGES
-from freezecache.plots import BENCH_BREAKDOWN, LEAD, PLOTS
-from freezecache.report import write_report
+from freezecache.reporting import plots
+from freezecache.reporting.plots import BENCH_BREAKDOWN, LEAD, PLOTS
+from freezecache.reporting.report import write_report
 from test_report import _fixture
 
 LIVE = "runs/s0/normal/live/plots/metrics"  # a DVCLive folder the report fixture writes

@@ -2,7 +2,7 @@
 
 import torch
 
-from freezecache import rank
+from freezecache.training import rank
 
 
 def test_ssim_is_one_for_identical_and_lower_for_different():
@@ -72,7 +72,7 @@ def test_prefix_tokens_are_never_selected():
 def test_bad_layout_or_prefix_is_a_user_error():
     import pytest
 
-    from freezecache.errors import FreezecacheError
+    from freezecache.core.errors import FreezecacheError
 
     with pytest.raises(FreezecacheError, match="spatial layout"):
         rank.ChannelSensitivity("tokens")

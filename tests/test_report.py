@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import load_profile
+from freezecache.accounting.stats import pack_correct
 from freezecache.config import parse_config
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
+from freezecache.core.records import COSTS_VERSION
 from freezecache.pipeline import STAGES
-from freezecache.records import COSTS_VERSION
-from freezecache.report import README_MARK, update_readme, write_report
-from freezecache.stats import pack_correct
-from freezecache.train import RunState
+from freezecache.reporting.report import README_MARK, update_readme, write_report
+from freezecache.training.train import RunState
 
 ACC = {
     "normal": [0.90, 0.92],
@@ -258,7 +258,7 @@ def test_update_readme_replaces_only_the_marked_sections(tmp_path):
     [(0.75, 0.35, "flips hurt"), (-1.0, 0.2, "flips help"), (0.1, 0.3, "no measurable")],
 )
 def test_the_flip_control_is_read_out_in_words(gap, std, words):
-    from freezecache.report_markdown import _flip_lines
+    from freezecache.reporting.markdown import _flip_lines
 
     lines = _flip_lines({"normal_noflip": {"gap_to_normal": gap, "gap_to_normal_std": std}})
     assert words in lines[-1] and f"{gap:+.2f} ± {std:.2f}" in lines[-1]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from freezecache.stats import pack_correct, paired_gap, unpack_correct, verdict
+from freezecache.accounting.stats import pack_correct, paired_gap, unpack_correct, verdict
 
 
 def _runs(p: float, seeds: int = 3, n: int = 5000, seed: int = 0) -> np.ndarray:

@@ -9,18 +9,18 @@ from conftest import load_profile, needs_fashion
 from freezecache.cache.format import open_cache
 from freezecache.cache.reader import iter_cache
 from freezecache.config import parse_config
-from freezecache.errors import FreezecacheError
-from freezecache.guard import stage
+from freezecache.core.errors import FreezecacheError
+from freezecache.core.timing import STAGE_SECTIONS, Sections
 from freezecache.models import split
 from freezecache.pipeline import STAGES
+from freezecache.pipeline.guard import stage
 from freezecache.steps.baselines import baseline, train_prefix
 from freezecache.steps.cache import cache_point, frozen_model, prefix_hash
 from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare
 from freezecache.steps.pretrain import pretrain
 from freezecache.steps.suffix import train_suffix
-from freezecache.timing import STAGE_SECTIONS, Sections
-from freezecache.train import RunState
+from freezecache.training.train import RunState
 
 
 def _config(tmp_path, **changes):

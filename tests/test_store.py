@@ -16,7 +16,7 @@ from freezecache.cache.loader import ChunkShuffleSampler, fits_in_memory, make_l
 from freezecache.cache.reader import CacheDataset, collate_chunks, finish_batch, iter_cache
 from freezecache.cache.writer import Build, CacheWriter
 from freezecache.codecs.registry import make_codec
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 SHAPE = (4, 6, 6)
 HASH = "a1b2c3d4e5f60718293a"

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from freezecache import disk
 from freezecache.cache import assemble, spool
 from freezecache.cache.assemble import assemble_cache
 from freezecache.cache.format import ROOT_ATTRS, Layout, open_cache
@@ -29,7 +28,8 @@ from freezecache.cache.writer import Build, CacheWriter
 from freezecache.codecs import Codec
 from freezecache.codecs.quant import QuantCodec
 from freezecache.codecs.registry import calibrate, make_codec
-from freezecache.errors import FreezecacheError
+from freezecache.core import disk
+from freezecache.core.errors import FreezecacheError
 
 SHAPE = (4, 6, 6)
 HASH = "a1b2c3d4e5f60718293a"
@@ -395,7 +395,7 @@ CHILD = textwrap.dedent(
     import numpy as np
     from freezecache.cache import Build, CacheWriter, Layout
     from freezecache.codecs.registry import make_codec
-    from freezecache.errors import FreezecacheError
+    from freezecache.core.errors import FreezecacheError
 
     out, spool_dir, n, check = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
     rng = np.random.default_rng(0)
@@ -489,7 +489,7 @@ def test_full_tmpfs_then_more_space_resumes_to_the_same_file(tmp_path, small_fs)
 
 
 def test_a_state_file_that_fills_the_disk_keeps_the_old_one_and_says_so(small_fs):
-    from freezecache.io import atomic_write_bytes
+    from freezecache.core.io import atomic_write_bytes
 
     target = small_fs / "state.pt"
     atomic_write_bytes(target, b"old state")
@@ -504,7 +504,7 @@ def test_training_checkpoints_that_cannot_fit_are_refused_before_the_first_epoch
 ):
     from freezecache.config import Train
     from freezecache.models import create_model
-    from freezecache.train import Trainer
+    from freezecache.training.train import Trainer
 
     model = create_model("resnet20", num_classes=10, in_chans=1, img_size=12)
     need = disk.state_bytes(model)  # weights + momentum: about 2 x 1.1 MB for ResNet-20

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from freezecache import sweep
+from freezecache.tooling import sweep
 
 
 def _report(accs: dict[str, list[float]], ratio: float) -> dict:

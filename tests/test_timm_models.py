@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import augment_once
-from freezecache import augment, rank
+from freezecache.accounting.flops import forward_flops_counter, forward_macs_ptflops, part_flops
 from freezecache.codecs.registry import make_codec
-from freezecache.errors import FreezecacheError
-from freezecache.flops import forward_flops_counter, forward_macs_ptflops, part_flops
+from freezecache.core.errors import FreezecacheError
 from freezecache.models import (
     BlockModel,
     create_model,
@@ -28,7 +27,8 @@ from freezecache.models import (
     load_checkpoint,
     split,
 )
-from freezecache.train import RunState
+from freezecache.training import augment, rank
+from freezecache.training.train import RunState
 
 IMG = 32
 # family -> (timm name, tiny options, layout, prefix tokens, blocks)

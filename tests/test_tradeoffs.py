@@ -12,13 +12,13 @@ import yaml
 from torch import nn
 
 from conftest import load_profile, needs_fashion
-from freezecache import render
+from freezecache.accounting.memory import accounted_memory
 from freezecache.config import Train, parse_config
-from freezecache.memory import accounted_memory
 from freezecache.models import BlockModel, create_model
+from freezecache.planning.tradeoffs import measure_tradeoffs, render_markdown, write
 from freezecache.steps.prepare import prepare
-from freezecache.tradeoffs import measure_tradeoffs, render_markdown, write
-from freezecache.train import Trainer
+from freezecache.tooling import render
+from freezecache.training.train import Trainer
 
 F32 = 4  # bytes per float32
 CPU = torch.device("cpu")
@@ -242,7 +242,7 @@ def test_measure_tradeoffs_rows_on_a_tiny_config(tiny_cfg, tmp_path):
 
 
 def test_measure_tradeoffs_rejects_zero_steps(tiny_cfg):
-    from freezecache.errors import FreezecacheError
+    from freezecache.core.errors import FreezecacheError
 
     with pytest.raises(FreezecacheError, match="steps=0"):
         measure_tradeoffs(tiny_cfg, steps=0)

@@ -12,8 +12,8 @@ import yaml
 from conftest import ROOT, env_with_venv, load_profile, needs_fashion, run
 from freezecache.config import Train
 from freezecache.models import create_model
-from freezecache.schedule import Phase
-from freezecache.train import RunState, Trainer, TrainSpec, cosine_lr, set_frozen
+from freezecache.training.schedule import Phase
+from freezecache.training.train import RunState, Trainer, TrainSpec, cosine_lr, set_frozen
 
 
 def test_cosine_lr_schedule():
@@ -137,7 +137,7 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
 
 def test_raw_image_crops_pad_with_the_background_not_the_mean():
     """A crop's border is a black pixel (0), which normalises to -mean/std, not 0."""
-    from freezecache.train import Images
+    from freezecache.training.train import Images
 
     images = torch.full((4, 1, 6, 6), 200, dtype=torch.uint8)
     mean, std = torch.tensor([0.3]), torch.tensor([0.2])

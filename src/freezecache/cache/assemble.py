@@ -19,8 +19,8 @@ import numpy as np
 from freezecache.cache.format import array_digest, attrs_digest
 from freezecache.cache.size import H5_OVERHEAD
 from freezecache.cache.spool import Spool, SpoolIndex, fsync_dir
-from freezecache.disk import check_free_space
-from freezecache.errors import FreezecacheError
+from freezecache.core.disk import check_free_space
+from freezecache.core.errors import FreezecacheError
 
 _LIBVER = ("v110", "v110")  # fixed HDF5 object formats: the same bytes from any HDF5 >= 1.10
 _COPY_PIECE = 16 << 20  # bytes per read when the kernel cannot copy a range itself

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from freezecache.augment import FeatureAug, NoiseBank, augment_features
 from freezecache.cache import fused
 from freezecache.cache.format import CacheInfo
 from freezecache.cache.loader import empty_tail, set_epoch
 from freezecache.cache.packed import steps
 from freezecache.cache.reader import CacheDataset, decode_packed, finish_batch
-from freezecache.timing import section
+from freezecache.core.timing import section
+from freezecache.training.augment import FeatureAug, NoiseBank, augment_features
 
 STD_SAMPLES = 512  # cached samples whose spread sets the noise scale
 

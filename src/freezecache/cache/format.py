@@ -58,7 +58,7 @@ import numpy as np
 
 from freezecache.codecs import Codec
 from freezecache.codecs.registry import make_codec
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 FORMAT_VERSION = 3
 INDEX_DATASETS = ("y", "x_offsets", "crc", "extra_offsets", "extra_crc", "extra_pos")

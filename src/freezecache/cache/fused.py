@@ -5,7 +5,8 @@ kernel writes each augmented float32 value once: flip (the stored flip-sensitive
 instead of the flipped ones, "Discard & Aug."), crop with zero padding, dequantisation
 ``q * step + lo`` and noise from the bank, for every sample in parallel. It computes exactly
 what :func:`freezecache.codecs.planes.dequantize` followed by
-:func:`freezecache.augment.augment_features` compute (a test compares them bit for bit): those
+:func:`freezecache.training.augment.augment_features` compute (a test compares them bit for bit):
+those
 run on a training device, this runs where the training device is the CPU and torch would make
 a float32 copy of the batch per step of the augmentation.
 
@@ -20,7 +21,7 @@ import logging
 
 import numpy as np
 
-from freezecache.errors import first_line
+from freezecache.core.errors import first_line
 
 log = logging.getLogger(__name__)
 

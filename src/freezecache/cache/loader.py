@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from freezecache.cache.format import CacheInfo
 from freezecache.cache.reader import CacheDataset, collate_chunks
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 
 class ChunkShuffleSampler(Sampler[int]):
@@ -87,7 +87,7 @@ class ShardedChunkBatches(Sampler[list[int]]):
 
 def _share(n: int, rank: int, world: int) -> slice:
     """Contiguous shares differing by at most one, the larger to the lower ranks (as
-    :func:`freezecache.distributed.share`, which store does not import)."""
+    :func:`freezecache.training.distributed.share`, which store does not import)."""
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))

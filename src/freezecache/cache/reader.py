@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from freezecache.cache.format import INDEX_DATASETS, CacheInfo, check_index, corrupt
 from freezecache.cache.packed import decode, gather, nbytes, pack, steps, unpack_chunks
 from freezecache.codecs.quant import QuantCodec
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 
 class CacheDataset(Dataset):

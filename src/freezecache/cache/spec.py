@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from freezecache.augment import stored_channels_shape
 from freezecache.cache.format import Layout
 from freezecache.codecs import Codec
 from freezecache.codecs.registry import make_codec
 from freezecache.config import Config
 from freezecache.models import BlockModel, feature_shape
-from freezecache.rank import num_selected_tokens
+from freezecache.training.augment import stored_channels_shape
+from freezecache.training.rank import num_selected_tokens
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 SPOOL_VERSION = 1
 _HEAD = struct.Struct("<4sQQQQ")  # magic, first chunk, chunks, samples, token positions per sample

@@ -28,8 +28,8 @@ from freezecache.cache.size import estimate_cache_bytes
 from freezecache.cache.spool import Spool, SpoolIndex
 from freezecache.codecs import Codec
 from freezecache.codecs.quant import QuantCodec
-from freezecache.disk import check_free_space, free_bytes, human, is_no_space
-from freezecache.errors import FreezecacheError
+from freezecache.core.disk import check_free_space, free_bytes, human, is_no_space
+from freezecache.core.errors import FreezecacheError
 
 log = logging.getLogger(__name__)
 

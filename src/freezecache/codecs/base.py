@@ -1,5 +1,5 @@
 """What every codec shares: the finite-values check, float32 input, per-thread zstd contexts,
-and (from :mod:`freezecache.errors`) the one line for an optional package that is missing or
+and (from :mod:`freezecache.core.errors`) the one line for an optional package that is missing or
 broken."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 
-from freezecache.errors import FreezecacheError, optional
+from freezecache.core.errors import FreezecacheError, optional
 
 # Why: zstd contexts are not safe to share between threads, and building one per blob is slow.
 _ZSTD_LOCAL = threading.local()

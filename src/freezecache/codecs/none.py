@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from freezecache.codecs.base import as_f32, check_finite
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 
 class NoneCodec:

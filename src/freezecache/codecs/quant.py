@@ -26,7 +26,7 @@ from freezecache.codecs.planes import (
     dequantize_np,
     exact_step,
 )
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 # float32 holds every integer multiple of a power of two up to 2^24 of them exactly.
 _EXACT = 2**24

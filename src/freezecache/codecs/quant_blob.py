@@ -21,7 +21,7 @@ import torch
 
 from freezecache.codecs.base import optional, zstd_compressor, zstd_decompressor
 from freezecache.codecs.planes import join_planes
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 _QUANT_HEADER = struct.Struct("<4sBI")  # magic, code width in bytes, number of channels
 _QUANT_MAGIC = b"FCQ2"

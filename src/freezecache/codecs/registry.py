@@ -9,7 +9,7 @@ from freezecache.codecs import CODECS, Codec
 from freezecache.codecs.none import NoneCodec
 from freezecache.codecs.quant import QuantCodec
 from freezecache.codecs.zfp import ZfpCodec
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 _CODECS = {cls.name: cls for cls in (QuantCodec, ZfpCodec, NoneCodec)}
 assert tuple(_CODECS) == CODECS, "every name in codecs.CODECS has one implementation"

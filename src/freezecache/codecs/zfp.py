@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from freezecache.codecs.base import as_f32, check_finite, optional
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 
 def _zfpy():

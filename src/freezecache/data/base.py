@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 
 @dataclass

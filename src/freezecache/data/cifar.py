@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import Source, Split, array_split, check_labels, find_dataset
-from freezecache.errors import FreezecacheError
 
 log = logging.getLogger(__name__)
 CIFAR10_CLASSES = [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import Source, array_split, check_labels
-from freezecache.errors import FreezecacheError
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, what PIL's convert("L") uses
 _FIT_CHUNK = 1024  # images per interpolate call: bounds the float32 copy

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import Source
 from freezecache.data.trees import DirTree, is_grayscale, tree_files, tree_split
-from freezecache.errors import FreezecacheError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

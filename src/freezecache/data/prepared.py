@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import LazySplit, Source, Split
 from freezecache.data.classes import class_problems, select_classes
 from freezecache.data.fit import fit_images, fit_list
 from freezecache.data.sources import known_num_classes, open_source
 from freezecache.data.subset import stratified_indices, train_val_indices
-from freezecache.errors import FreezecacheError
 
 log = logging.getLogger(__name__)
 FINGERPRINT_METHOD = "sha256 over (name, size, sha256 of content) of every source file read"

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import LazySplit, Source, Split
 from freezecache.data.cifar import CIFAR, open_cifar
 from freezecache.data.classes import class_problems
 from freezecache.data.fashion_mnist import FASHION_MNIST_CLASSES, open_fashion_mnist
 from freezecache.data.imagefolder import open_imagefolder
 from freezecache.data.tiny_imagenet import TINY_IMAGENET_CLASSES, open_tiny_imagenet
-from freezecache.errors import FreezecacheError
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import Split
-from freezecache.errors import FreezecacheError
 
 log = logging.getLogger(__name__)
 # The validation draw uses its own random stream of the same seed, so asking for a validation

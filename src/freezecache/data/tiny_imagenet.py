@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import Source, find_dataset
 from freezecache.data.trees import DirTree, ZipTree, text, tree_files, tree_split
-from freezecache.errors import FreezecacheError
 
 TINY_IMAGENET_CLASSES = 200  # wnids in the published archive; labels follow sorted wnids
 

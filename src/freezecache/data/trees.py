@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import LazySplit
-from freezecache.errors import FreezecacheError
 
 
 class DirTree:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from freezecache.errors import FreezecacheError, ModelOptionError
+from freezecache.core.errors import FreezecacheError, ModelOptionError
 
 log = logging.getLogger(__name__)
 

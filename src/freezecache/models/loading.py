@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 
 if TYPE_CHECKING:
     from freezecache.models import BlockModel

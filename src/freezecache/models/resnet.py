@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from freezecache.errors import FreezecacheError
+from freezecache.core.errors import FreezecacheError
 from freezecache.models import BlockModel
 from freezecache.models.resnet_cifar import PoolLinearHead
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from freezecache.errors import FreezecacheError, ModelOptionError
+from freezecache.core.errors import FreezecacheError, ModelOptionError
 from freezecache.models import BlockModel, divisors, eval_mode, unsupported_option
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from freezecache.errors import ModelOptionError
+from freezecache.core.errors import ModelOptionError
 from freezecache.models import BlockModel, divisors, unsupported_option
 
 log = logging.getLogger(__name__)

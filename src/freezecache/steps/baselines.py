@@ -12,20 +12,21 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from freezecache.accounting.costs import method_costs, require_counter
 from freezecache.config import AUTO, Config
-from freezecache.costs import method_costs, require_counter
-from freezecache.decide import Monitor, Watch, allowed_from, resolve
-from freezecache.io import atomic_write_json, read_json
-from freezecache.methods import method
-from freezecache.schedule import Phase, phases
+from freezecache.core.io import atomic_write_json, read_json
+from freezecache.core.methods import method
 from freezecache.steps.context import Context
 from freezecache.steps.run import Run, image_spec
-from freezecache.train import RunState
+from freezecache.training.decide import Monitor, Watch, allowed_from, resolve
+from freezecache.training.schedule import Phase, phases
+from freezecache.training.train import RunState
 
 
 def train_prefix(cfg: Config, seed: int) -> None:
     """The whole model up to the first freeze point: its given epoch, or (auto) the epoch and
-    block its criterion decides (:mod:`freezecache.decide`); writes the decision either way,
+    block its criterion decides (:mod:`freezecache.training.decide`); writes the decision either
+    way,
     and the criterion's statistics per block as curves."""
     require_counter()
     ctx = Context(cfg, seed, "train_prefix")

@@ -20,19 +20,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from freezecache import augment, distributed, rank, runtime
 from freezecache.cache import Build, CacheSpec, CacheWriter
 from freezecache.codecs.registry import calibrate, needs_calibration
 from freezecache.config import Config
-from freezecache.decide import resolve
-from freezecache.io import atomic_write_json
-from freezecache.methods import method
+from freezecache.core import runtime
+from freezecache.core.io import atomic_write_json
+from freezecache.core.methods import method
+from freezecache.core.timing import section, stage_timings
 from freezecache.models import feature_shape, split
 from freezecache.steps.context import Context
 from freezecache.steps.model import prefix_hash
 from freezecache.steps.run import checkpoint_dir, run_key, start_of_point
-from freezecache.timing import section, stage_timings
-from freezecache.train import progress
+from freezecache.training import augment, distributed, rank
+from freezecache.training.decide import resolve
+from freezecache.training.train import progress
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from freezecache import data, distributed, runtime
+from freezecache import data
 from freezecache.config import Config, Train
+from freezecache.core import runtime
 from freezecache.models import BlockModel, feature_shape, split
 from freezecache.pipeline import STAGES, Stage
 from freezecache.steps.model import build_model, check_schedule, load_start
-from freezecache.train import Features, Images, RunState, evaluate
+from freezecache.training import distributed
+from freezecache.training.train import Features, Images, RunState, evaluate
 
 # Validation features of a frozen prefix are held on the device when they take at most this.
 FEATURES_BUDGET = 1 << 30

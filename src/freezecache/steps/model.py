@@ -7,9 +7,9 @@ from __future__ import annotations
 from torch import nn
 
 from freezecache.config import Config, Model
-from freezecache.config_checks import model_kwargs_problems
-from freezecache.errors import FreezecacheError, ModelOptionError
-from freezecache.io import tensors_digest
+from freezecache.config.checks import model_kwargs_problems
+from freezecache.core.errors import FreezecacheError, ModelOptionError
+from freezecache.core.io import tensors_digest
 from freezecache.models import BlockModel, create_model, split
 
 

@@ -4,8 +4,8 @@ schedule whose caches would not fit on the disk stops the pipeline here."""
 from __future__ import annotations
 
 from freezecache.config import Config
-from freezecache.io import atomic_write_json, atomic_write_text
-from freezecache.plan import make_plan, render_markdown
+from freezecache.core.io import atomic_write_json, atomic_write_text
+from freezecache.planning.plan import make_plan, render_markdown
 from freezecache.steps.context import Context
 
 

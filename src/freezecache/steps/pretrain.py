@@ -11,14 +11,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from freezecache.accounting.costs import method_costs, require_counter
 from freezecache.config import Config
-from freezecache.costs import method_costs, require_counter
-from freezecache.records import Costs
-from freezecache.schedule import Phase
+from freezecache.core.records import Costs
 from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare_data
 from freezecache.steps.run import Run, image_spec
-from freezecache.train import RunState
+from freezecache.training.schedule import Phase
+from freezecache.training.train import RunState
 
 
 def _body(model) -> dict:

@@ -12,19 +12,20 @@ from pathlib import Path
 
 from torch import nn
 
-from freezecache import distributed, runtime
+from freezecache.accounting.stats import pack_correct
 from freezecache.config import dump_config
-from freezecache.errors import FreezecacheError
-from freezecache.io import atomic_write_json, file_digest
-from freezecache.live import EpochLog
+from freezecache.core import runtime
+from freezecache.core.errors import FreezecacheError
+from freezecache.core.io import atomic_write_json, file_digest
+from freezecache.core.records import Costs
+from freezecache.core.timing import section, stage_timings
 from freezecache.models import split
 from freezecache.pipeline import start_of_point as _start_file
-from freezecache.records import Costs
-from freezecache.schedule import Phase
-from freezecache.stats import pack_correct
 from freezecache.steps.context import Context
-from freezecache.timing import section, stage_timings
-from freezecache.train import RunState, Trainer, TrainSpec
+from freezecache.training import distributed
+from freezecache.training.live import EpochLog
+from freezecache.training.schedule import Phase
+from freezecache.training.train import RunState, Trainer, TrainSpec
 
 log = logging.getLogger(__name__)
 

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import torch
 
-from freezecache import augment, distributed, runtime
+from freezecache.accounting.costs import method_costs, require_counter
 from freezecache.cache import CacheInfo, make_loader, open_cache
 from freezecache.cache.feed import Feed, feature_std
 from freezecache.config import Config
-from freezecache.costs import method_costs, require_counter
-from freezecache.decide import resolve
-from freezecache.methods import method
+from freezecache.core import runtime
+from freezecache.core.methods import method
+from freezecache.core.timing import section
 from freezecache.models import split
-from freezecache.schedule import Phase
 from freezecache.steps.context import Context
 from freezecache.steps.model import prefix_hash
 from freezecache.steps.run import Run, start_of_point
-from freezecache.timing import section
-from freezecache.train import TrainSpec
+from freezecache.training import augment, distributed
+from freezecache.training.decide import resolve
+from freezecache.training.schedule import Phase
+from freezecache.training.train import TrainSpec
 
 
 def cache_feed(ctx: Context, path: Path, info: CacheInfo, mode: str, layout: str) -> Feed:

@@ -1,0 +1,268 @@
+"""The pipeline, declared once: each stage's command, outputs, params and data deps.
+
+``dvc.yaml`` is rendered from these declarations (:mod:`freezecache.tooling.render`, ``freezecache
+pipeline``, a developer command; a test keeps the committed file in step) and the steps read
+their output paths from them too, so a file name is spelled only here. The rendered file is
+DVC-templated: its shape (seeds x methods x freeze points) comes from params.yaml through
+``matrix``.
+
+Freeze points are matrix slots ``p0, p1, ...``, each naming the run it continues from (``prev``:
+``../prefix``, the run shared by every method, for the first point; the slot before for the
+others). DVC cannot refer to the previous item of a matrix, so the slots are rendered, one per
+point: changing the number of points re-renders dvc.yaml; their blocks and epochs come from
+params.yaml.
+
+Code deps are derived from each stage script's imports
+(:func:`freezecache.tooling.render.code_deps`),
+so editing a module reruns exactly the stages that import it. Every stage reads this module for
+its output paths; the rendering lives in :mod:`freezecache.tooling.render`, the plots in
+:mod:`freezecache.reporting.plots`, so neither is a dep of any stage.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from freezecache.config import Train
+from freezecache.core.methods import method
+
+# Matrix variables: what each iterates over and the stage argument it becomes.
+MATRIX = {
+    "seed": ("${seeds}", "--seed"),
+    "method.baseline": ("${methods.baselines}", "--method"),
+    "method.discard": ("${methods.discard}", "--method"),
+    "p": (None, "--point"),  # rendered: one item per freeze point of params.yaml (render.py)
+}
+SECTIONS = (
+    "paths", "seeds", "methods", "data", "pretrain", "model", "train", "runtime", "freeze",
+    "rank", "cache", "loader", "augment", "distributed",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Out:
+    """One output of a stage; ``path`` is a template (see :meth:`Stage.path`)."""
+
+    path: str
+    # True: DVC caches it, so its run cache can restore the stage in a queued experiment's
+    # workspace instead of rerunning it. False (the report's tables): git tracks it.
+    cache: bool = True
+    plot: dict | None = None  # declared as a DVC plot with these properties
+    metric: bool = False  # declared as a DVC metrics file (only the report's headline)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: ``stages/<name>.py`` run once per matrix item."""
+
+    name: str
+    matrix: tuple[str, ...] = ()  # keys of MATRIX
+    deps: tuple[str, ...] = ()  # data deps (templates); code deps are derived
+    params: tuple[str, ...] = ()
+    outs: dict[str, Out] = field(default_factory=dict)
+
+    @property
+    def script(self) -> str:
+        return f"stages/{self.name}.py"
+
+    def path(self, role: str, cfg, **item) -> Path:
+        """The file of output ``role`` for one matrix item (``seed=``, ``method=``, ``p=``)."""
+        return fill(self.outs[role].path, cfg, **item)
+
+
+def fill(template: str, cfg, **item) -> Path:
+    """A path template with the values of a config and a matrix item, normalised."""
+    text = template.format(paths=cfg.paths, first_seed=cfg.seeds[0], **item)
+    return Path(os.path.normpath(text))
+
+
+# -- the declarations ---------------------------------------------------------------------------
+CHECKED = "{paths.runs}/params.ok"
+ALLOWED = "{paths.runs}/allowed_blocks.json"  # the plan's blocks a decision may freeze at
+DATA = "{paths.data}"
+WEIGHTS = "{paths.runs}/pretrain/state.pt"
+SEED = "{paths.runs}/s{seed}"
+PREFIX = SEED + "/prefix/state.pt"
+POINT = SEED + "/{method}/{p.name}"  # p0, p1, ...: freeze points in their order
+START = SEED + "/{method}/{p.prev}/state.pt"  # the run a freeze point continues from
+CACHE = "{paths.cache}/s{seed}/{method}/{p.name}.h5"
+DECISION = SEED + "/prefix/decision.json"  # the freeze points as the shared run decided them
+# The train keys each kind of stage reads: the suffix reads them all; stages on raw images not
+# the suffix's own (Train.SUFFIX_ONLY); pretrain neither its epochs nor lr (pretrain.epochs/lr).
+IMAGE_TRAIN_KEYS = tuple(f"train.{k}" for k in Train.model_fields if k not in Train.SUFFIX_ONLY)
+PRETRAIN_TRAIN_KEYS = tuple(k for k in IMAGE_TRAIN_KEYS if k not in ("train.epochs", "train.lr"))
+TRAIN = ("model", *IMAGE_TRAIN_KEYS, "runtime", "freeze")
+
+
+def _run_outs(folder: str) -> dict[str, Out]:
+    """What every training stage writes: weights, costs, DVCLive's metrics and curves."""
+    return {
+        "state": Out(f"{folder}/state.pt"),
+        "costs": Out(f"{folder}/costs.json"),
+        "metrics": Out(f"{folder}/live/metrics.json"),
+        "plots": Out(f"{folder}/live/plots/metrics", plot={"x": "step"}),
+    }
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        # Validates params.yaml before any stage deletes its outputs (every stage depends on it).
+        Stage("check", params=SECTIONS, outs={"ok": Out(CHECKED)}),
+        Stage("prepare", deps=(CHECKED,), params=("data",), outs={"data": Out(DATA)}),
+        # The starting weights: pre-trained on the source split, a local file, or none.
+        Stage(
+            "pretrain",
+            deps=(CHECKED, "{paths.weights}"),
+            # fine-tuning's train settings, but its own epochs and lr (pretrain.epochs/lr)
+            params=("pretrain", "model", "runtime", *PRETRAIN_TRAIN_KEYS),
+            outs={
+                "state": Out(WEIGHTS),
+                "costs": Out("{paths.runs}/pretrain/costs.json"),
+                "metrics": Out("{paths.runs}/pretrain/live/metrics.json"),
+            },
+        ),
+        # Cache sizes, savings and time per block, before any training; stops a schedule whose
+        # caches would not fit. Its "allowed" output (the blocks a decision may freeze at)
+        # changes only when that set does.
+        Stage(
+            "plan",
+            deps=(CHECKED, DATA, WEIGHTS),
+            params=(
+                "seeds",
+                "methods",
+                "model",
+                "train",
+                "runtime",
+                "freeze",
+                "rank",
+                "cache",
+                "augment",
+                "loader",
+            ),  # fmt: skip
+            outs={
+                "allowed": Out(ALLOWED),
+                "json": Out("{paths.results}/plan.json", cache=False),
+                "md": Out("{paths.results}/plan.md", cache=False),
+            },
+        ),
+        # The whole model up to the first freeze point, which it decides when the schedule
+        # says auto (decision.json; its criterion's statistics are curves either way).
+        Stage(
+            "train_prefix",
+            matrix=("seed",),
+            deps=(CHECKED, ALLOWED, DATA, WEIGHTS),
+            params=TRAIN,
+            outs={
+                **_run_outs(SEED + "/prefix"),
+                "decision": Out(DECISION),
+                "criterion": Out(SEED + "/prefix/criterion/plots/metrics", plot={"x": "step"}),
+            },
+        ),
+        Stage(
+            "baseline",
+            matrix=("seed", "method.baseline"),
+            deps=(CHECKED, DATA, WEIGHTS, PREFIX, DECISION),
+            params=TRAIN,
+            outs=_run_outs(SEED + "/{method}"),
+        ),
+        Stage(
+            "cache",
+            matrix=("seed", "method.discard", "p"),
+            deps=(CHECKED, DATA, START, DECISION),
+            params=("model", "runtime", "freeze", "rank", "cache", "train.precision"),
+            outs={
+                "cache": Out(CACHE),
+                "ranking": Out(POINT + "/ranking.json"),
+                "stats": Out(POINT + "/cache.json"),
+            },
+        ),
+        Stage(
+            "train_suffix",
+            matrix=("seed", "method.discard", "p"),
+            deps=(CHECKED, DATA, START, CACHE, DECISION),
+            params=("model", "train", "runtime", "freeze", "augment", "loader"),
+            outs=_run_outs(POINT),
+        ),
+        Stage(
+            "tradeoffs",
+            deps=(
+                CHECKED,
+                DATA,
+                "{paths.runs}/s{first_seed}/prefix/state.pt",
+                "{paths.runs}/s{first_seed}/prefix/decision.json",
+            ),  # fmt: skip
+            params=TRAIN,
+            outs={
+                "json": Out("{paths.results}/tradeoffs.json"),
+                "md": Out("{paths.results}/tradeoffs.md"),
+            },
+        ),
+        Stage(
+            "report",
+            deps=("{paths.runs}", "{paths.results}/tradeoffs.json", "{paths.results}/plan.json"),
+            params=("seeds", "methods", "freeze", "cache"),
+            outs={
+                "md": Out("{paths.results}/report.md", cache=False),
+                "json": Out("{paths.results}/report.json", cache=False),
+                "metrics": Out("{paths.results}/metrics.json", cache=False, metric=True),
+                "summary": Out("{paths.results}/summary.csv", cache=False),
+                "curves": Out("{paths.results}/curves.csv", cache=False),
+                "memory": Out("{paths.results}/memory.csv", cache=False),
+                "cache": Out("{paths.results}/cache.csv", cache=False),
+            },
+        ),
+    )
+}
+
+# Stages whose command goes through the launcher (torchrun when distributed.world_size > 1), and
+# whether their results depend on the number of processes (then `distributed` is one of their
+# params). A cache built by rank 0 or by every rank holds the same features.
+LAUNCHED = {"pretrain": True, "train_prefix": True, "baseline": True, "cache": False,
+            "train_suffix": True}  # fmt: skip
+
+
+def method_runs(cfg, seed: int, name: str) -> list[tuple[Stage, dict]]:
+    """The training stages that make up method ``name``'s run for one seed, in order, with their
+    matrix items: the shared prefix (when the method starts from it), then its baseline stage, or
+    each freeze point's cache build and suffix training. The one place that says which stages
+    a method's run is made of (the report, the wall time and the chain of points read it)."""
+    m = method(name)
+    item = {"seed": seed, "method": name}
+    runs = [(STAGES["train_prefix"], {"seed": seed})] if m.shared_prefix else []
+    if m.kind == "baseline":
+        return [*runs, (STAGES["baseline"], item)]
+    for p in cfg.points:
+        runs += [(STAGES["cache"], {**item, "p": p}), (STAGES["train_suffix"], {**item, "p": p})]
+    return runs
+
+
+def start_of_point(cfg, seed: int, name: str, p) -> Path:
+    """The state file freeze point ``p`` of method ``name`` continues from: the output of the
+    training stage before it in :func:`method_runs` (the shared prefix, or the point before)."""
+    runs = [(s, i) for s, i in method_runs(cfg, seed, name) if "state" in s.outs]
+    at = next(k for k, (s, i) in enumerate(runs) if s.name == "train_suffix" and i["p"] == p)
+    stage, item = runs[at - 1]
+    return stage.path("state", cfg, **item)
+
+
+def check_rendered(cfg, dvc_yaml: Path = Path("dvc.yaml")) -> None:
+    """Refuse params whose number of freeze points is not the one dvc.yaml has stages for: DVC
+    cannot derive a point's predecessor, so ``freezecache pipeline`` renders one matrix item
+    per point (and ``make repro`` runs it)."""
+    import yaml
+
+    from freezecache.core.errors import FreezecacheError
+
+    if not dvc_yaml.is_file():
+        return
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    items = stages.get("cache", {}).get("matrix", {}).get("p")
+    if isinstance(items, list) and len(items) != len(cfg.points):
+        raise FreezecacheError(
+            f"params.yaml has {len(cfg.points)} freeze points but {dvc_yaml} has stages for "
+            f"{len(items)} — run `freezecache pipeline` (or `make repro`) first, then "
+            "`dvc repro` or `dvc exp run`"
+        )

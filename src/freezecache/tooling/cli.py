@@ -1,0 +1,212 @@
+"""The `freezecache` command: what users run by hand (check, profile, readme, ...)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import typer
+
+from freezecache.pipeline.guard import fail, setup_logging, stage, stage_free
+from freezecache.tooling import render
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+PROFILES = Path("configs")
+
+
+@app.command()
+def check(params: Path = typer.Option(Path("params.yaml"), help="params file to validate")) -> None:
+    """Validate a params file, the model it names included: every problem reported at once."""
+    from freezecache.steps.model import check_model
+
+    with stage(params) as cfg:
+        model = check_model(cfg, str(params))
+        print(f"{params}: ok ({cfg.model.name}: {model.num_blocks} blocks, layout {model.layout})")
+
+
+@app.command()
+def profile(
+    name: str = typer.Argument(..., help="profile in configs/ (default, scratch, smoke, paper_*)"),
+    params: Path = typer.Option(Path("params.yaml"), help="where to write it"),
+) -> None:
+    """Copy a named profile to params.yaml (validated first)."""
+    src = PROFILES / f"{name}.yaml"
+    if not src.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        fail(f"no profile '{name}' in {PROFILES}/ — choose one of: {known}")
+    with stage(src):
+        shutil.copyfile(src, params)
+        print(f"{src} -> {params}")
+        if params.resolve() == (render.ROOT / "params.yaml").resolve():  # its freeze points
+            print("dvc.yaml: " + ("rendered" if render.write() else "up to date"))
+
+
+@app.command(name="pipeline")
+def render_pipeline(
+    check_only: bool = typer.Option(False, "--check", help="fail if dvc.yaml is out of date"),
+) -> None:
+    """Render dvc.yaml from the stage declarations (for developers; params never need it)."""
+    setup_logging()
+    if check_only:
+        if render.render_text() != (render.ROOT / "dvc.yaml").read_text():
+            fail(
+                "dvc.yaml is older than src/freezecache/pipeline/__init__.py — run "
+                "`freezecache pipeline`"
+            )
+        print("dvc.yaml: up to date")
+    else:
+        print("dvc.yaml: " + ("rendered" if render.write() else "up to date"))
+
+
+@app.command()
+def blocks(
+    name: str = typer.Argument(..., help="a registered model or any timm model name"),
+    img_size: int = typer.Option(32, help="input size"),
+    in_chans: int = typer.Option(3, help="input channels"),
+    num_classes: int = typer.Option(10, help="classes"),
+    kwarg: list[str] = typer.Option(
+        [], "--kwarg", "-k", help="a model option KEY=VALUE, as in model.kwargs (repeatable)"
+    ),
+) -> None:
+    """List a model's freeze positions: block name, index and output shape."""
+    from freezecache.models import create_model, describe_blocks
+
+    with stage_free():
+        options = _model_options(kwarg)
+        model = create_model(
+            name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **options
+        )
+        print(f"{name}: {model.num_blocks} blocks, layout {model.layout}")
+        print(f"{'position':>8}  {'name':<28} {'type':<24} output shape")
+        for r in describe_blocks(model):
+            shape = "x".join(map(str, r["shape"]))
+            print(f"{r['position']:>8}  {r['name']:<28} {r['type']:<24} {shape}")
+
+
+def _model_options(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as model.kwargs (values read as YAML, as params.yaml would)."""
+    import yaml
+
+    from freezecache.config import DERIVED_KWARGS
+    from freezecache.core.errors import FreezecacheError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise FreezecacheError(f"--kwarg {pair!r}: write KEY=VALUE, e.g. -k patch_size=4")
+        if key in DERIVED_KWARGS:
+            raise FreezecacheError(f"--kwarg {key}: give it as --{key.replace('_', '-')}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+@app.command()
+def plan(params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
+    """Where to freeze: cache size and savings per block, for the configured schedule."""
+    from freezecache.steps.plan import plan as make
+
+    with stage(params) as cfg:
+        print(make(cfg))
+
+
+@app.command()
+def sweep(
+    collect_only: bool = typer.Option(False, "--collect", help="only gather finished runs"),
+    results: Path = typer.Option(Path("results"), help="where codec_sweep.* go"),
+) -> None:
+    """Run the default over a grid of codecs and tolerances (queued DVC experiments, 3 seeds
+    each) and write results/codec_sweep.{csv,json,md,svg}."""
+    from freezecache.tooling import sweep as sw
+
+    with stage_free():
+        if not collect_only:
+            print("queued: " + ", ".join(sw.queue()))
+            sw.run_queue()
+        rows = sw.collect()
+        sw.write(rows, results)
+        print(sw.render_markdown(rows))
+
+
+@app.command(name="ensure-data")
+def ensure_data(params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """Make sure the embedded dataset is present (installs Debian's package when root)."""
+    from freezecache.tooling.debian import ensure_fashion_mnist
+
+    with stage(params) as cfg:
+        if cfg.data.name == "fashion_mnist" and cfg.data.root is None:
+            print(ensure_fashion_mnist())
+
+
+@app.command()
+def plots(out: Path = typer.Option(Path("results/plots"), help="folder for index.html")) -> None:
+    """Render `dvc plots show` to HTML that works offline (Vega bundled, no CDN)."""
+    from freezecache.reporting.plots import render
+
+    with stage_free():
+        page, empty = render(out)
+        for name in empty:
+            print(f"warning: the lead chart {name} has no data (the page says what writes it)")
+        print(f"{page}: open it in a browser (no network needed)")
+
+
+@app.command()
+def doctor(
+    params: Path = typer.Option(Path("params.yaml"), help="the profile to check"),
+    measure: bool = typer.Option(
+        True, "--measure/--no-measure", help="the ~20 s epoch measurement on the profile"
+    ),
+    samples: int = typer.Option(512, min=64, help="training images of the measurement"),
+    json_out: Path = typer.Option(None, "--json", help="also write the checks to this file"),
+) -> None:
+    """Check this environment for the profile: packages, device(s), CUDA/NCCL, the quant decode
+    on the device, free disk, and one suffix epoch against one FreezeOut epoch. Exit status 1
+    when the setup is broken."""
+    from freezecache.core.errors import FreezecacheError
+    from freezecache.core.io import atomic_write_json
+    from freezecache.planning import doctor as doc
+
+    setup_logging()
+    logging.getLogger().setLevel(logging.ERROR)  # one screen: the checks say what logs would
+    try:
+        cfg, source = doc.load_profile(params)
+    except FreezecacheError as err:
+        fail(str(err))
+    checks = doc.run_checks(cfg, measure_epochs=measure, samples=samples)
+    print(doc.render(checks, source, cfg))
+    if json_out is not None:
+        atomic_write_json(json_out, doc.to_json(checks, source))
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
+# README section -> the generated file it shows (between `<!-- name:start -->` markers).
+README_SECTIONS = {
+    "search": "results/schedule_search.md",
+    "recipe": "results/recipe_search.md",
+    "adaptive": "results/adaptive.md",
+    "flips": "results/flip_symmetry.md",
+    "results": "results/report.md",
+    "scratch": "results/scratch/report.md",
+    "timm": "results/timm/report.md",
+    "plan": "results/plan.md",
+    "sweep": "results/codec_sweep.md",
+    "bench": "results/bench.md",
+    "scaling": "results/bench_scaling.md",
+    "gpu": "results/gpu/gpu_check.md",
+}
+
+
+@app.command()
+def readme(target: Path = typer.Option(Path("README.md"))) -> None:
+    """Regenerate the README's generated sections from the results/ files."""
+    from freezecache.reporting.report import update_readme
+
+    with stage_free():
+        update_readme({k: Path(v) for k, v in README_SECTIONS.items()}, target)
+        print(f"{target}: sections updated from " + ", ".join(README_SECTIONS.values()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,2 @@
+"""Training: the one loop, image batches, augmentation, flip-sensitive ranking, freezing
+schedules, data parallelism, DVCLive curves, adaptive freeze decisions."""
