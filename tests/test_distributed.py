@@ -400,7 +400,7 @@ def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
     "n,chunk,world", [(600, 1, 2), (96, 1, 2), (10_000, 3, 4), (1000, 512, 3), (5000, 2, 7)]
 )
 def test_cache_build_ranges_cover_the_chunks_from_resume_points(n, chunk, world):
-    from freezecache.steps.cache import BUILD_BATCH, build_ranges
+    from freezecache.cache.build import BUILD_BATCH, build_ranges
 
     ranges = build_ranges(n, chunk, world)
     chunks = -(-n // chunk)

@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from freezecache.config import AUTO, DERIVED_KWARGS, HUB_KWARGS, Config, Data
 from freezecache.core.methods import method
 
-
 FLIP_KEYS = ("train.hflip", "augment.flip_p")  # before flips were one setting
 
 

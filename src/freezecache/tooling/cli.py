@@ -165,7 +165,7 @@ def doctor(
     when the setup is broken."""
     from freezecache.core.errors import FreezecacheError
     from freezecache.core.io import atomic_write_json
-    from freezecache.planning import doctor as doc
+    from freezecache.tooling import doctor as doc
 
     setup_logging()
     logging.getLogger().setLevel(logging.ERROR)  # one screen: the checks say what logs would
