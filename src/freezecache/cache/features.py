@@ -13,12 +13,13 @@ the same way, with draws from torch's global generator (seeded per worker by the
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from freezecache.cache.feed import Feed, feature_std
 from freezecache.cache.format import CacheInfo, open_cache
@@ -108,7 +109,7 @@ class CachedFeatures(Dataset):
         self.in_memory = in_memory
         self.packed = device_decode and isinstance(info.codec(), QuantCodec)
         self._feeds: dict[int, Feed] = {}
-        self._items: tuple[CacheDataset, Feed] | None = None
+        self._items: tuple[int, CacheDataset, Feed] | None = None
 
     # -- the pipeline's epoch ---------------------------------------------------------------------
     def feed(self, batch_size: int) -> Feed:
@@ -184,14 +185,20 @@ class CachedFeatures(Dataset):
         return [(x[row[i]], labels[row[i]]) for i in ids]
 
     def _item_path(self) -> tuple[CacheDataset, Feed]:
-        """The chunks' reader and their decode on the CPU (built on first use, per process)."""
-        if self._items is None:
+        """The chunks' reader and their decode on the CPU, built on first use in each process.
+
+        In a DataLoader worker the decode goes through torch, not the fused numba pass: the
+        workers are forked, and numba's OpenMP threads abort a child forked from a process that
+        ran them. Both give the same values (tests/test_fused.py)."""
+        if self._items is None or self._items[0] != os.getpid():
             held = held_in_memory(self.info, self.in_memory, codes=self.packed)
             mode = {"codes": "codes", "compressed": True, None: False}[held]
             data = CacheDataset(self.path, self.info, device_decode=self.packed, in_memory=mode)
             cpu = torch.device("cpu")
-            self._items = (data, Feed(None, self.info, self.aug, self._bank(cpu), cpu, self.packed))
-        return self._items
+            fuse = get_worker_info() is None
+            feed = Feed(None, self.info, self.aug, self._bank(cpu), cpu, self.packed, fuse)
+            self._items = (os.getpid(), data, feed)
+        return self._items[1:]
 
     def __getstate__(self) -> dict:
         # Loaders (and their worker processes) stay in the process that made them.

@@ -40,7 +40,8 @@ class Feed:
     """Per-epoch (features, labels) batches from a cache ``loader`` (:func:`make_loader`),
     augmented by ``aug`` with noise from ``bank`` on ``device``. Without a loader it only
     decodes and augments the batches it is given (:meth:`augmented`; ``packed``: their codes
-    are still packed, as a ``device_decode`` loader gives them)."""
+    are still packed, as a ``device_decode`` loader gives them; ``fuse`` False: never the
+    fused CPU pass, whose threads must not run in a process forked from one that ran them)."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class Feed:
         bank: NoiseBank | None,
         device,
         packed: bool | None = None,
+        fuse: bool = True,
     ):
         self.loader = loader
         self.info = info
@@ -62,7 +64,8 @@ class Feed:
             self._where = torch.tensor(info.extra_index, dtype=torch.long, device=self.device)
         codec = info.codec()
         self._fused = (
-            self.device.type == "cpu"
+            fuse
+            and self.device.type == "cpu"
             and aug.layout == "nchw"
             and aug.mode != "none"
             and aug.blur_p == 0
