@@ -229,3 +229,14 @@ def test_a_shuffling_dataloader_and_too_many_flip_channels(tmp_path):
         fc.build_cache(prefix, shuffled, tmp_path / "c.h5")
     with pytest.raises(fc.FreezecacheError, match=r"flip_channels=99 but .* 16 channels"):
         fc.build_cache(prefix, _data(8), tmp_path / "c.h5", flip_channels=99)
+
+
+def test_the_readme_api_reference_is_generated_from_the_docstrings():
+    from conftest import ROOT
+    from freezecache.reporting.report import README_MARK
+    from freezecache.tooling.api_doc import reference
+
+    text = (ROOT / "README.md").read_text()
+    begin, end = (README_MARK.format(name="api", edge=e) for e in ("start", "end"))
+    assert text.split(begin)[1].split(end)[0] == "\n" + reference(), "run `freezecache readme`"
+    assert "#### `freezecache.build_cache(prefix: nn.Module, data, path" in reference()
