@@ -50,7 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # whole wait for a batch, the others split it (or are compute).
 DATA_PARTS = ("read + unpack", "decode", "augment", "decode + augment (fused)")
 COMPUTE_PARTS = ("forward", "backward", "optimizer step")
-VARIANTS = ("compressed in RAM", "cache file", "features in RAM")  # the timed method's P1 runs
+# the timed method's other runs: P1's three, and the public CachedFeatures through a DataLoader
+API_LOADER = "CachedFeatures in a DataLoader"
+VARIANTS = ("compressed in RAM", "cache file", "features in RAM", API_LOADER)
 
 
 @dataclasses.dataclass
@@ -96,6 +98,29 @@ class RamFeed:
             yield x, b["y"]
 
 
+class LoaderFeed:
+    """``CachedFeatures`` as a user's loop reads it: a map-style dataset in a ``DataLoader``
+    (shuffled samples, batches decoded and augmented by ``__getitems__``, the loader params'
+    workers), standing in for its ``batches`` in ``steps.suffix.suffix_spec``."""
+
+    def __init__(self, features: CachedFeatures, batch_size: int, workers: int):
+        self.device = features.device
+        self.g = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            features, batch_size=batch_size, shuffle=True, num_workers=workers,
+            generator=self.g, persistent_workers=workers > 0,
+            pin_memory=features.device.type == "cuda",
+        )  # fmt: skip
+
+    def num_batches(self, batch_size: int) -> int:
+        return len(self.loader)
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator[tuple]:
+        self.g.manual_seed(runtime.derive_seed(seed, epoch, "api loader"))
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
 def _timed(build: Callable[[], Setting]) -> Setting:
     start = time.perf_counter()
     setting = build()
@@ -120,11 +145,13 @@ def settings(ctx: Context, model, block: int, caches: dict[str, Path], timed: st
 
         out[name] = _timed(image)
 
-    def cached(name: str, path: Path, in_memory=None, ram: bool = False) -> Setting:
+    def cached(name: str, path: Path, in_memory=None, ram: bool = False, api=False) -> Setting:
         m = copy.deepcopy(model)
         loader = {} if in_memory is None else {"in_memory": in_memory}
         features = suffix.cached_features(ctx, path, name, m, block, **loader)
         source = RamFeed(features, cfg.train.batch_size) if ram else features
+        if api:
+            source = LoaderFeed(features, cfg.train.batch_size, cfg.loader.workers)
         return Setting(trainer(m), suffix.suffix_spec(ctx, m, block, source, (0, 1)), 0.0)
 
     for name, path in caches.items():
@@ -133,6 +160,7 @@ def settings(ctx: Context, model, block: int, caches: dict[str, Path], timed: st
     out[f"{timed}, compressed in RAM"] = _timed(lambda: cached(timed, path, in_memory=True))
     out[f"{timed}, cache file"] = _timed(lambda: cached(timed, path, in_memory=False))
     out[f"{timed}, features in RAM"] = _timed(lambda: cached(timed, path, ram=True))
+    out[f"{timed}, {API_LOADER}"] = _timed(lambda: cached(timed, path, api=True))
     return out
 
 
@@ -281,6 +309,8 @@ def p1(result: dict, timed: str) -> dict:
     return {
         "p1_cache_vs_ram": e[timed]["epoch_s"] / ram,
         "p1_file_cache_vs_ram": e[f"{timed}, cache file"]["epoch_s"] / ram,
+        # the public reader through a user's DataLoader against the stage's own epoch
+        "api_loader_vs_stage": e[f"{timed}, {API_LOADER}"]["epoch_s"] / e[timed]["epoch_s"],
     }
 
 

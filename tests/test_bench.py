@@ -25,6 +25,7 @@ SIZE, TRAIN, VAL, TEST = 12, 96, 32, 40
 EPOCHS = {
     "normal", "freezeout", "discard", "discard_aug", "discard_aug, cache file",
     "discard_aug, features in RAM", "discard_aug, compressed in RAM",
+    "discard_aug, CachedFeatures in a DataLoader",
 }  # fmt: skip
 
 
