@@ -2,11 +2,12 @@
 
 Every setting trains the model the way its stage does, through the stage's own functions: the
 raw-image epochs of Normal and FreezeOut (``steps.run.image_spec``), the cache epochs of Discard
-and Discard & Aug. (``steps.suffix.cache_feed`` and ``cached_batches``), each with the stage's
-per-epoch validation. The epochs run in turn, several rounds, under a
-:class:`freezecache.core.timing.Sections` clock that splits them into reading, decoding,
-augmenting, forward, backward, the optimizer step and validation. Two more settings time the
-timed discard method's cache read from the file and its features held decoded in memory (P1).
+and Discard & Aug. (``steps.suffix.cached_features`` and ``suffix_spec``: the public
+``CachedFeatures.batches``), each with the stage's per-epoch validation. The epochs run in
+turn, several rounds, under a :class:`freezecache.core.timing.Sections` clock that splits them
+into reading, decoding, augmenting, forward, backward, the optimizer step and validation. Two
+more settings time the timed discard method's cache read from the file and its features held
+decoded in memory (P1).
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import torch
 
 import benchlib as bench
 from freezecache.accounting.flops import part_flops
-from freezecache.cache import CacheInfo, iter_cache, open_cache
+from freezecache.cache import iter_cache
+from freezecache.cache.features import CachedFeatures
+from freezecache.core import runtime
 from freezecache.core.io import atomic_write_text
-from freezecache.core.methods import method
 from freezecache.core.timing import Sections
-from freezecache.models import split
 from freezecache.reporting.labels import label
 from freezecache.steps import suffix
 from freezecache.steps.context import Context
 from freezecache.steps.run import image_spec
+from freezecache.training import distributed
 from freezecache.training.augment import augment_features
 from freezecache.training.schedule import Phase
 from freezecache.training.train import Trainer, TrainSpec
@@ -48,7 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # whole wait for a batch, the others split it (or are compute).
 DATA_PARTS = ("read + unpack", "decode", "augment", "decode + augment (fused)")
 COMPUTE_PARTS = ("forward", "backward", "optimizer step")
-VARIANTS = ("compressed in RAM", "cache file", "features in RAM")  # the timed method's P1 runs
+# the timed method's other runs: P1's three, and the public CachedFeatures through a DataLoader
+API_LOADER = "CachedFeatures in a DataLoader"
+VARIANTS = ("compressed in RAM", "cache file", "features in RAM", API_LOADER)
 
 
 @dataclasses.dataclass
@@ -62,23 +66,27 @@ class Setting:
 
 class RamFeed:
     """The cached features decoded into float32 on the device, augmented by torch as the feed's
-    device path does: the P1 baseline (the cache's read and decode left out)."""
+    device path does: the P1 baseline (the cache's read and decode left out). It stands in for
+    a :class:`CachedFeatures` in ``steps.suffix.suffix_spec`` (its ``batches``)."""
 
-    def __init__(self, feed: suffix.Feed, path: Path, info: CacheInfo, batch_size: int, seed: int):
-        self.feed, self.info, self.batch_size, self.seed = feed, info, batch_size, seed
+    def __init__(self, features: CachedFeatures, batch_size: int):
+        self.feed, self.info = features.feed(batch_size), features.info
+        self.batch_size = batch_size
         parts: dict[str, list] = {}
-        for batch in iter_cache(path, info):
+        for batch in iter_cache(features.path, features.info):
             for key, value in batch.items():
                 if key != "index":
                     parts.setdefault(key, []).append(value)
-        self.arrays = {k: torch.cat(v).to(feed.device) for k, v in parts.items()}
+        self.arrays = {k: torch.cat(v).to(self.feed.device) for k, v in parts.items()}
 
-    def __len__(self) -> int:
+    def num_batches(self, batch_size: int) -> int:
         return len(self.feed)
 
-    def epoch(self, epoch: int, g: torch.Generator) -> Iterator[tuple]:
+    def batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator[tuple]:
+        """The epoch's batches as ``CachedFeatures.batches`` gives them (order and draws)."""
+        g = runtime.generator(*distributed.stream(seed, epoch, "features"))
         orders = bench.batch_orders(
-            self.info.num_samples, self.info.chunk_size, self.batch_size, self.seed, epoch
+            self.info.num_samples, self.info.chunk_size, self.batch_size, seed, epoch
         )
         for ids in orders:
             idx = torch.from_numpy(ids).to(self.feed.device)
@@ -88,6 +96,29 @@ class RamFeed:
             x = augment_features(b["x"], self.feed.aug, draws, self.feed.bank, extra=b.get("extra"),
                                  where=where)  # fmt: skip
             yield x, b["y"]
+
+
+class LoaderFeed:
+    """``CachedFeatures`` as a user's loop reads it: a map-style dataset in a ``DataLoader``
+    (shuffled samples, batches decoded and augmented by ``__getitems__``, the loader params'
+    workers), standing in for its ``batches`` in ``steps.suffix.suffix_spec``."""
+
+    def __init__(self, features: CachedFeatures, batch_size: int, workers: int):
+        self.device = features.device
+        self.g = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            features, batch_size=batch_size, shuffle=True, num_workers=workers,
+            generator=self.g, persistent_workers=workers > 0,
+            pin_memory=features.device.type == "cuda",
+        )  # fmt: skip
+
+    def num_batches(self, batch_size: int) -> int:
+        return len(self.loader)
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator[tuple]:
+        self.g.manual_seed(runtime.derive_seed(seed, epoch, "api loader"))
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def _timed(build: Callable[[], Setting]) -> Setting:
@@ -114,21 +145,14 @@ def settings(ctx: Context, model, block: int, caches: dict[str, Path], timed: st
 
         out[name] = _timed(image)
 
-    def cached(name: str, path: Path, in_memory=None, ram: bool = False) -> Setting:
-        c = ctx if in_memory is None else _with_loader(ctx, in_memory)
+    def cached(name: str, path: Path, in_memory=None, ram: bool = False, api=False) -> Setting:
         m = copy.deepcopy(model)
-        info = open_cache(path)
-        feed = suffix.cache_feed(c, path, info, method(name).augment, m.layout)
-        source = RamFeed(feed, path, info, cfg.train.batch_size, ctx.seed) if ram else feed
-        _, forward = split(m, block)
-        spec = TrainSpec(
-            phase=Phase("discard", block, 0, 1),
-            forward=forward,
-            batches=suffix.cached_batches(ctx, source),
-            steps_per_epoch=len(source),
-            evaluate=ctx.evaluator(m, block),
-        )
-        return Setting(trainer(m), spec, 0.0)
+        loader = {} if in_memory is None else {"in_memory": in_memory}
+        features = suffix.cached_features(ctx, path, name, m, block, **loader)
+        source = RamFeed(features, cfg.train.batch_size) if ram else features
+        if api:
+            source = LoaderFeed(features, cfg.train.batch_size, cfg.loader.workers)
+        return Setting(trainer(m), suffix.suffix_spec(ctx, m, block, source, (0, 1)), 0.0)
 
     for name, path in caches.items():
         out[name] = _timed(lambda n=name, p=path: cached(n, p))
@@ -136,15 +160,8 @@ def settings(ctx: Context, model, block: int, caches: dict[str, Path], timed: st
     out[f"{timed}, compressed in RAM"] = _timed(lambda: cached(timed, path, in_memory=True))
     out[f"{timed}, cache file"] = _timed(lambda: cached(timed, path, in_memory=False))
     out[f"{timed}, features in RAM"] = _timed(lambda: cached(timed, path, ram=True))
+    out[f"{timed}, {API_LOADER}"] = _timed(lambda: cached(timed, path, api=True))
     return out
-
-
-def _with_loader(ctx: Context, in_memory: bool) -> Context:
-    """The stage's context with ``loader.in_memory`` set: the file and the in-memory path."""
-    other = copy.copy(ctx)
-    loader = ctx.cfg.loader.model_copy(update={"in_memory": in_memory})
-    other.cfg = ctx.cfg.model_copy(update={"loader": loader})
-    return other
 
 
 def epoch_of(setting: Setting, epoch: int) -> dict:
@@ -292,6 +309,8 @@ def p1(result: dict, timed: str) -> dict:
     return {
         "p1_cache_vs_ram": e[timed]["epoch_s"] / ram,
         "p1_file_cache_vs_ram": e[f"{timed}, cache file"]["epoch_s"] / ram,
+        # the public reader through a user's DataLoader against the stage's own epoch
+        "api_loader_vs_stage": e[f"{timed}, {API_LOADER}"]["epoch_s"] / e[timed]["epoch_s"],
     }
 
 

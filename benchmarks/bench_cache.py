@@ -3,13 +3,13 @@
 `make bench` runs this on the default profile (params.yaml), on the profile's training set, in
 a scratch folder (nothing under runs/ or the cache folder is touched). The caches are built by
 the cache stage's own function (``steps.cache.cache_point``) and read by the train_suffix
-stage's own functions (``steps.suffix.cache_loader`` and ``cached_batches``). Everything is
+stage's own functions (``steps.suffix.cached_features`` and ``suffix_spec``). Everything is
 measured side by side in one run and printed as ratios next to their goals:
 
 - P1 p1_cache_vs_ram / p1_file_cache_vs_ram: a suffix epoch at the first freeze point from the
   compressed cache held in RAM (``in_memory=True``) / read from the HDF5 file (``in_memory=False``,
   the profile's loader workers), each over the same epoch from float32 features held in memory
-  (the decoded cache) through the same augmentation (``steps.suffix.augmented_batches``).
+  (the decoded cache) through the same augmentation (``benchmarks/_epochs.RamFeed``).
 - P2 p2_vs_flops_ideal: (suffix epoch from the cache as the stage reads it / full-model epoch on
   raw images) / (suffix training FLOPs / full training FLOPs).
 - P3 p3_ratio per freeze point: compressed / float32 size of F(x) in the cache stage's cache (the
@@ -27,7 +27,6 @@ in the results folder of params.yaml (not DVC outputs).
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import logging
 import shutil
@@ -45,6 +44,7 @@ from freezecache.cache.format import CacheInfo, open_cache
 from freezecache.cache.loader import held_in_memory
 from freezecache.codecs.registry import make_codec
 from freezecache.config import Config
+from freezecache.config.scratch import first_point_only, scratch_profile
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.io import atomic_write_json, atomic_write_text, read_json
 from freezecache.core.methods import method as method_info
@@ -78,12 +78,6 @@ def bench_method(cfg: Config) -> str:
     if not names:
         raise FreezecacheError("methods.discard is empty — name a discard method for the bench")
     return next((n for n in names if method_info(n).needs_ranking), names[0])
-
-
-def scratch_config(cfg: Config, folder: Path) -> Config:
-    """The profile with its runs, caches and checkpoints in ``folder`` (the data stays)."""
-    paths = {name: str(folder / name) for name in ("runs", "cache", "checkpoints")}
-    return cfg.model_copy(update={"paths": cfg.paths.model_copy(update=paths)})
 
 
 def prefix_state(cfg: Config, work: Config, seed: int) -> tuple[RunState, str]:
@@ -121,14 +115,6 @@ def stage_caches(work: Config, seed: int, name: str, state: RunState) -> list[di
         with Sections(STAGE_SECTIONS):
             out.append(cache_point(work, seed, name, p.i))
     return out
-
-
-def _loader_ctx(ctx: Context, in_memory: bool) -> Context:
-    """The stage's context with ``loader.in_memory`` set: the file and the in-memory path."""
-    other = copy.copy(ctx)
-    loader = ctx.cfg.loader.model_copy(update={"in_memory": in_memory})
-    other.cfg = ctx.cfg.model_copy(update={"loader": loader})
-    return other
 
 
 # -- P3, P4 --------------------------------------------------------------------------------------
@@ -281,6 +267,11 @@ def goal_rows(points: list[dict], p4: dict, p1p2: dict) -> list[dict]:
         bench.goal_row("p1_cache_vs_ram", "cache in memory", p1p2["p1_cache_vs_ram"]),
         bench.goal_row("p1_file_cache_vs_ram", "cache file", p1p2["p1_file_cache_vs_ram"]),
         bench.goal_row("p2_vs_flops_ideal", p1p2["p2_cache"], p1p2["p2_vs_flops_ideal"]),
+        bench.goal_row(
+            "api_loader_vs_stage",
+            "CachedFeatures in a DataLoader / the stage's epoch",
+            p1p2["api_loader_vs_stage"],
+        ),  # fmt: skip
     ]
     for p in points:
         for label, b in p["builds"].items():
@@ -313,14 +304,12 @@ def run(
         log.info("no prepared data at %s: preparing it", cfg.paths.data)
         prepare(cfg)
     with tempfile.TemporaryDirectory(prefix="freezecache-bench-") as tmp:
-        work = scratch_config(cfg, Path(tmp))
+        work = scratch_profile(cfg, Path(tmp))  # the prepared data stays
         state, weights = prefix_state(cfg, work, seed)
         caches = stage_caches(work, seed, name, state)
         first = work.points[0]
         builds = {name: caches[0]}
-        one_point = work.model_copy(
-            update={"freeze": work.freeze.model_copy(update={"points": [first]})}
-        )
+        one_point = first_point_only(work)
         for other in work.methods.discard:  # the first point's cache of every discard method
             if other != name:
                 builds[other] = stage_caches(one_point, seed, other, state)[0]
@@ -367,6 +356,7 @@ def run(
         "p1_cache_vs_ram": p1p2["p1_cache_vs_ram"],
         "p1_file_cache_vs_ram": p1p2["p1_file_cache_vs_ram"],
         "p2_vs_flops_ideal": p1p2["p2_vs_flops_ideal"],
+        "api_loader_vs_stage": p1p2["api_loader_vs_stage"],
         "p3": points,
         **p4,
         "p1_p2": p1p2,
@@ -386,12 +376,10 @@ def epochs_only(cfg: Config, *, method: str | None = None, repeats: int = 2) -> 
         log.info("no prepared data at %s: preparing it", cfg.paths.data)
         prepare(cfg)
     with tempfile.TemporaryDirectory(prefix="freezecache-bench-") as tmp:
-        work = scratch_config(cfg, Path(tmp))
+        work = scratch_profile(cfg, Path(tmp))  # the prepared data stays
         state, weights = prefix_state(cfg, work, seed)
         first = work.points[0]
-        one_point = work.model_copy(
-            update={"freeze": work.freeze.model_copy(update={"points": [first]})}
-        )
+        one_point = first_point_only(work)
         order = [name, *(m for m in work.methods.discard if m != name)]
         builds = {m: stage_caches(one_point, seed, m, state)[0] for m in order}
         ctx = Context(work, seed, "train_suffix", method=name, p=first)
@@ -417,6 +405,7 @@ def epochs_only(cfg: Config, *, method: str | None = None, repeats: int = 2) -> 
         "p1_cache_vs_ram": p1p2["p1_cache_vs_ram"],
         "p1_file_cache_vs_ram": p1p2["p1_file_cache_vs_ram"],
         "p2_vs_flops_ideal": p1p2["p2_vs_flops_ideal"],
+        "api_loader_vs_stage": p1p2["api_loader_vs_stage"],
         "p1_p2": p1p2,
     }
 
@@ -434,7 +423,8 @@ def epochs_markdown(res: dict) -> str:
         *bench.breakdown_markdown(t["breakdown"], s["block"]),
         f"P1 (cache in memory / features in RAM) {res['p1_cache_vs_ram']:.2f}, from the file "
         f"{res['p1_file_cache_vs_ram']:.2f}; P2 (suffix / full epoch over their FLOPs ratio) "
-        f"{res['p2_vs_flops_ideal']:.2f}.",
+        f"{res['p2_vs_flops_ideal']:.2f}; CachedFeatures in a DataLoader / the stage's epoch "
+        f"{res['api_loader_vs_stage']:.2f} (goal <= 1.10).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,6 @@ import csv
 import importlib.util
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import yaml
 import _epochs
 import benchlib as bench
 from conftest import ROOT, load_profile
+from freezecache.cache.features import features_for
 from freezecache.cache.format import Layout, open_cache
 from freezecache.cache.writer import Build, CacheWriter
 from freezecache.codecs.registry import make_codec
@@ -25,6 +25,7 @@ SIZE, TRAIN, VAL, TEST = 12, 96, 32, 40
 EPOCHS = {
     "normal", "freezeout", "discard", "discard_aug", "discard_aug, cache file",
     "discard_aug, features in RAM", "discard_aug, compressed in RAM",
+    "discard_aug, CachedFeatures in a DataLoader",
 }  # fmt: skip
 
 
@@ -105,7 +106,7 @@ def bench_out(tmp_path_factory):
     threads, calls = torch.get_num_threads(), {}
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for name in ("cache_feed", "cached_batches"):
+            for name in ("cached_features", "suffix_spec"):
                 spy(mp, calls, name)
             load_script().main(
                 params=params, method=None, repeats=1, warmup_steps=1, codec_samples=64,
@@ -205,14 +206,14 @@ def test_p3_per_freeze_point(bench_out):
 
 def test_the_bench_times_the_stages_batch_functions(bench_out):
     _, _, calls, _ = bench_out
-    feeds = [(args[0].cfg.loader.in_memory, args[3]) for args, _ in calls["cache_feed"]]
+    feeds = [(kw.get("in_memory", "auto"), args[2]) for args, kw in calls["cached_features"]]
     # each discard method as its stage reads the cache, then the timed one from the file and
     # (decoded into RAM) through the same augmentation
     assert sorted(feeds, key=str) == sorted(
-        [("auto", "standard"), ("auto", "similarity"), (True, "similarity"),
-         (False, "similarity"), ("auto", "similarity")], key=str,
+        [("auto", "discard"), ("auto", "discard_aug"), (True, "discard_aug"),
+         (False, "discard_aug"), ("auto", "discard_aug")], key=str,
     )  # fmt: skip
-    assert len(calls["cached_batches"]) == 5
+    assert len(calls["suffix_spec"]) == 5
 
 
 def test_coding_ideas_in_bench_json(bench_out, tmp_path):
@@ -274,17 +275,17 @@ def test_ram_baseline_batches_equal_the_stage_batches(tmp_path, chunk_size, devi
     cfg = load_profile_config()
     loader_cfg = cfg.loader.model_copy(update={"device_decode": device_decode, "in_memory": True})
     train = cfg.train.model_copy(update={"batch_size": 7})
-    aug = cfg.augment.model_copy(update={"crop_pad": 2, "noise_std": 0.05, "flip_p": 0.5})
-    ctx = SimpleNamespace(
-        cfg=cfg.model_copy(update={"loader": loader_cfg, "train": train, "augment": aug}),
-        seed=4, device=torch.device("cpu"), meta={"img_size": 12},
-    )  # fmt: skip
-    feed = suffix.cache_feed(ctx, path, info, "similarity", "nchw")
-    assert feed.fused == device_decode
-    stage = list(suffix.cached_batches(ctx, feed)(1))
-    ram = _epochs.RamFeed(feed, path, info, 7, seed=4)
-    from_ram = list(suffix.cached_batches(ctx, ram)(1))
-    assert len(stage) == len(from_ram) == len(feed) >= 2
+    train = train.model_copy(update={"flip_p": 0.5})
+    aug = cfg.augment.model_copy(update={"crop_pad": 2, "noise_std": 0.05})
+    cfg = cfg.model_copy(update={"loader": loader_cfg, "train": train, "augment": aug})
+    features = features_for(
+        cfg, info, "discard_aug", layout="nchw", img_size=12, device=torch.device("cpu"), seed=4
+    )
+    assert features.feed(7).fused == device_decode
+    stage = list(features.batches(7, seed=4, epoch=1))
+    ram = _epochs.RamFeed(features, 7)
+    from_ram = list(ram.batches(7, seed=4, epoch=1))
+    assert len(stage) == len(from_ram) == features.num_batches(7) >= 2
     for (xa, ya), (xb, yb) in zip(stage, from_ram, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 

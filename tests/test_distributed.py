@@ -287,8 +287,8 @@ def test_with_sync_batchnorm_two_ranks_match_one_at_the_same_global_batch(tmp_pa
     Augmentation off (its draws are per rank) and a lossless cache (a quantized cache of slightly
     different features differs by whole quantization steps)."""
     same = {
-        "train__lr": 0.01, "train__batch_size": 48, "train__hflip": False, "train__crop_pad": 0,
-        "augment__flip_p": 0.0, "augment__crop_pad": 0, "augment__noise_std": 0.0,
+        "train__lr": 0.01, "train__batch_size": 48, "train__flip_p": 0.0, "train__crop_pad": 0,
+        "augment__crop_pad": 0, "augment__noise_std": 0.0,
         "cache__codec": "none", "freeze__points": [{"block": 2, "epoch": 1}],
     }  # fmt: skip
     one = _tiny(tmp_path / "one", distributed__sync_batchnorm=True, **same)
@@ -400,7 +400,7 @@ def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
     "n,chunk,world", [(600, 1, 2), (96, 1, 2), (10_000, 3, 4), (1000, 512, 3), (5000, 2, 7)]
 )
 def test_cache_build_ranges_cover_the_chunks_from_resume_points(n, chunk, world):
-    from freezecache.steps.cache import BUILD_BATCH, build_ranges
+    from freezecache.cache.build import BUILD_BATCH, build_ranges
 
     ranges = build_ranges(n, chunk, world)
     chunks = -(-n // chunk)

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import load_profile
-from freezecache.planning import doctor
+from freezecache.tooling import doctor
 from freezecache.tooling.cli import app
 
 

@@ -82,7 +82,7 @@ def alive(pid: int) -> bool:
 
 def test_the_project_files_leave_out_a_runs_outputs():
     files = gpu_check._project_files()
-    assert "dvc.yaml" in files and "src/freezecache/planning/doctor.py" in files
+    assert "dvc.yaml" in files and "src/freezecache/tooling/doctor.py" in files
     assert not any(f.startswith(("runs/", "data/cache", "results/", ".whl/")) for f in files)
     assert "dvc.lock" not in files
 
@@ -127,6 +127,6 @@ def test_without_git_the_project_files_are_walked(monkeypatch):
 
     monkeypatch.setattr(gpu_check.subprocess, "run", no_git)
     files = gpu_check._project_files()
-    assert "dvc.yaml" in files and "src/freezecache/planning/doctor.py" in files
+    assert "dvc.yaml" in files and "src/freezecache/tooling/doctor.py" in files
     assert not any(f.startswith((".git/", ".venv/", "runs/", "results/")) for f in files)
     assert not any("__pycache__" in f for f in files)

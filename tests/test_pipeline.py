@@ -29,7 +29,7 @@ def test_committed_dvc_yaml_is_rendered_from_the_declarations():
 
 def test_dvc_yaml_is_short_and_templated():
     text = (ROOT / "dvc.yaml").read_text()
-    assert len(text.splitlines()) <= 225
+    assert len(text.splitlines()) <= 240  # code deps listed per module where a folder is not whole
     stages = yaml.safe_load(text)["stages"]
     assert stages["train_suffix"]["matrix"] == {
         "seed": "${seeds}",

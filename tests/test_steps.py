@@ -15,8 +15,9 @@ from freezecache.models import split
 from freezecache.pipeline import STAGES
 from freezecache.pipeline.guard import stage
 from freezecache.steps.baselines import baseline, train_prefix
-from freezecache.steps.cache import cache_point, frozen_model, prefix_hash
+from freezecache.steps.cache import cache_point, frozen_model
 from freezecache.steps.context import Context
+from freezecache.steps.model import prefix_hash
 from freezecache.steps.prepare import prepare
 from freezecache.steps.pretrain import pretrain
 from freezecache.steps.suffix import train_suffix
@@ -166,7 +167,7 @@ def test_validation_on_a_frozen_prefix_s_features_equals_the_whole_model(tmp_pat
 @needs_fashion
 def test_the_build_reuses_the_ranking_passes_and_writes_the_same_file(tmp_path, monkeypatch):
 
-    from freezecache.steps import cache as cache_step
+    from freezecache.cache import build as cache_build
 
     cfg = _config(tmp_path)
     prepare(cfg)
@@ -175,7 +176,7 @@ def test_the_build_reuses_the_ranking_passes_and_writes_the_same_file(tmp_path, 
     path = STAGES["cache"].path("cache", cfg, seed=0, method="discard_aug", p=cfg.points[0])
     cache_point(cfg, 0, "discard_aug", 0)
     reused = path.read_bytes()
-    monkeypatch.setattr(cache_step, "REUSE_BYTES", 0)  # the ranking's passes not kept
+    monkeypatch.setattr(cache_build, "REUSE_BYTES", 0)  # the ranking's passes not kept
     cache_point(cfg, 0, "discard_aug", 0)
     assert path.read_bytes() == reused
 

@@ -143,7 +143,7 @@ def test_raw_image_crops_pad_with_the_background_not_the_mean():
     mean, std = torch.tensor([0.3]), torch.tensor([0.2])
     split = Images(images, torch.zeros(4, dtype=torch.long), mean, std)
     g = torch.Generator().manual_seed(1)
-    x, _ = next(split.batches(4, g=g, train_aug=Train(crop_pad=2, hflip=False)))
+    x, _ = next(split.batches(4, g=g, train_aug=Train(crop_pad=2, flip_p=0.0)))
     background = (0.0 - 0.3) / 0.2
     inside = (200 / 255 - 0.3) / 0.2
     values = set(torch.round(x * 1e4).unique().tolist())

@@ -38,9 +38,21 @@ def feature_std(path, info: CacheInfo, samples: int = STD_SAMPLES) -> float:
 
 class Feed:
     """Per-epoch (features, labels) batches from a cache ``loader`` (:func:`make_loader`),
-    augmented by ``aug`` with noise from ``bank`` on ``device``."""
+    augmented by ``aug`` with noise from ``bank`` on ``device``. Without a loader it only
+    decodes and augments the batches it is given (:meth:`augmented`; ``packed``: their codes
+    are still packed, as a ``device_decode`` loader gives them; ``fuse`` False: never the
+    fused CPU pass, whose threads must not run in a process forked from one that ran them)."""
 
-    def __init__(self, loader, info: CacheInfo, aug: FeatureAug, bank: NoiseBank | None, device):
+    def __init__(
+        self,
+        loader,
+        info: CacheInfo,
+        aug: FeatureAug,
+        bank: NoiseBank | None,
+        device,
+        packed: bool | None = None,
+        fuse: bool = True,
+    ):
         self.loader = loader
         self.info = info
         self.aug = aug
@@ -52,11 +64,12 @@ class Feed:
             self._where = torch.tensor(info.extra_index, dtype=torch.long, device=self.device)
         codec = info.codec()
         self._fused = (
-            self.device.type == "cpu"
+            fuse
+            and self.device.type == "cpu"
             and aug.layout == "nchw"
             and aug.mode != "none"
             and aug.blur_p == 0
-            and loader.dataset.device_decode
+            and (loader.dataset.device_decode if packed is None else packed)
             and fused.available()
         )
         if self._fused:
@@ -91,8 +104,8 @@ class Feed:
         if empty_tail(self.loader) and x is not None:
             yield x[:0], y[:0]  # this rank's share of the last global batch is empty: step anyway
 
-    def augmented(self, batch: dict, g: torch.Generator) -> Tensor:
-        """One batch's features, decoded and augmented."""
+    def augmented(self, batch: dict, g: torch.Generator | None) -> Tensor:
+        """One batch's features, decoded and augmented (``g`` None: torch's global generator)."""
         b = len(batch["y"])
         if self.aug.mode == "none":
             with section("decode"):

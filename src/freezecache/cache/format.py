@@ -189,15 +189,17 @@ def open_cache(
     expect_prefix_hash: str | None = None,
     stage: str | None = None,
     full: bool = False,
+    hint: str | None = None,
 ) -> CacheInfo:
-    """Check a cache file and read its description; ``stage`` names the producer in errors.
+    """Check a cache file and read its description; ``stage`` names the producer in errors
+    (``hint``: what to do instead of rerunning a stage, for caches built outside the pipeline).
 
     Checks the attributes and the index datasets against their digests; ``full`` also checks
     every blob against its crc (one read of the whole file; otherwise a blob is checked when it
     is read). A damaged or tampered file raises one line.
     """
     path = Path(path)
-    hint = rerun_hint(stage)
+    hint = hint or rerun_hint(stage)
     if not path.is_file():
         raise FreezecacheError(f"cache {path} does not exist — {hint}")
     try:
@@ -216,7 +218,7 @@ def open_cache(
     if expect_prefix_hash is not None and info.prefix_hash != expect_prefix_hash:
         raise FreezecacheError(
             f"cache {path} was built from prefix {info.prefix_hash[:12]} but this run's prefix "
-            f"is {expect_prefix_hash[:12]} — {hint}"
+            f"is {expect_prefix_hash[:12]} (other weights) — {hint}"
         )
     return info
 
@@ -230,6 +232,11 @@ def _first_line(err: BaseException) -> str:
 def _read_info(path: Path, f: h5py.File, hint: str) -> CacheInfo:
     """Read and cross-check the root attributes and index datasets of an open cache file."""
     attrs = f.attrs
+    if "format_version" not in attrs and "complete" not in attrs:
+        raise FreezecacheError(
+            f"cache {path} is an HDF5 file but not a freezecache cache (none of its attributes) "
+            f"— {hint}"
+        )
     if int(attrs.get("complete", 0)) != 1:
         raise FreezecacheError(f"cache {path} is incomplete (no complete flag) — {hint}")
     version = int(attrs.get("format_version", -1))

@@ -99,6 +99,12 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     (loader.batch_sampler if sharded else loader.sampler).set_epoch(epoch)
 
 
+def set_seed(loader: DataLoader, seed: int) -> None:
+    """Select the seed whose permutations a loader from :func:`make_loader` yields."""
+    sharded = isinstance(loader.batch_sampler, ShardedChunkBatches)
+    (loader.batch_sampler.order if sharded else loader.sampler).seed = seed
+
+
 def empty_tail(loader: DataLoader) -> bool:
     """Whether this rank's share of the epoch's last global batch is empty (see
     :class:`ShardedChunkBatches`); False in one process."""

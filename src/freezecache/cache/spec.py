@@ -35,17 +35,41 @@ class CacheSpec:
     codec_options: dict = field(default_factory=dict)
 
     @classmethod
+    def make(
+        cls,
+        sample_shape: tuple[int, ...],
+        layout: str,
+        *,
+        codec: str = "quant",
+        tolerance: float = 0.1,
+        relative: bool = False,
+        coding: str = "zstd",
+        chunk_size: int = 1,
+        stored: int = 0,
+        num_prefix_tokens: int = 0,
+    ) -> CacheSpec:
+        """The spec of features of ``sample_shape`` laid out as ``layout`` (nchw, nhwc or
+        tokens): the codec's options follow from the layout (quant scales per channel)."""
+        options = {}
+        if codec == "quant":
+            axis = 1 if layout == "nchw" else -1  # as BlockModel.channel_axis
+            options = {"channel_axis": axis, "relative": relative, "coding": coding}
+        return cls(
+            codec=codec,
+            tolerance=tolerance,
+            chunk_size=chunk_size,
+            sample_shape=tuple(sample_shape),
+            layout=layout,
+            stored=stored,
+            num_prefix_tokens=num_prefix_tokens,
+            codec_options=options,
+        )
+
+    @classmethod
     def at(cls, cfg: Config, model: BlockModel, block: int, index: int, ranked: bool) -> CacheSpec:
         """The spec of freeze point ``index`` (1-based) at ``block``; ``ranked``: the method
         stores what a ranking pass finds flip-sensitive (Discard & Aug.)."""
         c = cfg.cache
-        options = {}
-        if c.codec == "quant":
-            options = {
-                "channel_axis": model.channel_axis,
-                "relative": c.relative,
-                "coding": c.coding,
-            }
         shape = tuple(feature_shape(model, block))
         stored = 0
         if ranked and model.kind == "cnn":
@@ -53,15 +77,16 @@ class CacheSpec:
             stored = round(cfg.rank.gamma * channels)  # as rank.most_sensitive keeps
         elif ranked:
             stored = num_selected_tokens(shape[0], cfg.rank.alpha, model.num_prefix_tokens)
-        return cls(
+        return cls.make(
+            shape,
+            model.layout,
             codec=c.codec,
             tolerance=c.tolerance_at(index),
+            relative=c.relative,
+            coding=c.coding,
             chunk_size=c.chunk_size,
-            sample_shape=shape,
-            layout=model.layout,
             stored=stored,
             num_prefix_tokens=model.num_prefix_tokens,
-            codec_options=options,
         )
 
     @property

@@ -13,19 +13,21 @@ chunk into one ``bytes`` blob and back; the caller keeps the shape (the cache re
 zfp and absolute quant guarantee ``max|x - decode(encode(x))| <= tolerance``; relative quant
 guarantees ``tolerance * scale_c`` per channel c.
 
-This module holds only the names and the interface, so that params validation can read the
-names without importing a codec (or numba, or zfpy); :mod:`.registry` builds codecs.
+This module holds only the names (declared in :mod:`freezecache.core.choices`, where params
+validation reads them without importing this package) and the interface; :mod:`.registry`
+builds codecs.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from freezecache.core.choices import CODECS, CODINGS
+
 if TYPE_CHECKING:
     import numpy as np
 
-CODECS = ("quant", "zfp", "none")  # cache.codec
-CODINGS = ("zstd", "rans")  # cache.coding: quant's lossless stage
+__all__ = ["CODECS", "CODINGS", "Codec"]
 
 
 class Codec(Protocol):

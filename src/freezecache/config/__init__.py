@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from freezecache.codecs import CODECS, CODINGS
+from freezecache.core.choices import CODECS, CODINGS
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.methods import BASELINES, DISCARD
 
@@ -101,7 +101,10 @@ class Train(Section):
     momentum: Unit = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
     crop_pad: NonNegInt = 2
-    hflip: bool = False
+    # Horizontal flips, the one setting for every method: the probability that a raw image
+    # (full-model, FreezeOut and prefix training) or a cached feature map (the discard methods)
+    # is mirrored. One key, so that no method flips while the one it is compared with does not.
+    flip_p: Unit = 0.0
     eval_batch_size: PosInt = 500
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_checkpointing: NonNegInt = 0  # 0: off; k: recompute every k trainable blocks
@@ -231,7 +234,8 @@ class Loader(Section):
 
 
 class Augment(Section):
-    flip_p: Unit = 0.0
+    """How the discard methods augment cached features (flips: ``train.flip_p``)."""
+
     crop_pad: NonNegInt = 2  # in input pixels; scaled to each feature map's resolution
     noise_std: Annotated[float, Field(ge=0.0)] = 0.05  # relative to the batch's feature std
     blur_p: Unit = 0.0

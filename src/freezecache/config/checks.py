@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from freezecache.config import AUTO, DERIVED_KWARGS, HUB_KWARGS, Config, Data
 from freezecache.core.methods import method
 
+FLIP_KEYS = ("train.hflip", "augment.flip_p")  # before flips were one setting
+
 
 def format_pydantic(err: ValidationError, source: str) -> list[str]:
     lines, seen = [], set()
@@ -26,6 +28,11 @@ def format_pydantic(err: ValidationError, source: str) -> list[str]:
         if e["type"] == "extra_forbidden" and key.endswith(".after"):
             lines.append(
                 f"{source}: {key} is no longer needed (points chain by their order) — remove it"
+            )
+        elif e["type"] == "extra_forbidden" and key in FLIP_KEYS:
+            lines.append(
+                f"{source}: {key} is now train.flip_p, one setting for raw images and cached "
+                "features alike (probability of a flip; true = 0.5) — rename it"
             )
         elif e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}' — remove it or check its spelling")

@@ -7,9 +7,11 @@ from types import ModuleType
 
 
 class FreezecacheError(Exception):
-    """An error caused by the user's input (params, data files, caches).
+    """An error caused by the user's input (params, data files, caches, a model or a path given
+    to the public functions): one line that says what is wrong and what to do.
 
-    The CLI and the stages print ``error: <message>`` and exit with status 2, no traceback.
+    The CLI and the stages print ``error: <message>`` and exit with status 2, no traceback; a
+    training loop can catch it (``except freezecache.FreezecacheError``).
     """
 
 

@@ -18,7 +18,7 @@ class Method:
     name: str
     kind: Literal["baseline", "discard"]
     freezes: bool = False  # baselines: freeze blocks at the freeze points (FreezeOut)
-    hflip: bool = True  # baselines: random horizontal flips of the raw images
+    flips: bool = True  # False: a control that never flips, whatever train.flip_p says
     shared_prefix: bool = True  # starts from the shared run up to the first freeze point
     augment: Literal["none", "standard", "similarity"] = "none"  # discard: feature augmentation
 
@@ -40,7 +40,7 @@ METHODS: dict[str, Method] = {
         Method("freezeout", "baseline", freezes=True),
         # Control: does Normal gain from flips at all on this data? Trained without flips from
         # the starting weights, so no epoch of it saw a flip.
-        Method("normal_noflip", "baseline", hflip=False, shared_prefix=False),
+        Method("normal_noflip", "baseline", flips=False, shared_prefix=False),
         Method("discard", "discard", augment="standard"),
         Method("discard_aug", "discard", augment="similarity"),
         Method("discard_noaug", "discard", augment="none"),

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from freezecache.core.errors import FreezecacheError, ModelOptionError
+from freezecache.core.io import tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,13 @@ def split(model: BlockModel, position: int) -> tuple[nn.Module, nn.Module]:
     return BlockPrefix(model, position), BlockSuffix(model, position)
 
 
+def prefix_digest(prefix: nn.Module) -> str:
+    """Content hash of a frozen prefix's weights: what a cache records it was built from, and
+    what reading it checks (the same hash for ``split(model, p)[0]`` and any module holding the
+    same tensors under the same names)."""
+    return tensors_digest(prefix.state_dict())
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Temporarily put every submodule in eval mode, then restore each one's own flag."""
@@ -399,6 +407,7 @@ __all__ = [
     "feature_shapes",
     "list_models",
     "load_checkpoint",
+    "prefix_digest",
     "segment_probe",
     "split",
 ]

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezecache.cache import Build, CacheSpec, CacheWriter, open_cache
+from freezecache.cache import Build, CacheSpec, CacheWriter
+from freezecache.cache.features import features_for
 from freezecache.codecs.registry import calibrate
 from freezecache.core import runtime
 from freezecache.core.methods import method
 from freezecache.models import split
-from freezecache.steps.suffix import cache_feed
 from freezecache.training.train import Trainer, set_frozen
 
 REPEATS = 3  # timed repeats per measurement (the median), after one untimed
@@ -48,7 +48,7 @@ def _seconds(fn, device: torch.device) -> float:
 
 def _data_seconds(ctx, spec: CacheSpec, feats: torch.Tensor, y, name: str, layout: str) -> float:
     """Seconds to read, decode and augment one batch from a cache, as the training stage does
-    (a cache of ``feats`` written by the cache stage's writer, read by its feed)."""
+    (a cache of ``feats`` written by the cache stage's writer, read as the stage reads it)."""
     codec = spec.new_codec()
     calibrate(codec, feats.cpu().numpy(), spec.chunk_size)
     with tempfile.TemporaryDirectory(prefix="freezecache-plan-") as tmp:
@@ -65,10 +65,13 @@ def _data_seconds(ctx, spec: CacheSpec, feats: torch.Tensor, y, name: str, layou
             extra = feats[:, : spec.stored].cpu().numpy()
         with CacheWriter(path, codec, layout_, prefix_hash="plan", build=Build(workers=0)) as w:
             w.add(feats.cpu().numpy(), y.cpu().numpy(), extra=extra, extra_pos=pos)
-        info = open_cache(path)
-        feed = cache_feed(ctx, path, info, method(name).augment, layout)
-        g = runtime.generator(ctx.seed, "plan")
-        return _seconds(lambda: list(feed.epoch(0, g)), ctx.device) / max(1, len(feed))
+        features = features_for(
+            ctx.cfg, path, name, layout=layout, img_size=ctx.meta["img_size"], device=ctx.device,
+            seed=ctx.seed,
+        )  # fmt: skip
+        size = ctx.cfg.train.batch_size
+        epoch = lambda: list(features.batches(size))  # noqa: E731
+        return _seconds(epoch, ctx.device) / max(1, features.num_batches(size))
 
 
 def predict(ctx, model: nn.Module, pos: int, spec_of, x, y) -> dict:

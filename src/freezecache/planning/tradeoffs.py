@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from freezecache import data
 from freezecache.accounting import flops, memory
 from freezecache.config import Config
+from freezecache.config.model import build_model
 from freezecache.core import runtime
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.io import atomic_write_json, atomic_write_text
 from freezecache.models import BlockModel, split
-from freezecache.steps.model import build_model
 from freezecache.training.train import Images, RunState, Trainer, set_frozen
 
 log = logging.getLogger(__name__)

@@ -322,15 +322,18 @@ def write_report(cfg: Config) -> dict:
     return report
 
 
-def update_readme(sources: dict[str, Path], target: Path) -> None:
-    """Replaces each generated README section (between its markers) with its source file."""
+def update_readme(sources: dict[str, Path | str], target: Path) -> None:
+    """Replaces each generated README section (between its markers) with its source file, or
+    with the text given (a section generated from the code, such as the API reference)."""
     text = target.read_text()
     for name, source in sources.items():
         begin, end = (README_MARK.format(name=name, edge=e) for e in ("start", "end"))
         if begin not in text or end not in text:
             raise FreezecacheError(f"{target}: no {name} markers — add {begin} ... {end}")
         body = (
-            source.read_text()
+            source
+            if isinstance(source, str)
+            else source.read_text()
             if source.is_file()
             else f"_Not measured in this revision: `{source}` is missing (its `make` target "
             "writes it; then `make readme`)._\n"

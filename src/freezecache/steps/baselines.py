@@ -85,7 +85,7 @@ def baseline(cfg: Config, seed: int, name: str) -> None:
     ctx = Context(cfg, seed, "baseline", method=name)
     m = method(name)
     model = ctx.new_model()
-    train = cfg.train if m.hflip else cfg.train.model_copy(update={"hflip": False})
+    train = cfg.train if m.flips else cfg.train.model_copy(update={"flip_p": 0.0})
     todo = phases(cfg, name)
     if m.shared_prefix:
         start_file = ctx.stage_path("train_prefix", "state")

@@ -1,36 +1,18 @@
-"""The model a stage trains, built from the params and the prepared data's metadata (the one
-place that does it), its starting weights, and what the params ask of it that only the model
-can check (its depth, its constructor's arguments)."""
+"""The model a stage trains: built from the params and the prepared data's metadata
+(:func:`freezecache.config.model.build_model`, the one place that does it), its starting
+weights, the hash of its frozen prefix, and what the params ask of it that only the model can
+check (its depth, its constructor's arguments)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from freezecache.config import Config, Model
-from freezecache.config.checks import model_kwargs_problems
-from freezecache.core.errors import FreezecacheError, ModelOptionError
-from freezecache.core.io import tensors_digest
-from freezecache.models import BlockModel, create_model, split
+from freezecache.config import Config
+from freezecache.config.model import build_model
+from freezecache.core.errors import FreezecacheError
+from freezecache.models import BlockModel, prefix_digest, split
 
-
-def build_model(model: Model, meta: dict) -> BlockModel:
-    """The params' model for data with ``meta`` (classes, channels, image size): ``model.kwargs``
-    meet the arguments freezecache derives here only, and a refusal is one line per problem
-    that names its key (``model.kwargs.patch_size: ...``), in a stage as in ``check``."""
-    # parse_config refuses these already; this covers a Model built in code (tradeoffs, tests)
-    problems = model_kwargs_problems(model.kwargs)
-    if problems:
-        raise FreezecacheError("\n".join(problems))
-    try:
-        return create_model(
-            model.name,
-            num_classes=meta["num_classes"],
-            in_chans=meta["channels"],
-            img_size=meta["img_size"],
-            **model.kwargs,
-        )
-    except ModelOptionError as err:
-        raise FreezecacheError(f"model.{err.key}: {err}") from None
+__all__ = ["build_model", "check_model", "check_schedule", "load_start", "prefix_hash"]
 
 
 def load_start(model: nn.Module, weights: dict) -> None:
@@ -91,5 +73,4 @@ def check_model(cfg: Config, source: str = "params.yaml") -> BlockModel:
 
 def prefix_hash(model: nn.Module, position: int) -> str:
     """Content hash of the frozen prefix a cache was built with."""
-    prefix, _ = split(model, position)
-    return tensors_digest(prefix.state_dict())
+    return prefix_digest(split(model, position)[0])

@@ -1,76 +1,70 @@
 """Stage train_suffix: discard the frozen prefix and train the remaining blocks from the cache
-for the freeze point's epochs."""
+for the freeze point's epochs.
+
+The batches are :meth:`freezecache.CachedFeatures.batches` of the cache, the public reader, with
+the params resolved by :func:`freezecache.cache.features.features_for`; :func:`suffix_spec` is
+"a suffix epoch from a cache", which `freezecache doctor` and the benchmarks time as well.
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
 
 from freezecache.accounting.costs import method_costs, require_counter
-from freezecache.cache import CacheInfo, make_loader, open_cache
-from freezecache.cache.feed import Feed, feature_std
+from freezecache.cache import open_cache
+from freezecache.cache.features import CachedFeatures, features_for
+from freezecache.cache.feed import Feed
 from freezecache.config import Config
 from freezecache.core import runtime
-from freezecache.core.methods import method
 from freezecache.core.timing import section
-from freezecache.models import split
+from freezecache.models import BlockModel, split
 from freezecache.steps.context import Context
 from freezecache.steps.model import prefix_hash
 from freezecache.steps.run import Run, start_of_point
-from freezecache.training import augment, distributed
+from freezecache.training import distributed
 from freezecache.training.decide import resolve
 from freezecache.training.schedule import Phase
 from freezecache.training.train import TrainSpec
 
 
-def cache_feed(ctx: Context, path: Path, info: CacheInfo, mode: str, layout: str) -> Feed:
-    """The stage's batches from a cache: the ``loader`` params' loader, the ``augment`` params
-    resolved for the cached features (crop padding at their resolution, noise relative to
-    their spread), decoded and augmented on the training device."""
+def cached_features(
+    ctx: Context, path: Path, name: str, model: BlockModel, block: int, **loader
+) -> CachedFeatures:
+    """Method ``name``'s cache at ``path`` as this stage reads it (checked against the model's
+    prefix at ``block``); ``loader``: params of the ``loader`` section to override (benchmarks)."""
+    info = open_cache(path, expect_prefix_hash=prefix_hash(model, block))
     cfg = ctx.cfg
-    loader = make_loader(
-        path,
-        info,
-        batch_size=cfg.train.batch_size,
+    if loader:
+        cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update=loader)})
+    return features_for(
+        cfg, info, name, layout=model.layout, img_size=ctx.meta["img_size"], device=ctx.device,
         seed=ctx.seed,
-        workers=cfg.loader.workers,
-        device_decode=cfg.loader.device_decode and cfg.cache.codec == "quant",
-        pin_memory=ctx.device.type == "cuda",
-        in_memory=cfg.loader.in_memory,
-        shard=(distributed.rank(), distributed.world_size()),
-        procs_per_host=distributed.local_world_size(),
+    )  # fmt: skip
+
+
+def suffix_spec(
+    ctx: Context,
+    model: BlockModel,
+    block: int,
+    features: CachedFeatures,
+    epochs: tuple[int, int],
+    evaluate=None,
+) -> TrainSpec:
+    """A suffix trained from a cache for ``epochs`` [start, end): the blocks after ``block``
+    on the stage's batches of ``features`` (each epoch with its own seeded order and draws),
+    validated as the stage does (the prefix's validation features computed once)."""
+    _, suffix = split(model, block)
+    size = ctx.cfg.train.batch_size
+    return TrainSpec(
+        phase=Phase("discard", block, *epochs),
+        forward=suffix,
+        batches=lambda epoch: features.batches(size, seed=ctx.seed, epoch=epoch),
+        steps_per_epoch=features.num_batches(size),
+        evaluate=evaluate or ctx.evaluator(model, block),
     )
-    a = cfg.augment
-    width = augment.map_width(info.sample_shape, layout)
-    scale = a.noise_std * feature_std(path, info) if a.noise_std > 0 and mode != "none" else 0.0
-    aug = augment.FeatureAug(
-        mode=mode,
-        flip_p=a.flip_p,
-        crop_pad=augment.scaled_pad(a.crop_pad, width, ctx.meta["img_size"]),
-        noise_scale=scale,
-        blur_p=a.blur_p,
-        blur_sigma=a.blur_sigma,
-        layout=layout,
-    )
-    bank = None
-    if scale > 0:
-        g = runtime.generator(ctx.seed, "noise bank")
-        bank = augment.NoiseBank(math.prod(info.sample_shape), g, ctx.device)
-    return Feed(loader, info, aug, bank, ctx.device)
-
-
-def cached_batches(ctx: Context, feed: Feed):
-    """Per-epoch batches from the cache, augmented with this rank's own draws."""
-
-    def batches(epoch: int):
-        return feed.epoch(
-            epoch, runtime.generator(*distributed.stream(ctx.seed, epoch, "features"))
-        )
-
-    return batches
 
 
 def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
@@ -84,20 +78,12 @@ def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
     model = ctx.new_model()
     model.load_state_dict(start.model)
     path = ctx.stage_path("cache", "cache")
-    info = open_cache(path, expect_prefix_hash=prefix_hash(model, block))
+    features = cached_features(ctx, path, name, model, block)
     _, suffix = split(model, block)
-    feed = cache_feed(ctx, path, info, method(name).augment, model.layout)
     run = Run(ctx, model, start, start_file, path)
     evaluate = ctx.evaluator(model, block)  # the prefix's validation features, once
-    run.fit(
-        TrainSpec(
-            phase=Phase("discard", block, *cfg.point_epochs(i)),
-            forward=suffix,
-            batches=cached_batches(ctx, feed),
-            steps_per_epoch=len(feed),
-            evaluate=evaluate,
-        )
-    )
+    run.fit(suffix_spec(ctx, model, block, features, cfg.point_epochs(i), evaluate))
+    feed = features.feed(cfg.train.batch_size)
     held = feed.loader.dataset.held_bytes()  # the cache held in host memory (codes or blobs)
     # this point's own cache in RAM; the report adds each point's figure to its state
     if cfg.train.bn_recalibrate != "off":  # part of the method: its time counts

@@ -165,7 +165,7 @@ def doctor(
     when the setup is broken."""
     from freezecache.core.errors import FreezecacheError
     from freezecache.core.io import atomic_write_json
-    from freezecache.planning import doctor as doc
+    from freezecache.tooling import doctor as doc
 
     setup_logging()
     logging.getLogger().setLevel(logging.ERROR)  # one screen: the checks say what logs would
@@ -200,12 +200,16 @@ README_SECTIONS = {
 
 @app.command()
 def readme(target: Path = typer.Option(Path("README.md"))) -> None:
-    """Regenerate the README's generated sections from the results/ files."""
+    """Regenerate the README's generated sections from the results/ files, and its API
+    reference from the public names' docstrings."""
     from freezecache.reporting.report import update_readme
+    from freezecache.tooling.api_doc import reference
 
     with stage_free():
-        update_readme({k: Path(v) for k, v in README_SECTIONS.items()}, target)
-        print(f"{target}: sections updated from " + ", ".join(README_SECTIONS.values()))
+        sources = {k: Path(v) for k, v in README_SECTIONS.items()}
+        update_readme({**sources, "api": reference()}, target)
+        print(f"{target}: sections updated from " + ", ".join(README_SECTIONS.values())
+              + " and the API reference from the docstrings")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -38,15 +38,32 @@ def _module_file(name: str, src: Path) -> Path | None:
     return None
 
 
+def _for_type_checkers(node: ast.AST) -> bool:
+    """An ``if TYPE_CHECKING:`` block: imports that never run."""
+    test = getattr(node, "test", None)
+    name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
+    return isinstance(node, ast.If) and name == "TYPE_CHECKING" and not node.orelse
+
+
+def _nodes(tree: ast.AST):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:``."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node) if not _for_type_checkers(c))
+
+
 def _imports(file: Path, src: Path) -> set[str]:
-    """Project modules ``file`` imports anywhere (lazy imports in functions included), plus
-    modules named in strings such as a registry's ``"freezecache.models.vit:deit_tiny"``."""
+    """Project modules ``file`` imports anywhere (lazy imports in functions included, imports
+    for type checkers only left out), plus modules named in strings such as a registry's
+    ``"freezecache.models.vit:deit_tiny"``."""
     tree = ast.parse(file.read_text(), str(file))
     found: set[str] = set()
     package = (
         file.parent.relative_to(src).as_posix().replace("/", ".") if src in file.parents else ""
     )
-    for node in ast.walk(tree):
+    for node in _nodes(tree):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -116,11 +116,12 @@ def flip_where(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
-def augment_images(x: Tensor, *, crop_pad: int, hflip: bool, g: torch.Generator) -> Tensor:
-    """The standard raw-image augmentation: padded random crop and horizontal flip."""
+def augment_images(x: Tensor, *, crop_pad: int, flip_p: float, g: torch.Generator) -> Tensor:
+    """The standard raw-image augmentation: padded random crop, then a horizontal flip with
+    probability ``flip_p`` (``train.flip_p``; 0 draws nothing)."""
     x = random_crop(x, crop_pad, g)
-    if hflip:
-        x = flip_where(x, random_flip_mask(x.shape[0], 0.5, g, x.device))
+    if flip_p > 0:
+        x = flip_where(x, random_flip_mask(x.shape[0], flip_p, g, x.device))
     return x
 
 
@@ -189,10 +190,11 @@ class FeatureAug:
     ``crop_pad`` is in feature-map pixels (:func:`scaled_pad`); ``noise_scale`` is the standard
     deviation of the added noise in feature units (``augment.noise_std`` x the std of the cached
     features, measured once per stage, not per batch). Noise comes from a :class:`NoiseBank`.
+    ``flip_p`` has no default: it is ``train.flip_p``, the one flip setting of every method.
     """
 
     mode: str  # none, standard (the paper's Discard) or similarity (Discard & Aug.)
-    flip_p: float = 0.5
+    flip_p: float
     crop_pad: int = 0
     noise_scale: float = 0.0
     blur_p: float = 0.0

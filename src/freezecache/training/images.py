@@ -66,7 +66,7 @@ class Images:
                 # normalised mean.
                 with section("augment"):
                     x = augment.augment_images(
-                        x.float(), crop_pad=train_aug.crop_pad, hflip=train_aug.hflip, g=aug_g
+                        x.float(), crop_pad=train_aug.crop_pad, flip_p=train_aug.flip_p, g=aug_g
                     )
             with section("decode"):  # uint8 pixels to normalised floats
                 x = augment.normalize(x, self.mean, self.std)

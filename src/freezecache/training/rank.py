@@ -100,9 +100,10 @@ def num_selected_tokens(num_tokens: int, alpha: float, num_prefix_tokens: int = 
 
 
 def select_tokens(
-    orig: Tensor, aug: Tensor, alpha: float, *, num_prefix_tokens: int = 0
+    orig: Tensor, aug: Tensor, alpha: float, *, num_prefix_tokens: int = 0, count: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per sample, the alpha fraction of original positions whose best match is least similar.
+    """Per sample, the alpha fraction of original positions whose best match is least similar
+    (``count`` of them instead, when given: what a cache's recipe says it stores).
 
     The first ``num_prefix_tokens`` (class/distillation/register tokens) are neither selected
     nor matched: only patch tokens take part, and positions count in the whole sequence.
@@ -113,7 +114,7 @@ def select_tokens(
         n = orig.shape[1]
         raise FreezecacheError(f"num_prefix_tokens={p} does not fit {n} tokens — use 0..{n - 1}")
     best_j, best_sim = match_tokens(orig[:, p:], aug[:, p:])
-    m = num_selected_tokens(orig.shape[1], alpha, p)
+    m = count if count is not None else num_selected_tokens(orig.shape[1], alpha, p)
     order = torch.argsort(best_sim, dim=1, stable=True)[:, :m]  # (B, m) least similar first
     j = best_j.gather(1, order) + p
     stored = aug.gather(1, j.unsqueeze(-1).expand(-1, -1, aug.shape[-1]))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freezecache.config import Config, FreezePoint
+from freezecache.config import Config
 from freezecache.core.disk import free_bytes, human
 from freezecache.core.errors import first_line
 
@@ -362,22 +362,6 @@ def _small_prepared(cfg: Config, out: Path, samples: int) -> str:
     return used
 
 
-def _scratch(cfg: Config, tmp: Path, samples: int) -> Config:
-    """The profile with one freeze point, its files in ``tmp``, ranking at most ``samples``."""
-    paths = {k: str(tmp / k) for k in ("runs", "cache", "checkpoints", "results", "weights")}
-    paths["data"] = str(tmp / "data")
-    first = cfg.points[0]
-    if first.auto:  # measured at the shallowest block an auto point may take
-        first = FreezePoint(block=cfg.criterion.min_block, epoch=1)
-    freeze = cfg.freeze.model_copy(update={"points": [first]})
-    rank = cfg.rank.model_copy(update={"samples": min(cfg.rank.samples, samples)})
-    dist = cfg.distributed.model_copy(update={"nproc_per_node": 1, "nnodes": 1})
-    return cfg.model_copy(update={
-        "paths": cfg.paths.model_copy(update=paths), "freeze": freeze, "rank": rank,
-        "seeds": cfg.seeds[:1], "distributed": dist,
-    })  # fmt: skip
-
-
 def _timed_epoch(trainer, spec, epoch: int) -> float:
     """Train ``spec`` for epoch ``epoch``; the training loop's seconds (validation apart)."""
     trainer.state.epoch = epoch
@@ -386,29 +370,30 @@ def _timed_epoch(trainer, spec, epoch: int) -> float:
 
 
 def measure(cfg: Config, samples: int = 512, rounds: int = 3, budget_s: float = 8.0) -> dict:
-    """One suffix epoch from a small cache (built by the cache stage's own function, read by
-    train_suffix's) against one FreezeOut epoch on the same images; a warm-up epoch each, then
+    """One suffix epoch from a small cache (built by the cache stage's own function, trained as
+    train_suffix trains: ``steps.suffix.suffix_spec``) against one FreezeOut epoch on the same
+    images, in a scratch copy of the profile; a warm-up epoch each, then
     the fastest of at least ``rounds`` rounds, more (up to MAX_ROUNDS) while the timed epochs
     took under ``budget_s`` seconds in all (a fast device gets a steadier minimum)."""
     import copy
 
-    from freezecache.cache import open_cache
+    from freezecache.config.scratch import scratch_profile
     from freezecache.core.methods import method
-    from freezecache.models import split
     from freezecache.pipeline import STAGES, start_of_point
-    from freezecache.steps import suffix
     from freezecache.steps.cache import cache_point, frozen_model
     from freezecache.steps.context import Context
     from freezecache.steps.run import image_spec
+    from freezecache.steps.suffix import cached_features, suffix_spec
     from freezecache.training.schedule import Phase
-    from freezecache.training.train import RunState, Trainer, TrainSpec
+    from freezecache.training.train import RunState, Trainer
 
     names = cfg.methods.discard
     name = next((n for n in names if method(n).needs_ranking), names[0] if names else "discard")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="freezecache-doctor-") as tmp:
         used = _small_prepared(cfg, Path(tmp) / "data", samples)
-        work = _scratch(cfg, Path(tmp), samples)
+        work = scratch_profile(cfg, Path(tmp), own_data=True, first_point=True,
+                               rank_samples=samples)  # fmt: skip
         seed, point = work.seeds[0], work.points[0]
         RunState(model={}).save(STAGES["pretrain"].path("state", work))  # a seeded random init
         ctx = Context(work, seed, "train_suffix", method=name, p=point)
@@ -418,18 +403,13 @@ def measure(cfg: Config, samples: int = 512, rounds: int = 3, budget_s: float = 
         build_s = time.perf_counter() - built
         model, _ = frozen_model(ctx, point)
         path = STAGES["cache"].path("cache", work, seed=seed, method=name, p=point)
-        info = open_cache(path)
 
         def trainer(m):
             return Trainer(m, work.train, seed=seed, device=ctx.device)
 
         m_suffix = copy.deepcopy(model)
-        feed = suffix.cache_feed(ctx, path, info, method(name).augment, m_suffix.layout)
-        spec_s = TrainSpec(
-            phase=Phase("discard", point.block, 0, 1), forward=split(m_suffix, point.block)[1],
-            batches=suffix.cached_batches(ctx, feed), steps_per_epoch=len(feed),
-            evaluate=ctx.evaluator(m_suffix, point.block),
-        )  # fmt: skip
+        features = cached_features(ctx, path, name, m_suffix, point.block)
+        spec_s = suffix_spec(ctx, m_suffix, point.block, features, (0, 1))
         m_freeze = copy.deepcopy(model)
         spec_f = image_spec(ctx, m_freeze, Phase("freeze", point.block, 0, 1))
         runs = {"suffix": (trainer(m_suffix), spec_s), "freezeout": (trainer(m_freeze), spec_f)}
