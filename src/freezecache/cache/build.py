@@ -17,6 +17,7 @@ torchrun job (rank 0 ranks and calibrates, every rank encodes its range, rank 0 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from freezecache.core.timing import section
 from freezecache.models import prefix_digest
 from freezecache.training import augment, distributed, rank
 from freezecache.training.train import progress
+
+log = logging.getLogger(__name__)
 
 BUILD_BATCH = 256  # samples per forward pass of a build (and its resume granularity)
 REUSE_BYTES = 256 << 20  # the ranking's passes are kept for the build up to this many bytes
@@ -222,6 +225,11 @@ def write_cache(
             publish=len(ranges) == 1,
         ),
     )
+    if len(ranges) > 1:
+        log.info(
+            "cache %s: rank %d encodes samples %d..%d of %d",
+            label or path.name, me, writer.range_start, writer.range_end, num_samples,
+        )  # fmt: skip
     bar = progress(writer.range_end - writer.range_start, f"cache {label or path.name}")
     bar.update(writer.resume_from - writer.range_start)
     # a resumed or shared build starts at a batch boundary (align), like the kept batches
