@@ -10,8 +10,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from conftest import needs_fashion
 from fake_datasets import (

@@ -16,11 +16,11 @@ from freezecache.data.fit import LUMA, fit_images
 from freezecache.data.images import Fit, decode_image
 from freezecache.data.prepared import (
     FINGERPRINT_METHOD,
-    SplitPlan,
+    load_labels,
     load_prepared,
     load_val,
-    plan_splits,
     prepare,
+    read_meta,
     source_fingerprint,
 )
 from freezecache.data.scan import Scan, bad_file_lines, files_fingerprint, scan_folder
@@ -31,6 +31,7 @@ from freezecache.data.sources import (
     load_source,
     source_files,
 )
+from freezecache.data.splits import SplitPlan, plan_splits
 from freezecache.data.subset import stratified_subset
 
 __all__ = [
@@ -50,12 +51,14 @@ __all__ = [
     "files_fingerprint",
     "fit_images",
     "known_num_classes",
+    "load_labels",
     "load_prepared",
     "load_source",
     "load_val",
     "plan_splits",
     "prepare",
     "read_idx",
+    "read_meta",
     "scan_folder",
     "source_files",
     "source_fingerprint",

@@ -64,7 +64,9 @@ def class_problems(
 
 def _suggest(name: str, names: list[str]) -> str:
     """' (did you mean ...?)' for a case or spacing slip, else the first few names."""
-    close = [n for n in names if n.casefold().replace("_", " ") == name.casefold().replace("_", " ")]
+    close = [
+        n for n in names if n.casefold().replace("_", " ") == name.casefold().replace("_", " ")
+    ]
     if close:
         return f" (did you mean {close[0]!r}?)"
     shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")

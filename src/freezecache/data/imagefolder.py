@@ -88,4 +88,3 @@ def one_pool_split(
         "train": [f for f, t in zip(files, test, strict=True) if not t],
         "test": [f for f, t in zip(files, test, strict=True) if t],
     }
-

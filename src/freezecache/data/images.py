@@ -121,8 +121,25 @@ class Fit:
             return _to_channels(images, self.channels)  # what either transform would give
         out = np.empty((len(images), self.channels, size, size), dtype=np.uint8)
         for i, im in enumerate(images):
-            out[i] = self.image(Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)))
+            out[i] = self.image(
+                Image.fromarray(im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0))
+            )
         return out
+
+
+def model_data_config(model_name: str) -> tuple[float, str]:
+    """(crop_pct, interpolation) of a model's own data config, what ``data.resize: crop`` uses
+    when ``data.crop_pct`` is null: the timm pretrained config of that architecture through
+    timm's ``resolve_data_config``; a model timm has no config for (freezecache's CIFAR ResNets)
+    keeps the whole shorter side (1.0) with timm's default interpolation (bicubic)."""
+    import timm
+    from timm.data import resolve_data_config
+
+    cfg = timm.models.get_pretrained_cfg(model_name.removeprefix("timm:"))
+    if cfg is None:
+        return 1.0, "bicubic"
+    resolved = resolve_data_config(pretrained_cfg=cfg.to_dict())
+    return float(resolved["crop_pct"]), str(resolved["interpolation"])
 
 
 @functools.cache

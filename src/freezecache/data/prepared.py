@@ -21,26 +21,23 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import LazySplit, Source, Split
-from freezecache.data.classes import class_ids, class_problems, select_classes
+from freezecache.data.classes import class_problems
 from freezecache.data.images import Fit
 from freezecache.data.scan import bad_file_lines
-from freezecache.data.sources import known_class_names, known_num_classes, open_source
-from freezecache.data.subset import stratified_indices, train_val_indices
+from freezecache.data.sources import known_class_names, known_num_classes
+from freezecache.data.splits import SPLIT_NAMES, SplitPlan, plan_splits
 
 log = logging.getLogger(__name__)
 FINGERPRINT_METHOD = "sha256 over (name, size, sha256 of content) of every source file read"
 _DECODE_CHUNK = 1024  # image files decoded before they are fitted and released
 _FIX = "run `dvc repro prepare`"
 _PROGRESS_S = 5.0  # seconds between progress lines
-SPLITS = ("train", "val", "test")
-_SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
 
 def _chunks(idx: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -128,17 +125,6 @@ def _check_prepare_args(
         raise FreezecacheError("; ".join(problems) + " — fix params.yaml")
 
 
-def _class_ids(source: Source, classes: list[int | str] | None, where: str) -> list[int]:
-    """The source class ids to keep (names looked up), checked against the classes the files
-    hold."""
-    if classes is None:
-        return list(range(len(source.classes)))
-    problems = class_problems(classes, len(source.classes), dataset=where, names=source.classes)
-    if problems:
-        raise FreezecacheError("; ".join(problems) + " — fix data.classes in params.yaml")
-    return class_ids(classes, source.classes)
-
-
 def _write_split(path: Path, split: Split) -> None:
     """One split as an uncompressed npz: uint8 is already compact and loads fast."""
     np.savez(path, images=split.images, labels=split.labels)
@@ -172,109 +158,6 @@ def _write_all(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@dataclass
-class SplitPlan:
-    """What prepare will write, known before decoding: the opened source, the kept classes and
-    each split's indices into its pool, and every problem and warning found on the way."""
-
-    source: Source
-    ids: list[int]
-    pools: dict[str, LazySplit]  # split -> the pool its indices point into
-    indices: dict[str, np.ndarray]  # split -> indices (val only when a validation set is made)
-    problems: list[str] = field(default_factory=list)  # classes too small: always an error
-    warnings: list[str] = field(default_factory=list)  # a class missing from val or test
-
-    @property
-    def classes(self) -> list[str]:
-        return [self.source.classes[i] for i in self.ids]
-
-    def counts(self) -> dict[str, list[int]]:
-        """Images per kept class in each split."""
-        k = len(self.ids)
-        return {
-            s: np.bincount(self.pools[s].labels[idx], minlength=k).tolist()
-            for s, idx in self.indices.items()
-        }
-
-    @property
-    def bad(self) -> list[tuple[str, str]]:
-        return self.source.scan.bad if self.source.scan is not None else []
-
-
-def plan_splits(
-    name: str,
-    root: str | Path | None,
-    *,
-    train_size: int | None,
-    test_size: int | None,
-    seed: int,
-    download: bool = False,
-    classes: list[int | str] | None = None,
-    val_size: int | None = None,
-    test_fraction: float = 0.2,
-    cache_dir: Path | None = None,
-) -> SplitPlan:
-    """Open the source and draw every split's indices from the labels alone (no decoding): what
-    ``check`` runs to list every problem before any stage deletes an output, and what
-    ``prepare`` then decodes. The caller closes ``plan.source``."""
-    options = (
-        {"test_fraction": test_fraction, "seed": seed, "cache_dir": cache_dir}
-        if name == "imagefolder"
-        else {}
-    )
-    source = open_source(name, root, download, **options)
-    try:
-        ids = _class_ids(source, classes, f"{name} at {root or 'its default folder'}")
-        pools = {"train": source.train, "test": source.test}
-        if source.val is not None:
-            pools["val"] = source.val
-        if classes is not None:
-            pools = {k: select_classes(v, ids) for k, v in pools.items()}
-        if source.val is not None:  # the dataset's own validation set, subset like the test set
-            train_idx = stratified_indices(pools["train"].labels, train_size, seed)
-            val_idx = stratified_indices(pools["val"].labels, val_size, [seed, 1])
-        else:
-            train_idx, val_idx = train_val_indices(pools["train"].labels, train_size, val_size, seed)
-            pools["val"] = pools["train"]
-        indices = {"train": train_idx}
-        if val_size is not None or source.val is not None:
-            indices["val"] = val_idx
-        indices["test"] = stratified_indices(pools["test"].labels, test_size, seed)
-        plan = SplitPlan(source, ids, pools, {k: indices[k] for k in SPLITS if k in indices})
-    except BaseException:
-        source.close()
-        raise
-    _class_checks(plan)
-    return plan
-
-
-def _class_checks(plan: SplitPlan) -> None:
-    """A class left without training images is a problem; one missing from val/test a warning."""
-    counts = plan.counts()
-    k = len(plan.ids)
-    pool = np.bincount(plan.pools["train"].labels, minlength=k)
-    carved = counts["val"] if "val" in counts and plan.pools["val"] is plan.pools["train"] else None
-    for i, cls in enumerate(plan.classes):
-        if counts["train"][i] > 0:
-            continue
-        left = pool[i] - (carved[i] if carved is not None else 0)
-        if left > 0:  # a train_size subset smaller than the classes: the draw's choice
-            plan.warnings.append(f"class {cls!r} has no images in the data.train_size subset")
-            continue
-        elsewhere = ", ".join(f"{counts[s][i]} to {_SPLIT_NAMES[s]}" for s in counts if s != "train")
-        plan.problems.append(
-            f"class {cls!r} has {pool[i]} training-pool images and none left to train on "
-            f"({elsewhere}) — add images to it, lower data.val_size or data.test_fraction, or "
-            "leave it out of data.classes"
-        )
-        for s in ("val", "test"):
-            if s in counts and counts[s][i] == 0:
-                plan.warnings.append(
-                    f"class {cls!r} has no {_SPLIT_NAMES[s]} images: its {_SPLIT_NAMES[s]} "
-                    "accuracy is not measured"
-                )
 
 
 def _report(plan: SplitPlan, root: object, bad_images: str) -> None:
@@ -354,7 +237,7 @@ def prepare(
         _report(plan, root or name, bad_images)
         fit = Fit(img_size, channels or source.channels, resize, crop_pct, interpolation)
         splits = {
-            s: _take(plan.pools[s], idx, fit, _SPLIT_NAMES[s]) for s, idx in plan.indices.items()
+            s: _take(plan.pools[s], idx, fit, SPLIT_NAMES[s]) for s, idx in plan.indices.items()
         }
     finally:
         source.close()
@@ -378,8 +261,11 @@ def _meta(name: str, plan: SplitPlan, fit: Fit, splits: dict[str, Split], seed: 
         "num_classes": len(plan.ids),
         "channels": fit.channels,
         "img_size": fit.img_size,
-        "resize": {"mode": fit.resize, "crop_pct": fit.crop_pct,
-                   "interpolation": fit.interpolation},  # fmt: skip
+        "resize": {
+            "mode": fit.resize,
+            "crop_pct": fit.crop_pct,
+            "interpolation": fit.interpolation,
+        },  # fmt: skip
         "train_size": len(splits["train"]),
         "val_size": len(splits["val"]) if "val" in splits else 0,
         "test_size": len(splits["test"]),
@@ -433,6 +319,21 @@ def _read_meta(out_dir: Path) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         raise FreezecacheError(f"{meta_path} is corrupt ({exc!r}) — {_FIX}") from exc
     return meta
+
+
+def read_meta(out_dir: Path) -> dict:
+    """meta.json of a prepared folder (checked as every reader needs it)."""
+    return _read_meta(Path(out_dir))
+
+
+def load_labels(out_dir: Path, part: str = "test") -> np.ndarray:
+    """The labels of one prepared split, without reading its images."""
+    path = Path(out_dir) / f"{part}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["labels"].astype(np.int64)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise FreezecacheError(f"{path} is missing or corrupt ({exc}) — {_FIX}") from exc
 
 
 def load_prepared(out_dir: Path) -> tuple[Split, Split, dict]:

@@ -20,8 +20,8 @@ from freezecache.data.fashion_mnist import (
     FASHION_MNIST_ROOT,
     open_fashion_mnist,
 )
-from freezecache.data.images import to_mode
 from freezecache.data.imagefolder import open_imagefolder
+from freezecache.data.images import to_mode
 from freezecache.data.scan import bad_file_lines
 from freezecache.data.tiny_imagenet import TINY_IMAGENET_CLASSES, open_tiny_imagenet
 from freezecache.data.trees import DirTree
@@ -120,9 +120,7 @@ def known_class_names(name: str) -> list[str] | None:
     return list(names) if names is not None else None
 
 
-def check_classes(
-    name: str, classes: list[int | str] | None, *, key: str = "data.classes"
-) -> None:
+def check_classes(name: str, classes: list[int | str] | None, *, key: str = "data.classes") -> None:
     """FreezecacheError (one line) when `classes` is not a valid subset of dataset `name`'s
     classes (ids or names).
 
@@ -151,8 +149,10 @@ def open_source(name: str, root: str | Path | None, download: bool, **options) -
     cache_dir) are an image folder's; the published datasets take none."""
     reader = _reader(name)
     root = Path(root) if root is not None else None
-    return reader.open(root, download, **options) if name == "imagefolder" else reader.open(
-        root, download
+    return (
+        reader.open(root, download, **options)
+        if name == "imagefolder"
+        else reader.open(root, download)
     )
 
 

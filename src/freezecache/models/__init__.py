@@ -259,23 +259,6 @@ def create_model(
     return model
 
 
-def data_config(name: str) -> tuple[float, str]:
-    """(crop_pct, interpolation) of a model's own data config, what ``data.resize: crop`` uses
-    when ``data.crop_pct`` is null: a timm model's pretrained config through timm's
-    ``resolve_data_config``; freezecache's own models have none and keep the whole shorter side
-    (1.0, bicubic: timm's default interpolation). Builds no model."""
-    if name in _REGISTRY:
-        return 1.0, "bicubic"
-    import timm
-    from timm.data import resolve_data_config
-
-    cfg = timm.models.get_pretrained_cfg(name.removeprefix(_TIMM_PREFIX))
-    if cfg is None:
-        return 1.0, "bicubic"
-    resolved = resolve_data_config(pretrained_cfg=cfg.to_dict())
-    return float(resolved["crop_pct"]), str(resolved["interpolation"])
-
-
 def _create_timm(name: str, sizes: dict[str, int], kwargs: dict[str, object]) -> BlockModel:
     """A timm model through the generic block view (see :mod:`freezecache.models.timm_view`)."""
     import timm

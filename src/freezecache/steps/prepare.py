@@ -12,9 +12,9 @@ from freezecache.config import Config, Data
 def resize_options(d: Data, model_name: str) -> dict:
     """How images become img_size: data.resize with the crop fraction and interpolation of the
     model's own data config (data.crop_pct overrides the fraction)."""
-    from freezecache.models import data_config
+    from freezecache.data.images import model_data_config
 
-    crop_pct, interpolation = data_config(model_name)
+    crop_pct, interpolation = model_data_config(model_name)
     if d.crop_pct is not None:
         crop_pct = d.crop_pct
     return {"resize": d.resize, "crop_pct": crop_pct, "interpolation": interpolation}

@@ -69,7 +69,9 @@ def write_sources(cfg: Config) -> dict[str, dict | None]:
     records, problems = {}, []
     for key, d in sections.items():
         try:
-            records[key] = source_record(d, cfg, key if key == "data" else "pretrain.data") if d else None
+            records[key] = (
+                source_record(d, cfg, key if key == "data" else "pretrain.data") if d else None
+            )
         except FreezecacheError as err:
             problems.append(str(err))
     if problems:
