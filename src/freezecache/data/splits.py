@@ -93,29 +93,46 @@ def plan_splits(
             pools["val"] = source.val
         if classes is not None:
             pools = {k: select_classes(v, ids) for k, v in pools.items()}
-        if source.val is not None:  # the dataset's own validation set, subset like the test set
-            train_idx = stratified_indices(pools["train"].labels, train_size, seed)
-            val_idx = stratified_indices(pools["val"].labels, val_size, [seed, 1])
-        else:
-            train_idx, val_idx = train_val_indices(
-                pools["train"].labels, train_size, val_size, seed
-            )
-            pools["val"] = pools["train"]
-        indices = {"train": train_idx}
-        if val_size is not None or source.val is not None:
-            indices["val"] = val_idx
-        indices["test"] = stratified_indices(pools["test"].labels, test_size, seed)
-        plan = SplitPlan(source, ids, pools, {k: indices[k] for k in SPLITS if k in indices})
+        if source.val is None:
+            pools["val"] = pools["train"]  # carved from the training pool
+        try:
+            indices = _draw(pools, source.val is not None, train_size, val_size, test_size, seed)
+        except FreezecacheError as err:  # sizes that do not fit: one problem among the others
+            return SplitPlan(source, ids, pools, {}, problems=[str(err)])
     except BaseException:
         source.close()
         raise
+    plan = SplitPlan(source, ids, pools, indices)
     _class_checks(plan)
     return plan
+
+
+def _draw(
+    pools: dict[str, LazySplit],
+    given_val: bool,
+    train_size: int | None,
+    val_size: int | None,
+    test_size: int | None,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Each split's seeded class-balanced indices into its pool, in SPLITS order."""
+    if given_val:  # the dataset's own validation set, subset like the test set
+        train_idx = stratified_indices(pools["train"].labels, train_size, seed)
+        val_idx = stratified_indices(pools["val"].labels, val_size, [seed, 1])
+    else:
+        train_idx, val_idx = train_val_indices(pools["train"].labels, train_size, val_size, seed)
+    indices = {"train": train_idx}
+    if val_size is not None or given_val:
+        indices["val"] = val_idx
+    indices["test"] = stratified_indices(pools["test"].labels, test_size, seed)
+    return indices
 
 
 def _class_checks(plan: SplitPlan) -> None:
     """A class left without training images is a problem; one missing from val/test a warning."""
     counts = plan.counts()
+    if not counts:
+        return
     k = len(plan.ids)
     pool = np.bincount(plan.pools["train"].labels, minlength=k)
     carved = counts["val"] if "val" in counts and plan.pools["val"] is plan.pools["train"] else None
