@@ -1,0 +1,96 @@
+"""How long `prepare` takes on a folder of JPEGs, and how much of it is the scan.
+
+Writes ``--images`` JPEGs (default 1,000) of 500x375, the size of a typical web photo (and of
+ImageNet's median), into five class folders: smooth colour fields with sensor-like noise, saved at
+quality 90, so that each holds about as many bytes per pixel as a photo and decodes as slowly.
+Then prepares them at ``--img-size`` px (data.resize: crop) three times in one process:
+
+1. scan alone, cold (every file read, hashed, decoded at 1/8 scale);
+2. the whole prepare, cold (scan, then every image decoded, resized and cropped, then written);
+3. the whole prepare again, warm (the scan remembered from run 2: only stat calls).
+
+Prints seconds per 1,000 images and the scan's share of a cold prepare. Timings are wall
+seconds on this machine, with whatever else runs on it: compare within one run only.
+
+    python benchmarks/prepare_images.py [--images 1000] [--img-size 224] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from freezecache.data import prepare, scan_folder
+
+CLASSES = ("a", "b", "c", "d", "e")
+
+
+def photo_like(rng: np.random.Generator, size: tuple[int, int] = (500, 375)) -> Image.Image:
+    """A smooth colour field (a few blobs) with per-pixel noise: a photo's JPEG entropy."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32) + rng.uniform(40, 200, 3)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(40, 200)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None]
+        img += blob * rng.uniform(-120, 120, 3)
+    img += rng.normal(0, 12, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_folder(root: Path, n: int) -> int:
+    """n JPEGs spread over the classes; returns the bytes written."""
+    rng = np.random.default_rng(0)
+    total = 0
+    for i in range(n):
+        path = root / CLASSES[i % len(CLASSES)] / f"img_{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo_like(rng).save(path, quality=90)
+        total += path.stat().st_size
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--keep", type=Path, help="build the folder here and keep it")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="fc-prepare-bench-"))
+    root = args.keep or work / "images"
+    try:
+        if not root.is_dir():
+            size = make_folder(root, args.images)
+            print(
+                f"{args.images} JPEGs of 500x375 in {root}: {size / args.images / 1e3:.0f} kB each"
+            )
+        per = 1000 / args.images
+        t0 = time.perf_counter()
+        scan_folder(root)
+        scan_s = time.perf_counter() - t0
+        opts = dict(img_size=args.img_size, channels=3, train_size=None, test_size=None, seed=0)
+        t0 = time.perf_counter()
+        prepare("imagefolder", root, work / "out1", cache_dir=work / "ckpt", **opts)
+        cold_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prepare("imagefolder", root, work / "out2", cache_dir=work / "ckpt", **opts)
+        warm_s = time.perf_counter() - t0
+        print(f"scan alone, cold:         {scan_s * per:6.2f} s per 1,000 images")
+        print(f"prepare at {args.img_size} px, cold:  {cold_s * per:6.2f} s per 1,000 images "
+              f"(the scan {100 * scan_s / cold_s:.0f}% of it)")  # fmt: skip
+        print(f"prepare at {args.img_size} px, warm:  {warm_s * per:6.2f} s per 1,000 images "
+              "(scan remembered)")  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
