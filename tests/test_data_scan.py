@@ -119,6 +119,9 @@ def test_classes_by_name(tmp_path):
     assert meta["classes"] == ["ring", "plus sign", "circle"] and meta["class_ids"] == [2, 1, 0]
     with pytest.raises(FreezecacheError, match="has 'Ring', .* .did you mean 'ring'"):
         prep(root, tmp_path / "bad", bad_images="skip", classes=["Ring"])
+    with pytest.raises(FreezecacheError) as err:  # with error: the bad files too, at once
+        prep(root, tmp_path / "bad", classes=["Ring"])
+    assert "3 files cannot be used" in str(err.value) and "did you mean 'ring'" in str(err.value)
 
 
 def test_a_class_too_small_for_the_splits_is_listed_with_the_bad_files(tmp_path):

@@ -87,7 +87,10 @@ def plan_splits(
     )
     source = open_source(name, root, download, **options)
     try:
-        ids = _class_ids(source, classes, f"{name} at {root or 'its default folder'}")
+        try:
+            ids = _class_ids(source, classes, f"{name} at {root or 'its default folder'}")
+        except FreezecacheError as err:  # an unknown class: one problem among the bad files
+            return SplitPlan(source, [], {}, {}, problems=[str(err)])
         pools = {"train": source.train, "test": source.test}
         if source.val is not None:
             pools["val"] = source.val
