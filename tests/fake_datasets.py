@@ -138,3 +138,98 @@ def make_unique_fashion(root: Path, n_train: int = 60, n_test: int = 30) -> Path
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+MESSY_CLASSES = ["circle", "plus sign", "ring", "square", "triangle"]
+MESSY_BAD = {  # name -> the words its reason must hold
+    "ring/empty.jpg": "empty (0 bytes)",
+    "ring/cut.jpg": "truncated",
+    "square/notes.png": "a text file",
+}
+MESSY_IGNORED = [".DS_Store", "circle/._img_0000.jpg", "square/Thumbs.db", "README.txt"]
+
+
+def _shape(cls: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A light background with one dark shape of the class, at a random place and scale."""
+    from PIL import ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(180, 255, 3)))
+    draw = ImageDraw.Draw(img)
+    r = int(min(w, h) * rng.uniform(0.25, 0.4))
+    cx, cy = w // 2 + int(rng.integers(-w // 8, w // 8 + 1)), h // 2
+    colour = tuple(int(v) for v in rng.integers(0, 90, 3))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if cls == "circle":
+        draw.ellipse(box, fill=colour)
+    elif cls == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, r // 4))
+    elif cls == "square":
+        draw.rectangle(box, fill=colour)
+    elif cls == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        t = max(2, r // 3)
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=colour)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=colour)
+    return img
+
+
+def _save_kind(img: Image.Image, path: Path, kind: str) -> Path:
+    """One image saved as a kind of file real folders hold."""
+    if kind == "gray":
+        img.convert("L").save(path.with_suffix(".png"))
+        return path.with_suffix(".png")
+    if kind == "rgba":
+        rgba = img.convert("RGBA")
+        rgba.putalpha(Image.new("L", img.size, 200))
+        rgba.save(path.with_suffix(".png"))
+        return path.with_suffix(".png")
+    if kind == "palette":
+        img.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(path.with_suffix(".gif"))
+        return path.with_suffix(".gif")
+    if kind == "cmyk":
+        img.convert("CMYK").save(path.with_suffix(".jpg"), quality=95)
+        return path.with_suffix(".jpg")
+    if kind == "16bit":
+        grey = np.asarray(img.convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(grey).save(path.with_suffix(".png"))
+        return path.with_suffix(".png")
+    if kind == "exif":  # stored sideways, EXIF says rotate back
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 CW to display
+        img.transpose(Image.Transpose.ROTATE_90).save(path.with_suffix(".jpg"), exif=exif)
+        return path.with_suffix(".jpg")
+    suffix = {"JPG": ".JPG", "PNG": ".PNG", "bmp": ".bmp", "webp": ".webp", "tif": ".tif"}
+    target = path.with_suffix(suffix.get(kind, ".jpg"))
+    img.save(target, **({"quality": 90} if target.suffix.lower() == ".jpg" else {}))
+    return target
+
+
+MESSY_KINDS = ("jpg", "JPG", "PNG", "gray", "rgba", "palette", "cmyk", "16bit", "exif", "bmp",
+               "webp", "tif")  # fmt: skip
+
+
+def make_messy_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
+    """A user's folder as it comes: 5 classes (one named with a space) of shapes at mixed sizes
+    (40x40 to 300x200) and every kind of file MESSY_KINDS lists, plus the junk real folders
+    hold (MESSY_IGNORED) and three bad files (MESSY_BAD)."""
+    rng = np.random.default_rng(seed)
+    k = 0
+    for cls in MESSY_CLASSES:
+        folder = root / cls
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            size = (int(rng.integers(40, 301)), int(rng.integers(40, 201)))
+            _save_kind(_shape(cls, size, rng), folder / f"img_{i:04d}", MESSY_KINDS[k % 12])
+            k += 1
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    (root / "README.txt").write_text("shapes drawn for the tests\n")
+    (root / "circle" / "._img_0000.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(100))
+    (root / "square" / "Thumbs.db").write_bytes(bytes(512))
+    (root / "ring" / "empty.jpg").write_bytes(b"")
+    whole = io.BytesIO()
+    _shape("ring", (120, 90), rng).save(whole, format="JPEG", quality=90)
+    (root / "ring" / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    (root / "square" / "notes.png").write_text("TODO: sort these pictures\n")
+    return root

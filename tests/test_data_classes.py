@@ -43,9 +43,11 @@ def test_known_num_classes() -> None:
         ([3, 1, 3], "data.classes lists class 3 more than once"),
         ([3, 10], "data.classes has 10, but fashion_mnist has class ids 0..9 only"),
         ([-1, 2], "data.classes has -1, but fashion_mnist has class ids 0..9 only"),
-        (["a"], "must be a list of integer class ids"),
-        ([True], "must be a list of integer class ids"),
-        (5, "must be a list of integer class ids"),
+        (["a"], "has 'a', which is not a class of fashion_mnist .its classes: T-shirt"),
+        (["sandal"], "has 'sandal', .* .did you mean 'Sandal'"),
+        ([5, "Sandal"], "lists class 5 more than once"),
+        ([True], "must be a list of class ids or names"),
+        (5, "must be a list of class ids or names"),
     ],
 )
 def test_check_classes_errors(classes, message: str) -> None:

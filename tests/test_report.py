@@ -55,11 +55,29 @@ def _write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def _fixture(tmp_path):
+NAMES = ["circle", "plus sign", "ring", "square", "triangle"]
+TEST_LABELS = np.arange(400) % 5  # 80 test images per class
+
+
+def _prepared(folder) -> None:
+    """A prepared folder as the report reads it: meta.json and the test labels (a class with
+    no validation images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {"train": [10] * 5, "val": [2, 2, 0, 2, 2], "test": [80] * 5}
+    skipped = [{"file": "ring/empty.jpg", "reason": "empty (0 bytes)"}]
+    meta = {"classes": NAMES, "class_counts": counts, "img_size": 28, "channels": 1,
+            "skipped": skipped}  # fmt: skip
+    (folder / "meta.json").write_text(json.dumps(meta))
+    np.savez(folder / "test.npz", images=np.zeros((400, 1, 1, 1), np.uint8), labels=TEST_LABELS)
+
+
+def _fixture(tmp_path, name: str = "fashion_mnist"):
     raw = load_profile("smoke")
     raw["paths"] = {k: str(tmp_path / k) for k in raw["paths"]}
     raw["seeds"] = [0, 1]
+    raw["data"]["name"] = name
     cfg = parse_config(raw)
+    _prepared(STAGES["prepare"].path("data", cfg))
     for i, seed in enumerate(cfg.seeds):
         _write(
             STAGES["train_prefix"].path("costs", cfg, seed=seed),
@@ -230,6 +248,29 @@ def test_report_markdown_has_savings_against_normal(tmp_path):
     assert "overtakes FreezeOut after 13.2 epochs from the freeze point" in text
     assert "| Ours w/ Discard & Aug. | 2 (5) | zfp | 0.01 | 0.400 | 2.0 |" in text
     assert "wins back 0% of Discard's gap" in text
+
+
+def test_the_report_names_the_classes_and_gives_accuracy_per_class(tmp_path):
+    cfg = _fixture(tmp_path, "imagefolder")
+    report = write_report(cfg)
+    assert report["class_names"] == NAMES
+    for m in cfg.methods.all:  # every seed's per-image hits, averaged within each class
+        correct = np.stack(
+            [np.random.default_rng(s).permutation(400) < round(ACC[m][i] * 400)
+             for i, s in enumerate(cfg.seeds)]
+        ).mean(axis=0)  # fmt: skip
+        expected = [100 * correct[TEST_LABELS == c].mean() for c in range(5)]
+        assert report["per_class_accuracy"][m] == pytest.approx(expected), m
+    assert report["data_warnings"] == [
+        "class 'ring' has no validation images: its validation accuracy is not measured"
+    ]
+    text = (tmp_path / "results/report.md").read_text()
+    assert "on imagefolder (5 classes: circle, plus sign, ring, square, triangle)" in text
+    assert "| Class | Test images | Normal | FreezeOut |" in text
+    row = " | ".join(f"{report['per_class_accuracy'][m][1]:.1f}" for m in cfg.methods.all)
+    assert f"| plus sign | 80 | {row} |" in text
+    assert "**Warning:** class 'ring' has no validation images" in text
+    assert "Skipped 1 files that could not be used (data.bad_images: skip): ring/empty.jpg" in text
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):

@@ -65,9 +65,19 @@ class Data(Section):
     )
     root: str | None = None
     download: bool = False
-    classes: list[NonNegInt] | None = None  # source class ids to keep, relabelled 0..k-1
+    # classes to keep, as ids (0-based, the dataset's order) or names; relabelled 0..k-1
+    classes: list[NonNegInt | Annotated[str, Field(min_length=1)]] | None = None
     img_size: PosInt = 28
     channels: Literal[1, 3] | None = None
+    # How images become img_size x img_size (freezecache.data.images): crop (timm's evaluation
+    # transform: shorter side, centre crop), letterbox (whole image, black bars), pad (smaller
+    # images centred on black unscaled: datasets published at a fixed small size).
+    resize: Literal["crop", "letterbox", "pad"] = "crop"
+    # crop's fraction (timm's crop_pct): null = the model's own data config (a timm model's
+    # pretrained config; 1.0, the whole shorter side, for freezecache's own models)
+    crop_pct: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    bad_images: Literal["error", "skip"] = "error"  # an image folder's unusable files
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # one pool of class folders
     train_size: PosInt | None = None
     val_size: NonNegInt | None = None  # carved from the training pool, disjoint from train
     test_size: PosInt | None = None

@@ -118,11 +118,24 @@ def model_kwargs_problems(kwargs: dict[str, Any]) -> list[str]:
 
 def _class_problems(key: str, d: Data) -> list[str]:
     from freezecache.data.classes import class_problems
-    from freezecache.data.sources import known_num_classes
+    from freezecache.data.sources import known_class_names, known_num_classes
 
     return class_problems(
-        d.classes, known_num_classes(d.name), key=f"{key}.classes", dataset=d.name
+        d.classes,
+        known_num_classes(d.name),
+        key=f"{key}.classes",
+        dataset=d.name,
+        names=known_class_names(d.name),
     )
+
+
+def _same_classes(d: Data) -> set:
+    """A class list as ids where the dataset's names are known without its files (so an id and
+    a name of one class compare equal), else as written."""
+    from freezecache.data.sources import known_class_names
+
+    names = known_class_names(d.name) or []
+    return {names.index(c) if isinstance(c, str) and c in names else c for c in d.classes}
 
 
 def _path_problems(cfg: Config, repo: Path) -> list[str]:
@@ -158,7 +171,7 @@ def semantic_problems(cfg: Config, source: str, repo: Path | None) -> list[str]:
         problems += _class_problems("pretrain.data", cfg.pretrain.data)
         src, dst = cfg.pretrain.data, cfg.data
         if src.name == dst.name and src.root == dst.root and src.classes and dst.classes:
-            overlap = sorted(set(src.classes) & set(dst.classes))
+            overlap = sorted(_same_classes(src) & _same_classes(dst), key=str)
             if overlap:
                 problems.append(
                     f"pretrain.data.classes and data.classes overlap ({overlap}) — pre-train and "

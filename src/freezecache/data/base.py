@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from freezecache.core.errors import FreezecacheError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from freezecache.data.scan import Scan
 
 
 @dataclass
@@ -27,13 +33,14 @@ class LazySplit:
     """A split whose labels are known and whose images are decoded on request."""
 
     labels: np.ndarray  # int64 (N,)
-    # indices -> uint8 (n, C, H, W) array, or a list of uint8 (C, H, W) arrays of any size
-    decode: Callable[[np.ndarray], np.ndarray | list[np.ndarray]]
+    # indices -> uint8 (n, C, H, W) array, or Pillow images one at a time (files of any size,
+    # decoded as they are asked for: a chunk of large photos never sits in memory at once)
+    decode: Callable[[np.ndarray], np.ndarray | Iterator[Image]]
 
 
 @dataclass
 class Source:
-    """A dataset opened for reading: both splits, class names, native channels, files read."""
+    """A dataset opened for reading: its splits, class names, native channels, files read."""
 
     train: LazySplit
     test: LazySplit
@@ -41,6 +48,8 @@ class Source:
     channels: int
     files: list[tuple[str, Path]]  # (name recorded in the fingerprint, path)
     close: Callable[[], None] = field(default=lambda: None)
+    val: LazySplit | None = None  # a validation split the dataset gives (else carved from train)
+    scan: Scan | None = None  # an image folder's scan: its bad and ignored files
 
 
 def array_split(images: np.ndarray, labels: np.ndarray) -> LazySplit:

@@ -1,4 +1,5 @@
-"""Fit images to the model's input: pad or resize to a square size, convert channels."""
+"""Fit arrays of images to the model's input: pad or resize to a square size, convert channels
+(data.resize: pad, the behaviour before data.resize; crop and letterbox: freezecache.data.images)."""
 
 from __future__ import annotations
 
@@ -76,13 +77,3 @@ def fit_images(images: np.ndarray, img_size: int, channels: int) -> np.ndarray:
         images = _pad_centre(images, img_size)
     return _to_channels(images, channels)  # 1->3 after resizing: 3x less to resize
 
-
-def fit_list(images: list[np.ndarray], img_size: int, channels: int) -> np.ndarray:
-    """Fit images of mixed sizes: group by shape, fit each group as one batch."""
-    out = np.empty((len(images), channels, img_size, img_size), dtype=np.uint8)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(im.shape, []).append(i)
-    for ids in groups.values():
-        out[ids] = fit_images(np.stack([images[i] for i in ids]), img_size, channels)
-    return out

@@ -1,65 +1,90 @@
-"""An image-folder tree: root/train/<class>/*.png|jpg and root/test/<class>/..."""
+"""Your own images: a folder of class folders, as one pool or already split.
+
+Three layouts (:func:`freezecache.data.scan.scan_folder` tells them apart):
+
+- ``root/<class>/...``: one pool, split per class into a training pool and a test set
+  (``test_fraction`` of each class, seeded); the validation set is then carved from the
+  training pool by ``data.val_size`` as for any dataset;
+- ``root/train/<class>/...`` with ``root/test/<class>/...``: the test set as given;
+- ``root/train/...`` with ``root/val/...`` (and ``root/test/...``): with test/ too, val/ is the
+  validation set; without it, val/ is the test set (as for Tiny-ImageNet, whose val/ is the
+  held-out set everyone reports), the validation set is carved from train/.
+
+Class ids follow the class folders' names in sorted order (case-sensitive, as torchvision's
+ImageFolder); ``data.classes`` may name them. Images may sit in subfolders of a class folder.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
+
+import numpy as np
 
 from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import Source
-from freezecache.data.trees import DirTree, is_grayscale, tree_files, tree_split
+from freezecache.data.scan import Scan, scan_folder
+from freezecache.data.trees import DirTree, tree_split
 
-log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_TEST_STREAM = 2  # the one-folder split's own random stream of data.seed
 
 
-def open_imagefolder(root: Path | None, download: bool) -> Source:
-    """root/train/<class>/*.{png,jpg,jpeg} and root/test/<class>/...; labels follow sorted names."""
+def open_imagefolder(
+    root: Path | None,
+    download: bool,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+) -> Source:
+    """An image folder in any of the three layouts, scanned once (bad files listed in
+    ``Source.scan``, left out of the splits)."""
     if root is None:
         raise FreezecacheError(
-            "data.root is not set for imagefolder — set it to a folder with train/ and test/"
+            "data.root is not set for imagefolder — set it to your folder of class folders"
         )
-    root = Path(root)
-    for part in ("train", "test"):
-        if not (root / part).is_dir():
-            raise FreezecacheError(
-                f"{root / part} does not exist — an imagefolder root needs train/<class>/ and "
-                "test/<class>/ folders of .png/.jpg images"
-            )
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise FreezecacheError(
-            f"{root / 'train'} has no class folders — add train/<class>/ folders"
-        )
-    tree = DirTree(root)
-    train, train_labels = _folder_files(root, "train", classes)
-    test, test_labels = _folder_files(root, "test", classes)
-    # native channels: 1 only when every image is grayscale (header scan, no decoding)
-    gray = all(is_grayscale(root / n) for n in train + test)
-    channels = 1 if gray else 3
+    scan = scan_folder(Path(root), cache_dir)
+    tree = DirTree(scan.root)
+    parts = _parts(scan, test_fraction, seed)
+    channels = 1 if scan.gray() else 3
+    splits = {k: tree_split(tree, [n for n, _ in v], [y for _, y in v]) for k, v in parts.items()}
+    used = sorted(n for v in parts.values() for n, _ in v)
     return Source(
-        train=tree_split(tree, train, train_labels, channels),
-        test=tree_split(tree, test, test_labels, channels),
-        classes=classes,
+        train=splits["train"],
+        test=splits["test"],
+        val=splits.get("val"),
+        classes=scan.classes,
         channels=channels,
-        files=tree_files(tree, root, train + test),
+        files=[(n, scan.root / n) for n in used],
+        scan=scan,
     )
 
 
-def _folder_files(root: Path, part: str, classes: list[str]) -> tuple[list[str], list[int]]:
-    """Relative image names and labels of root/part/<class>/."""
-    names, labels = [], []
-    for folder in sorted(p for p in (root / part).iterdir() if p.is_dir()):
-        if folder.name not in classes:
-            raise FreezecacheError(
-                f"{folder} is a class that train/ does not have — add train/{folder.name}/ or "
-                "remove it"
-            )
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            log.warning("%s holds no .png/.jpg images", folder)
-        names += [p.relative_to(root).as_posix() for p in files]
-        labels += [classes.index(folder.name)] * len(files)
-    if not names:
-        raise FreezecacheError(f"{root / part} holds no .png/.jpg images — add some")
-    return names, labels
+def _parts(scan: Scan, test_fraction: float, seed: int) -> dict[str, list[tuple[str, int]]]:
+    """train / test (/ val) lists of (name, label) for the folder's layout."""
+    if scan.layout == "classes":
+        return one_pool_split(scan.files["all"], test_fraction, seed)
+    if "test" in scan.files:
+        return dict(scan.files)  # train, test, and val when given
+    return {"train": scan.files["train"], "test": scan.files["val"]}
+
+
+def one_pool_split(
+    files: list[tuple[str, int]], test_fraction: float, seed: int
+) -> dict[str, list[tuple[str, int]]]:
+    """Seeded per-class split of one pool: round(test_fraction x n) of each class's n images to
+    the test set, at most n - 1 (a class of one image keeps it for training)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise FreezecacheError(
+            f"data.test_fraction must be between 0 and 1, got {test_fraction} — fix params.yaml"
+        )
+    rng = np.random.default_rng([seed, _TEST_STREAM])
+    labels = np.asarray([y for _, y in files], dtype=np.int64)
+    test = np.zeros(len(files), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = min(int(np.floor(test_fraction * len(members) + 0.5)), len(members) - 1)
+        test[rng.permutation(members)[:k]] = True
+    return {
+        "train": [f for f, t in zip(files, test, strict=True) if not t],
+        "test": [f for f, t in zip(files, test, strict=True) if t],
+    }

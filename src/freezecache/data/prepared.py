@@ -1,7 +1,10 @@
 """Prepare a dataset once: class subset, seeded stratified splits, fitted uint8 images on disk.
 
-``prepare`` picks seeded class-balanced subsets *before* decoding images, so a small subset of a
-large JPEG dataset decodes only what it keeps, and writes ``train.npz`` / ``test.npz`` (uint8,
+``plan_splits`` opens the source (an image folder is scanned: every bad file found at once) and
+picks seeded class-balanced subsets from the labels alone, so ``check`` can list every problem
+before any stage runs; ``prepare`` then decodes only what it keeps (a small subset of a large JPEG
+dataset decodes only that subset), fits each image (:class:`freezecache.data.images.Fit`), and
+writes ``train.npz`` / ``test.npz`` (uint8,
 N×C×H×W), ``val.npz`` when a validation set is asked for, and ``meta.json`` into ``out_dir``
 atomically. ``load_prepared`` and ``load_val`` read them back.
 """
@@ -14,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -23,15 +27,17 @@ import numpy as np
 
 from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import LazySplit, Source, Split
-from freezecache.data.classes import class_problems, select_classes
-from freezecache.data.fit import fit_images, fit_list
-from freezecache.data.sources import known_num_classes, open_source
-from freezecache.data.subset import stratified_indices, train_val_indices
+from freezecache.data.classes import class_problems
+from freezecache.data.images import Fit
+from freezecache.data.scan import bad_file_lines
+from freezecache.data.sources import known_class_names, known_num_classes
+from freezecache.data.splits import SPLIT_NAMES, SplitPlan, plan_splits
 
 log = logging.getLogger(__name__)
 FINGERPRINT_METHOD = "sha256 over (name, size, sha256 of content) of every source file read"
 _DECODE_CHUNK = 1024  # image files decoded before they are fitted and released
 _FIX = "run `dvc repro prepare`"
+_PROGRESS_S = 5.0  # seconds between progress lines
 
 
 def _chunks(idx: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -40,13 +46,22 @@ def _chunks(idx: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
         yield start, idx[start : start + size]
 
 
-def _take(split: LazySplit, idx: np.ndarray, img_size: int, channels: int) -> Split:
-    """The samples idx of a lazy split, decoded and fitted chunk by chunk."""
-    images = np.empty((len(idx), channels, img_size, img_size), dtype=np.uint8)
+def _take(split: LazySplit, idx: np.ndarray, fit: Fit, what: str) -> Split:
+    """The samples idx of a lazy split, decoded and fitted chunk by chunk (image files one at a
+    time), with a progress line every few seconds."""
+    images = np.empty((len(idx), fit.channels, fit.img_size, fit.img_size), dtype=np.uint8)
+    last = start_t = time.monotonic()
     for start, piece in _chunks(idx, _DECODE_CHUNK):
         decoded = split.decode(piece)
-        fit = fit_images if isinstance(decoded, np.ndarray) else fit_list
-        images[start : start + len(piece)] = fit(decoded, img_size, channels)
+        if isinstance(decoded, np.ndarray):
+            images[start : start + len(piece)] = fit.arrays(decoded)
+            continue
+        for i, img in enumerate(decoded, start):
+            images[i] = fit.image(img)
+            if time.monotonic() - last > _PROGRESS_S:
+                last = time.monotonic()
+                log.info("decoded %d/%d %s images", i + 1, len(idx), what)
+        log.info("decoded %d %s images in %.1f s", len(idx), what, time.monotonic() - start_t)
     return Split(images, split.labels[idx])
 
 
@@ -78,12 +93,20 @@ def source_fingerprint(files: Sequence[tuple[str, Path]]) -> str:
     return outer.hexdigest()
 
 
+def _fingerprint(source: Source) -> str:
+    """The source fingerprint: from an image folder's scan (which hashed every file once),
+    else from the files read."""
+    if source.scan is not None:
+        return source.scan.fingerprint()
+    return source_fingerprint(source.files)
+
+
 def _check_prepare_args(
     name: str,
     img_size: int,
     channels: int | None,
     sizes: dict[str, int | None],
-    classes: list[int] | None,
+    classes: list[int | str] | None,
 ) -> None:
     """Report every bad argument at once, before any data is read."""
     problems = []
@@ -95,19 +118,11 @@ def _check_prepare_args(
         if value is not None and (not isinstance(value, int) or value < 1):
             problems.append(f"data.{key} must be a positive integer or null, got {value!r}")
     if classes is not None:
-        problems += class_problems(classes, known_num_classes(name), dataset=name)
+        problems += class_problems(
+            classes, known_num_classes(name), dataset=name, names=known_class_names(name)
+        )
     if problems:
         raise FreezecacheError("; ".join(problems) + " — fix params.yaml")
-
-
-def _class_ids(source: Source, classes: list[int] | None, where: str) -> list[int]:
-    """The source class ids to keep, checked against the classes the files hold."""
-    if classes is None:
-        return list(range(len(source.classes)))
-    problems = class_problems(classes, len(source.classes), dataset=where)
-    if problems:
-        raise FreezecacheError("; ".join(problems) + " — fix data.classes in params.yaml")
-    return [int(c) for c in classes]
 
 
 def _write_split(path: Path, split: Split) -> None:
@@ -145,6 +160,29 @@ def _write_all(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
         raise
 
 
+def _report(plan: SplitPlan, root: object, bad_images: str) -> None:
+    """Stop with every problem at once (bad files unless skipped, classes too small); log what
+    is skipped, ignored or missing."""
+    scan = plan.source.scan
+    lines = bad_file_lines(root, plan.bad, bad_images)
+    if bad_images == "skip" and lines:
+        for line in lines:
+            log.warning("%s", line)
+        lines = []
+    lines += plan.problems
+    if lines:
+        raise FreezecacheError("\n".join(lines))
+    for w in plan.warnings:
+        log.warning("%s", w)
+    if scan is not None:
+        log.info("%s", scan.summary())
+        if scan.ignored:
+            shown = ", ".join(scan.ignored[:5]) + (", ..." if len(scan.ignored) > 5 else "")
+            log.info("ignored %d hidden, system or non-image files: %s", len(scan.ignored), shown)
+        for n, fmt in scan.misnamed:
+            log.info("%s holds a %s image; it is used as read", n, fmt)
+
+
 def prepare(
     name: str,
     root: str | Path | None,
@@ -156,44 +194,54 @@ def prepare(
     test_size: int | None,
     seed: int,
     download: bool = False,
-    classes: list[int] | None = None,
+    classes: list[int | str] | None = None,
     val_size: int | None = None,
+    resize: str = "crop",
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+    bad_images: str = "error",
+    test_fraction: float = 0.2,
+    cache_dir: Path | None = None,
 ) -> dict:
-    """Writes out_dir/train.npz, test.npz, val.npz when val_size is set (keys images, labels),
-    and meta.json. Returns the meta.
+    """Writes out_dir/train.npz, test.npz, val.npz when there is a validation set (keys images,
+    labels), and meta.json. Returns the meta.
 
-    classes: source class ids to keep, relabelled 0..k-1 in the order given (None: all).
-    val_size: a seeded class-balanced validation set carved from the training pool, disjoint
-    from the training subset; the training subset is the same as without it unless train_size
-    is None (then it is every other training image). The test set is never touched.
-    Subsets are drawn after the class filter. channels None -> the dataset's native count.
+    classes: source class ids or names to keep, relabelled 0..k-1 in the order given (None:
+    all). val_size: a seeded class-balanced validation set carved from the training pool,
+    disjoint from the training subset (or a subset of the dataset's own validation set, an
+    image folder's val/); the training subset is the same as without it unless train_size is
+    None (then it is every other training image). The test set is never touched. Subsets are
+    drawn after the class filter. channels None -> the dataset's native count. resize,
+    crop_pct, interpolation: how images become img_size (:class:`freezecache.data.images.Fit`).
+    bad_images: "error" stops listing every file an image folder's scan could not use; "skip"
+    leaves them out (meta.json lists them). test_fraction, cache_dir: an image folder's
+    one-pool split and where its scan is remembered.
 
     meta.json: name, classes (names of the kept classes, index = label), class_ids (their
-    source ids), num_classes (k), channels, img_size, train_size, val_size, test_size (sizes
-    written; val_size 0 without a validation set), mean/std per channel of the prepared train
-    images in [0, 1], source_fingerprint (see ``FINGERPRINT_METHOD``; content hashes of the
-    files actually read), fingerprint_method, seed. The output is written to a temp dir next to
-    out_dir and renamed into place, so a failure leaves nothing half-written.
+    source ids), num_classes (k), channels, img_size, resize (the fit), train_size, val_size,
+    test_size (sizes written; val_size 0 without a validation set), class_counts (images per
+    class in each split), mean/std per channel of the prepared train images in [0, 1],
+    source_fingerprint (see ``FINGERPRINT_METHOD``), fingerprint_method, seed, and for an image
+    folder its layout and the skipped files with their reasons. The output is written to a
+    temp dir next to out_dir and renamed into place, so a failure leaves nothing half-written.
     """
     sizes = {"train_size": train_size, "test_size": test_size, "val_size": val_size}
     _check_prepare_args(name, img_size, channels, sizes, classes)
     out_dir = Path(out_dir)
-    source = open_source(name, root, download)
+    plan = plan_splits(
+        name, root, train_size=train_size, test_size=test_size, seed=seed, download=download,
+        classes=classes, val_size=val_size, test_fraction=test_fraction, cache_dir=cache_dir,
+    )  # fmt: skip
+    source = plan.source
     try:
-        ids = _class_ids(source, classes, f"{name} at {root or 'its default folder'}")
-        pool, test_pool = source.train, source.test
-        if classes is not None:
-            pool, test_pool = select_classes(pool, ids), select_classes(test_pool, ids)
-        channels = channels or source.channels
-        train_idx, val_idx = train_val_indices(pool.labels, train_size, val_size, seed)
-        splits = {"train": _take(pool, train_idx, img_size, channels)}
-        if val_size is not None:
-            splits["val"] = _take(pool, val_idx, img_size, channels)
-        test_idx = stratified_indices(test_pool.labels, test_size, seed)
-        splits["test"] = _take(test_pool, test_idx, img_size, channels)
+        _report(plan, root or name, bad_images)
+        fit = Fit(img_size, channels or source.channels, resize, crop_pct, interpolation)
+        splits = {
+            s: _take(plan.pools[s], idx, fit, SPLIT_NAMES[s]) for s, idx in plan.indices.items()
+        }
     finally:
         source.close()
-    meta = _meta(name, source, ids, channels, img_size, splits, seed)
+    meta = _meta(name, plan, fit, splits, seed)
     _write_all(out_dir, splits, meta)
     log.info(
         "prepared %s: %d train / %d val / %d test at %d px into %s",
@@ -202,33 +250,36 @@ def prepare(
     return meta
 
 
-def _meta(
-    name: str,
-    source: Source,
-    ids: list[int],
-    channels: int,
-    img_size: int,
-    splits: dict[str, Split],
-    seed: int,
-) -> dict:
+def _meta(name: str, plan: SplitPlan, fit: Fit, splits: dict[str, Split], seed: int) -> dict:
     """What meta.json records about a prepared dataset (see ``prepare``)."""
+    source = plan.source
     mean, std = _channel_stats(splits["train"].images)
-    return {
+    meta = {
         "name": name,
-        "classes": [source.classes[i] for i in ids],
-        "class_ids": ids,
-        "num_classes": len(ids),
-        "channels": channels,
-        "img_size": img_size,
+        "classes": plan.classes,
+        "class_ids": plan.ids,
+        "num_classes": len(plan.ids),
+        "channels": fit.channels,
+        "img_size": fit.img_size,
+        "resize": {
+            "mode": fit.resize,
+            "crop_pct": fit.crop_pct,
+            "interpolation": fit.interpolation,
+        },  # fmt: skip
         "train_size": len(splits["train"]),
         "val_size": len(splits["val"]) if "val" in splits else 0,
         "test_size": len(splits["test"]),
+        "class_counts": plan.counts(),
         "mean": mean,
         "std": std,
-        "source_fingerprint": source_fingerprint(source.files),
+        "source_fingerprint": _fingerprint(source),
         "fingerprint_method": FINGERPRINT_METHOD,
         "seed": seed,
     }
+    if source.scan is not None:
+        meta["layout"] = source.scan.layout
+        meta["skipped"] = [{"file": n, "reason": why} for n, why in plan.bad]
+    return meta
 
 
 def _load_split(path: Path, meta: dict) -> Split:
@@ -268,6 +319,21 @@ def _read_meta(out_dir: Path) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         raise FreezecacheError(f"{meta_path} is corrupt ({exc!r}) — {_FIX}") from exc
     return meta
+
+
+def read_meta(out_dir: Path) -> dict:
+    """meta.json of a prepared folder (checked as every reader needs it)."""
+    return _read_meta(Path(out_dir))
+
+
+def load_labels(out_dir: Path, part: str = "test") -> np.ndarray:
+    """The labels of one prepared split, without reading its images."""
+    path = Path(out_dir) / f"{part}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["labels"].astype(np.int64)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise FreezecacheError(f"{path} is missing or corrupt ({exc}) — {_FIX}") from exc
 
 
 def load_prepared(out_dir: Path) -> tuple[Split, Split, dict]:

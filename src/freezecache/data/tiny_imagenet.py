@@ -39,8 +39,8 @@ def open_tiny_imagenet(root: Path | None, download: bool) -> Source:
         raise
     read = ["wnids.txt", "val/val_annotations.txt", *train, *test]
     return Source(
-        train=tree_split(tree, train, train_labels, 3),
-        test=tree_split(tree, test, test_labels, 3),
+        train=tree_split(tree, train, train_labels),
+        test=tree_split(tree, test, test_labels),
         classes=wnids,
         channels=3,
         files=tree_files(tree, found, read),

@@ -1,16 +1,17 @@
-"""Image files in a folder or a zip, decoded with PIL on demand (Tiny-ImageNet, imagefolder)."""
+"""Image files in a folder or a zip, decoded with Pillow on demand (Tiny-ImageNet, imagefolder)."""
 
 from __future__ import annotations
 
-import io
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from freezecache.core.errors import FreezecacheError
 from freezecache.data.base import LazySplit
+from freezecache.data.images import open_image
 
 
 class DirTree:
@@ -76,38 +77,12 @@ class ZipTree:
         self._zip.close()
 
 
-def decode_image(data: bytes, where: str, channels: int) -> np.ndarray:
-    """Decode an image file to uint8 (C, H, W) with C = channels (1 or 3)."""
-    from PIL import Image  # PIL comes with torchvision; only image trees need it
+def tree_split(tree: DirTree | ZipTree, names: list[str], labels: list[int]) -> LazySplit:
+    """A split of image files in a tree, each decoded upright on request (Pillow images)."""
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise FreezecacheError(
-            f"{where} is not a readable image ({exc}) — remove or replace it"
-        ) from exc
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (H,W,C) -> (C,H,W)
-
-
-def is_grayscale(path: Path) -> bool:
-    """Whether an image file is single-channel; reads only its header."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.mode in ("1", "L", "I", "I;16", "F")
-    except OSError:
-        return False  # undecodable files are reported when decoded
-
-
-def tree_split(
-    tree: DirTree | ZipTree, names: list[str], labels: list[int], channels: int
-) -> LazySplit:
-    """A split of image files in a tree, decoded to `channels` on request."""
-
-    def decode(idx: np.ndarray) -> list[np.ndarray]:
-        return [decode_image(tree.read(names[i]), tree.where(names[i]), channels) for i in idx]
+    def decode(idx: np.ndarray) -> Iterator:
+        for i in idx:
+            yield open_image(tree.read(names[i]), tree.where(names[i]))
 
     return LazySplit(labels=np.asarray(labels, dtype=np.int64), decode=decode)
 

@@ -62,6 +62,9 @@ class Stage:
     deps: tuple[str, ...] = ()  # data deps (templates); code deps are derived
     params: tuple[str, ...] = ()
     outs: dict[str, Out] = field(default_factory=dict)
+    # DVC runs it on every `dvc repro` (it fingerprints data outside what dvc.yaml can name);
+    # what follows reruns only when its outputs change
+    always_changed: bool = False
 
     @property
     def script(self) -> str:
@@ -80,6 +83,8 @@ def fill(template: str, cfg, **item) -> Path:
 
 # -- the declarations ---------------------------------------------------------------------------
 CHECKED = "{paths.runs}/params.ok"
+DATA_SOURCE = "{paths.runs}/sources/data.json"  # the fingerprint of data's files (steps.sources)
+PRETRAIN_SOURCE = "{paths.runs}/sources/pretrain.json"  # ... and of pretrain.data's
 ALLOWED = "{paths.runs}/allowed_blocks.json"  # the plan's blocks a decision may freeze at
 DATA = "{paths.data}"
 WEIGHTS = "{paths.runs}/pretrain/state.pt"
@@ -109,13 +114,29 @@ def _run_outs(folder: str) -> dict[str, Out]:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        # Validates params.yaml before any stage deletes its outputs (every stage depends on it).
-        Stage("check", params=SECTIONS, outs={"ok": Out(CHECKED)}),
-        Stage("prepare", deps=(CHECKED,), params=("data",), outs={"data": Out(DATA)}),
+        # Validates params.yaml and scans the datasets before any stage deletes its outputs
+        # (every stage depends on it); runs every time, to fingerprint the datasets' files.
+        Stage(
+            "check",
+            params=SECTIONS,
+            outs={
+                "ok": Out(CHECKED),
+                "data_source": Out(DATA_SOURCE),
+                "pretrain_source": Out(PRETRAIN_SOURCE),
+            },
+            always_changed=True,
+        ),
+        # model.name: the crop of the model's own data config (data.resize: crop)
+        Stage(
+            "prepare",
+            deps=(CHECKED, DATA_SOURCE),
+            params=("data", "model.name"),
+            outs={"data": Out(DATA)},
+        ),
         # The starting weights: pre-trained on the source split, a local file, or none.
         Stage(
             "pretrain",
-            deps=(CHECKED, "{paths.weights}"),
+            deps=(CHECKED, PRETRAIN_SOURCE, "{paths.weights}"),
             # fine-tuning's train settings, but its own epochs and lr (pretrain.epochs/lr)
             params=("pretrain", "model", "runtime", *PRETRAIN_TRAIN_KEYS),
             outs={
@@ -202,7 +223,13 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "report",
-            deps=("{paths.runs}", "{paths.results}/tradeoffs.json", "{paths.results}/plan.json"),
+            # the data: class names, per-class counts and test labels (per-class accuracy)
+            deps=(
+                DATA,
+                "{paths.runs}",
+                "{paths.results}/tradeoffs.json",
+                "{paths.results}/plan.json",
+            ),
             params=("seeds", "methods", "freeze", "cache"),
             outs={
                 "md": Out("{paths.results}/report.md", cache=False),

@@ -112,6 +112,43 @@ def _flip_lines(methods: dict) -> list[str]:
     ]
 
 
+MAX_CLASS_ROWS = 20  # more classes: the per-class table is in report.json only
+
+
+def _class_lines(report: dict) -> list[str]:
+    """Per-class test accuracy per method, and what the data lacks: classes missing from a
+    split, files prepare skipped."""
+    names = report.get("class_names") or []
+    per = report.get("per_class_accuracy") or {}
+    lines = []
+    if per and len(names) <= MAX_CLASS_ROWS:
+        tests = report.get("class_counts", {}).get("test", [])
+        lines += [
+            "",
+            "Test accuracy per class (%, mean over seeds):",
+            "",
+            "| Class | Test images | " + " | ".join(label(m) for m in per) + " |",
+            "|---|---|" + "---|" * len(per),
+        ]
+        for c, name in enumerate(names):
+            cells = ["–" if per[m][c] is None else f"{per[m][c]:.1f}" for m in per]
+            n = tests[c] if c < len(tests) else ""
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    elif per:
+        lines += ["", f"Test accuracy per class: report.json ({len(names)} classes)."]
+    for w in report.get("data_warnings") or []:
+        lines += ["", f"**Warning:** {w}."]
+    skipped = report.get("skipped_files") or []
+    if skipped:
+        shown = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:10])
+        more = (
+            f"; and {len(skipped) - 10} more (data/prepared/meta.json)" if len(skipped) > 10 else ""
+        )
+        lines += ["", f"Skipped {len(skipped)} files that could not be used "
+                  f"(data.bad_images: skip): {shown}{more}."]  # fmt: skip
+    return lines
+
+
 def render_markdown(report: dict, plan: dict | None = None) -> str:
     methods = report["methods"]
     base = methods.get("normal")
@@ -124,6 +161,9 @@ def render_markdown(report: dict, plan: dict | None = None) -> str:
         )
     regime = "fine-tuned from pre-trained weights" if report["pretrained"] else "from scratch"
     classes = f" (classes {report['classes']})" if report["classes"] else ""
+    names = report.get("class_names")
+    if report["dataset"] == "imagefolder" and names:  # your own images: say which
+        classes = f" ({len(names)} classes: {', '.join(names)})"
     lines = [
         f"### {report['model']} on {report['dataset']}{classes}, {regime}, "
         f"{report['epochs']} epochs, seeds {report['seeds']}; freeze points: {pts}",
@@ -161,6 +201,7 @@ def render_markdown(report: dict, plan: dict | None = None) -> str:
             "(the paper, from scratch: 32%)."
         )
     lines += _flip_lines(methods)
+    lines += _class_lines(report)
     first = decisions[0]["points"] if decisions else report["freeze_points"]
     lines += _time_lines(methods, first, report["epochs"], plan)
     bn = {m: r for m, r in methods.items() if "bn_clean_gain" in r}

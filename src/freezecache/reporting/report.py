@@ -173,6 +173,7 @@ def collect(cfg: Config) -> dict:
         "model": cfg.model.name,
         "dataset": cfg.data.name,
         "classes": cfg.data.classes,
+        **_data_section(cfg, rows),
         "pretrained": cfg.pretrain is not None or cfg.model.checkpoint is not None,
         "epochs": cfg.train.epochs,
         "freeze_points": [{"block": p.block, "epoch": p.epoch} for p in cfg.points],
@@ -182,6 +183,40 @@ def collect(cfg: Config) -> dict:
         "stage_seconds": _stage_seconds(cfg),
         "cache": _cache_rows(cfg),
         "curves": _curves(rows),
+    }
+
+
+def _data_section(cfg: Config, rows: dict[str, list[dict]]) -> dict:
+    """What the report says of the data: the classes by name, the images per class in each
+    split, every class missing from a split, the files prepare skipped, and each method's test
+    accuracy per class (mean over seeds; None for a class without test images)."""
+    from freezecache.data import load_labels, read_meta
+
+    folder = STAGES["prepare"].path("data", cfg)
+    meta = read_meta(folder)
+    names, counts = meta["classes"], meta.get("class_counts", {})
+    warnings = [
+        f"class {name!r} has no {word} images: its {word} accuracy is not measured"
+        for part, word in (("train", "training"), ("val", "validation"), ("test", "test"))
+        for name, n in zip(names, counts.get(part, []), strict=False)
+        if n == 0
+    ]
+    labels = load_labels(folder, "test")
+    per_class = {}
+    for m, rs in rows.items():
+        if any(r["correct"] is None or len(r["correct"]) != len(labels) for r in rs):
+            continue
+        hits = np.mean([r["correct"] for r in rs], axis=0)  # (images,) mean over seeds
+        per_class[m] = [
+            100.0 * float(hits[labels == c].mean()) if (labels == c).any() else None
+            for c in range(len(names))
+        ]
+    return {
+        "class_names": names,
+        "class_counts": counts,
+        "data_warnings": warnings,
+        "skipped_files": meta.get("skipped", []),
+        "per_class_accuracy": per_class,
     }
 
 

@@ -47,7 +47,7 @@ def pretrain(cfg: Config) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="freezecache-pretrain-") as tmp:
         source = Path(tmp) / "data"
-        prepare_data(p.data, source)  # deterministic: a resumed run sees the same bytes
+        prepare_data(p.data, source, cfg)  # deterministic: a resumed run sees the same bytes
         pcfg = cfg.model_copy(
             update={"train": cfg.train.model_copy(update={"epochs": p.epochs, "lr": p.lr})}
         )

@@ -17,12 +17,21 @@ PROFILES = Path("configs")
 
 @app.command()
 def check(params: Path = typer.Option(Path("params.yaml"), help="params file to validate")) -> None:
-    """Validate a params file, the model it names included: every problem reported at once."""
+    """Validate a params file, the model it names included, and scan its datasets (an image
+    folder's bad files, classes too small for the splits): every problem reported at once. Like
+    the check stage it refreshes the datasets' fingerprints, so `dvc status` then shows whether
+    `prepare` must rerun."""
     from freezecache.steps.model import check_model
+    from freezecache.steps.sources import write_sources
 
     with stage(params) as cfg:
         model = check_model(cfg, str(params))
+        records = write_sources(cfg)
         print(f"{params}: ok ({cfg.model.name}: {model.num_blocks} blocks, layout {model.layout})")
+        for key, r in records.items():
+            if r is not None:
+                print(f"{key}: {r['name']} at {r['root'] or 'its default folder'}, "
+                      f"fingerprint {str(r['fingerprint'])[:12]}")  # fmt: skip
 
 
 @app.command()

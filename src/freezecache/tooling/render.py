@@ -157,6 +157,8 @@ def _render_stage(stage: Stage, root: Path, points: int) -> dict:
     launched = stage.name in LAUNCHED
     run = f"python -m {PACKAGE}.pipeline.launch" if launched else "python"
     entry["cmd"] = f"{run} {stage.script}{args}"
+    if stage.always_changed:
+        entry["always_changed"] = True
     code = code_deps(root / stage.script, root) + ([LAUNCHER] if launched else [])
     code = [d.replace(f"src/{PACKAGE}/", "${lib}/") for d in sorted(code)]
     entry["deps"] = _Flow([*code, *(_dvc(d) for d in stage.deps)])
