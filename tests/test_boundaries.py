@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import ROOT
 from freezecache import config
 from freezecache.codecs import CODECS, CODINGS
 from freezecache.core.methods import METHODS
+from freezecache.core.yamlio import load_yaml
 from freezecache.pipeline import STAGES
 from freezecache.reporting.labels import LABELS
 from freezecache.tooling.render import code_deps
@@ -76,7 +76,7 @@ def test_the_cache_stage_and_the_suffix_depend_on_the_cache_package():
 def test_config_defaults_are_the_default_profile():
     """Each fact once: a section's defaults are the default profile's values (data's subsets
     excepted: None means all of them)."""
-    profile = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    profile = load_yaml(ROOT / "configs/default.yaml")
     defaults = config.Config().model_dump(mode="json")
     for section in profile:
         if section in ("data", "pretrain", "paths"):

@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
 from freezecache.config import DERIVED_KWARGS, HUB_KWARGS, Model, parse_config
 from freezecache.core.errors import FreezecacheError
+from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.models import timm_view
 from freezecache.steps.model import build_model, check_model
 
@@ -22,7 +22,7 @@ def _params(tmp_path: Path, name: str, **kwargs) -> Path:
     raw = load_profile("smoke")
     raw["model"] = {"name": name, "checkpoint": None, "kwargs": kwargs}
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(dump_yaml(raw))
     return path
 
 
@@ -104,7 +104,7 @@ def test_freezecache_check_reports_it_without_writing(tmp_path, name, kwargs, me
 
 def test_the_readme_vit_passes_check_and_lists_its_blocks(tmp_path):
     _params(tmp_path, VIT, patch_size=4)
-    cfg = parse_config(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    cfg = parse_config(load_yaml(tmp_path / "params.yaml"))
     assert check_model(cfg).num_blocks == 12
     out = run(["freezecache", "check"], tmp_path).stdout
     assert f"params.yaml: ok ({VIT}: 12 blocks, layout tokens)" in out
@@ -137,7 +137,7 @@ def test_the_readme_vit_example_runs_on_the_smoke_profile(tmp_path):
     run("git add -A && git commit -qm smoke", repo)
 
     run(command, repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = load_yaml(repo / "params.yaml")
     assert params["model"] == {"name": VIT, "checkpoint": None, "kwargs": {"patch_size": 4}}
     report = json.loads((repo / "results/report.json").read_text())
     assert set(report["methods"]) == {"normal", "freezeout", "discard", "discard_aug"}

@@ -252,13 +252,12 @@ def check_rendered(cfg, dvc_yaml: Path = Path("dvc.yaml")) -> None:
     """Refuse params whose number of freeze points is not the one dvc.yaml has stages for: DVC
     cannot derive a point's predecessor, so ``freezecache pipeline`` renders one matrix item
     per point (and ``make repro`` runs it)."""
-    import yaml
-
     from freezecache.core.errors import FreezecacheError
+    from freezecache.core.yamlio import load_yaml
 
     if not dvc_yaml.is_file():
         return
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    stages = load_yaml(dvc_yaml).get("stages", {})
     items = stages.get("cache", {}).get("matrix", {}).get("p")
     if isinstance(items, list) and len(items) != len(cfg.points):
         raise FreezecacheError(

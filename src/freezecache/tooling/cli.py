@@ -85,11 +85,10 @@ def blocks(
 
 
 def _model_options(pairs: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs as model.kwargs (values read as YAML, as params.yaml would)."""
-    import yaml
-
+    """``KEY=VALUE`` pairs as model.kwargs (values read as params.yaml's are)."""
     from freezecache.config import DERIVED_KWARGS
     from freezecache.core.errors import FreezecacheError
+    from freezecache.core.yamlio import parse_value
 
     options = {}
     for pair in pairs:
@@ -98,7 +97,7 @@ def _model_options(pairs: list[str]) -> dict[str, object]:
             raise FreezecacheError(f"--kwarg {pair!r}: write KEY=VALUE, e.g. -k patch_size=4")
         if key in DERIVED_KWARGS:
             raise FreezecacheError(f"--kwarg {key}: give it as --{key.replace('_', '-')}")
-        options[key] = yaml.safe_load(value)
+        options[key] = parse_value(value, f"--kwarg {key}")
     return options
 
 

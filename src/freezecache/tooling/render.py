@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from freezecache.core.errors import FreezecacheError
+from freezecache.core.yamlio import load_yaml
 from freezecache.pipeline import LAUNCHED, MATRIX, STAGES, Stage
 from freezecache.reporting.plots import PLOTS
 
@@ -160,7 +161,7 @@ def _render_stage(stage: Stage, root: Path, points: int) -> dict:
 
 def points_of(params: Path) -> int:
     """How many freeze points ``params`` holds (``auto``: one)."""
-    points = (yaml.safe_load(params.read_text()) or {}).get("freeze", {}).get("points", [])
+    points = load_yaml(params).get("freeze", {}).get("points", [])
     return 1 if points == "auto" else len(points or [])
 
 
