@@ -1,8 +1,11 @@
-"""Stage check: validate params.yaml before any other stage deletes its outputs.
+"""Stage check: validate params.yaml, the model it names included, before any other stage
+deletes its outputs; write what each stage reads of the freeze schedule.
 
 Every stage depends on this stage's output, so DVC runs it first; bad params stop the run here,
-with one line per problem, while every earlier result is still in place. The output's content
-never changes, so a passing check reruns nothing downstream.
+with one line per problem, while every earlier result is still in place (its own outputs are
+``persist``: DVC keeps them while it runs). ``params.ok`` never changes, and each view of the
+schedule (``runs/schedule_views/``) changes only when what its reader reads does, so a passing
+check reruns nothing the edit did not touch.
 """
 
 # isort: off
@@ -13,15 +16,14 @@ from pathlib import Path
 
 import typer
 
-from freezecache.core.io import atomic_write_text
-from freezecache.pipeline import STAGES, check_rendered
 from freezecache.pipeline.guard import Params, stage
+from freezecache.steps.check import check, write
 
 
 def main(params: Params = Path("params.yaml")) -> None:
     with stage(params) as cfg:
-        check_rendered(cfg)
-        atomic_write_text(STAGES["check"].path("ok", cfg), "params.yaml is valid\n")
+        check(cfg, str(params))
+        write(cfg)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_committed_dvc_yaml_is_rendered_from_the_declarations():
 
 def test_dvc_yaml_is_short_and_templated():
     text = (ROOT / "dvc.yaml").read_text()
-    assert len(text.splitlines()) <= 225
+    assert len(text.splitlines()) <= 240  # the params each stage reads are listed key by key
     stages = yaml.safe_load(text)["stages"]
     assert stages["train_suffix"]["matrix"] == {
         "seed": "${seeds}",

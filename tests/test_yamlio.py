@@ -44,7 +44,10 @@ def test_values_are_read_as_dvc_reads_them():
     assert ours == dvc_parse_yaml(DIALECT, "params.yaml")
     # the cases the issue measured, spelled out: PyYAML would give False, True, '1e-3', 8
     assert (ours["off_plain"], ours["yes_plain"], ours["exp"], ours["leading_zero"]) == (
-        "off", "yes", 0.001, 10
+        "off",
+        "yes",
+        0.001,
+        10,
     )
     assert ours["null_word"] is ours["null_tilde"] is ours["null_empty"] is None
     assert ours["off_double"] == ours["off_single"] == "off" and ours["zero_quoted"] == "010"
@@ -104,3 +107,14 @@ def test_what_we_write_reads_back_the_same_in_both():
     raw = load_yaml(ROOT / "configs/default.yaml")
     text = dump_yaml(raw)
     assert parse_yaml(text, "x") == dvc_parse_yaml(text, "x") == raw
+
+
+def test_reading_params_imports_no_dvc():
+    """The stages read params as DVC does without importing DVC (their start-up pays for it)."""
+    code = (
+        "import sys; from freezecache.config import load_config; "
+        f"load_config({str(ROOT / 'params.yaml')!r}); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'dvc', 'hydra', 'yaml'}))"
+    )
+    done = run(["python", "-c", code], ROOT)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -151,6 +151,7 @@ def _render_stage(stage: Stage, root: Path, points: int) -> dict:
             if (out.metric, out.plot is not None) != (kind == "metrics", kind == "plots"):
                 continue
             props = _FlowMap({"cache": False} if not out.cache else {})
+            props.update({"persist": True} if out.persist else {})
             props.update(out.plot or {})
             path = _dvc(out.path)
             items.append({path: props} if props else path)
