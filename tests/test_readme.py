@@ -38,7 +38,8 @@ EXP, RUN, SMOKE, NOT_RUN = "exp", "run", "smoke", "not run"
 
 # (pattern on one command, how, why); the first match decides.
 HOW: tuple[tuple[str, str, str], ...] = (
-    (r"^dvc exp run .*(-S|--set-param)", EXP, "DVC's override code on the profile, then check"),
+    (r"^dvc exp run .*(-S|--set-param)", EXP, "DVC's override code on the profile, then check "
+     "(test_model_kwargs.py runs the ViT line for real on the smoke profile, slow)"),
     (r"^freezecache profile ", RUN, "in a project copy"),
     (r"^freezecache blocks ", RUN, "builds the model (a comment's block count is compared)"),
     (r"^source \.venv/bin/activate$", RUN, "in bash, in the checkout (needs its .venv)"),
