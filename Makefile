@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 	@$(PY) -m freezecache ensure-data
 
-## repro: run the pipeline of params.yaml (the fine-tuning default unless you chose a profile)
+## repro: run the pipeline of params.yaml (the fine-tuning default unless you chose a profile);
+## dvc.yaml is rendered first for params.yaml's number of freeze points
 repro: setup
-	dvc repro
+	freezecache pipeline && dvc repro
 
 ## scratch: the from-scratch profile (results in results/scratch/), then back to the default
 scratch: setup

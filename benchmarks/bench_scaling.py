@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 
 import typer
-import yaml
+
+from freezecache.core.yamlio import dump_yaml, load_yaml  # params as DVC reads and writes them
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ["--seed", "0", "--method", "discard", "--point", "0", "--params", "params.yaml"]
@@ -65,20 +66,20 @@ def _headroom() -> float:
 
 def _project(folder: Path, samples: int, epochs: int) -> None:
     """params.yaml of the smoke profile on ``samples`` images, one freeze point at block 3."""
-    raw = yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())
+    raw = load_yaml(ROOT / "configs/smoke.yaml")
     raw["data"].update(train_size=samples, val_size=256, test_size=256)
     raw["pretrain"] = None
     raw["methods"]["discard"] = ["discard"]
     raw["runtime"]["threads"] = 1
     raw["train"]["epochs"] = epochs + 1
     raw["freeze"]["points"] = [{"block": 3, "epoch": 1}]
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (folder / "params.yaml").write_text(dump_yaml(raw))
 
 
 def _set_procs(folder: Path, procs: int) -> None:
-    raw = yaml.safe_load((folder / "params.yaml").read_text())
+    raw = load_yaml(folder / "params.yaml")
     raw["distributed"]["nproc_per_node"] = procs
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (folder / "params.yaml").write_text(dump_yaml(raw))
 
 
 def _stage(folder: Path, name: str, *args: str) -> None:

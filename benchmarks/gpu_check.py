@@ -59,7 +59,7 @@ RESERVE_S = 10  # kept back for writing the results
 # Copied into the scratch repositories: what a clone has, less a run's outputs.
 GENERATED = ("runs/", "results/", "data/prepared", "data/cache", "dvc.lock", ".ckpt/", ".whl/")
 REQUIRED = ("torch", "numpy", "h5py", "zstandard", "pydantic", "yaml", "typer", "psutil", "tqdm",
-            "ptflops", "dvc.repo", "dvclive", "freezecache.tooling.cli")  # fmt: skip
+            "ptflops", "dvc.repo", "dvclive", "ruamel.yaml", "freezecache.tooling.cli")  # fmt: skip
 IMPORT_NAMES = {"yaml": "PyYAML", "dvc.repo": "dvc",
                 "freezecache.tooling.cli": "freezecache (src/)"}  # fmt: skip
 WRAP_DEPTH = 16  # nested wrapper calls allowed before a loop is assumed
@@ -191,7 +191,7 @@ class Check:
     def copy(self, key: str, profile: str, device: str) -> Path:
         """A git repository with the project's files (what a clone has, no run outputs) and
         ``profile`` as params.yaml, on ``device``, with the data root given."""
-        import yaml
+        dump_yaml, load_yaml = _yamlio()
 
         dest = self.work / key
         files = _project_files()
@@ -203,13 +203,13 @@ class Check:
             if src.is_file():
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / rel)
-        raw = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
+        raw = load_yaml(ROOT / "configs" / f"{profile}.yaml")
         raw["runtime"]["device"] = device
         if data_root:
             raw["data"]["root"] = str(data_root)
             if raw.get("pretrain"):
                 raw["pretrain"]["data"]["root"] = str(data_root)
-        (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        (dest / "params.yaml").write_text(dump_yaml(raw))
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "commit", "-qm", f"gpu check: {profile}"]):  # fmt: skip
             done = self.sh(f"copy-{key}", cmd, cwd=dest, timeout=60)
@@ -221,6 +221,16 @@ class Check:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _yamlio():
+    """(dump_yaml, load_yaml) of this checkout's library: profiles read and written as DVC
+    reads and writes params.yaml (a bare machine has no freezecache installed)."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    from freezecache.core.yamlio import dump_yaml, load_yaml
+
+    return dump_yaml, load_yaml
+
+
 def _project_files() -> list[str]:
     """The tracked and untracked-but-not-ignored files (git), else every file but a run's
     outputs and caches (a tree without .git)."""
@@ -411,18 +421,17 @@ def step_tradeoffs(c: Check) -> dict:
 
 
 def step_nccl(c: Check) -> dict:
-    import yaml
-
+    dump_yaml, load_yaml = _yamlio()
     repo = c.repos.get("smoke")
     if repo is None or not (repo / "dvc.lock").is_file():
         raise StepFailed("needs the smoke run (its step did not finish)")
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw = load_yaml(repo / "params.yaml")
     block = raw["freeze"]["points"][0]["block"]
     cache = repo / "data/cache/s0/discard_aug/p0.h5"
     one = _md5(cache)
     # gloo only where a test runs this step without CUDA
     raw["distributed"].update(nproc_per_node=2, backend="nccl" if c.cuda else "gloo")
-    (repo / "params_nccl.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (repo / "params_nccl.yaml").write_text(dump_yaml(raw))
     item = ["--seed", "0", "--method", "discard_aug", "--point", "0",
             "--params", "params_nccl.yaml"]  # fmt: skip
     numbers: dict = {"block": block}

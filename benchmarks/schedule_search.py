@@ -16,10 +16,10 @@ import dataclasses
 from pathlib import Path
 
 import typer
-import yaml
 
 from freezecache.accounting.costs import method_costs
 from freezecache.config import parse_config
+from freezecache.core.yamlio import load_yaml
 from freezecache.steps.context import Context
 from freezecache.steps.run import image_spec
 from freezecache.training.schedule import phases
@@ -49,7 +49,7 @@ def main(
     seed: int = typer.Option(0),
     out: Path = typer.Option(None, help="also write the table to this Markdown file"),
 ) -> None:
-    raw = yaml.safe_load(params.read_text())
+    raw = load_yaml(params)
     base = parse_config(raw, str(params))
     normal, normal_costs = val_accuracy(base, "normal", seed)
     n = len(Context(base, seed, "baseline", method="normal").train)

@@ -1,11 +1,13 @@
-"""Stage check: validate params.yaml and scan the datasets before any other stage deletes its
-outputs.
+"""Stage check: validate params.yaml, the model it names included, and scan the datasets before
+any other stage deletes its outputs; write what each stage reads of the freeze schedule.
 
-Every stage depends on this stage's output, so DVC runs it first; bad params, or an image
-folder with bad files or too small a class, stop the run here, with one line per problem, while
-every earlier result is still in place. DVC runs it on every `dvc repro` to fingerprint the
-datasets' files (freezecache.steps.sources): params.ok never changes, and a dataset's record
-only when its files do, so a passing check reruns nothing else.
+Every stage depends on this stage's output, so DVC runs it first; bad params, or an image folder
+with bad files or too small a class, stop the run here, with one line per problem, while every
+earlier result is still in place (its own outputs are ``persist``: DVC keeps them while it runs).
+DVC runs it on every `dvc repro` to fingerprint the datasets' files
+(freezecache.steps.sources). ``params.ok`` never changes; each view of the schedule
+(``runs/schedule_views/``) changes only when what its reader reads does, and a dataset's record
+only when its files do, so a passing check reruns nothing the edit did not touch.
 """
 
 # isort: off
@@ -16,17 +18,16 @@ from pathlib import Path
 
 import typer
 
-from freezecache.core.io import atomic_write_text
-from freezecache.pipeline import STAGES, check_rendered
 from freezecache.pipeline.guard import Params, stage
+from freezecache.steps.check import check, write
 from freezecache.steps.sources import write_sources
 
 
 def main(params: Params = Path("params.yaml")) -> None:
     with stage(params) as cfg:
-        check_rendered(cfg)
+        check(cfg, str(params))
         write_sources(cfg)
-        atomic_write_text(STAGES["check"].path("ok", cfg), "params.yaml is valid\n")
+        write(cfg)
 
 
 if __name__ == "__main__":

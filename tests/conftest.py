@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' helpers (not a package)
@@ -53,7 +52,10 @@ def run(cmd: list[str] | str, cwd: Path, check: bool = True, **kw) -> subprocess
 
 
 def load_profile(name: str) -> dict:
-    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    """A profile as DVC and the stages read it (YAML 1.2)."""
+    from freezecache.core.yamlio import load_yaml
+
+    return load_yaml(ROOT / "configs" / f"{name}.yaml")
 
 
 def project_copy(dest: Path) -> Path:

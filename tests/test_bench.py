@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 import _epochs
 import benchlib as bench
@@ -19,6 +18,7 @@ from freezecache.cache.features import features_for
 from freezecache.cache.format import Layout, open_cache
 from freezecache.cache.writer import Build, CacheWriter
 from freezecache.codecs.registry import make_codec
+from freezecache.core.yamlio import dump_yaml
 from freezecache.steps import suffix
 
 SIZE, TRAIN, VAL, TEST = 12, 96, 32, 40
@@ -101,7 +101,7 @@ def bench_out(tmp_path_factory):
     Returns (bench.json, bench.md text, the recorded calls, bench_breakdown.csv's rows)."""
     root = tmp_path_factory.mktemp("bench")
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(root)))
+    params.write_text(dump_yaml(tiny_params(root)))
     write_prepared(root / "data")
     threads, calls = torch.get_num_threads(), {}
     try:
@@ -126,7 +126,7 @@ def test_the_epochs_only_bench_writes_the_breakdown(tmp_path):
     """`--epochs-only` (what `make gpu-check` runs): every method's epoch, P1 and P2, no codec
     table (so no zfp), into the folder asked for."""
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(tmp_path)))
+    params.write_text(dump_yaml(tiny_params(tmp_path)))
     write_prepared(tmp_path / "data")
     threads = torch.get_num_threads()
     try:

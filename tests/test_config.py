@@ -1,11 +1,11 @@
 """params.yaml validation: every problem reported at once, one line each, non-zero exit."""
 
 import pytest
-import yaml
 
 from conftest import ROOT, env_with_venv, load_profile, run
 from freezecache.config import load_config, parse_config
 from freezecache.core.errors import FreezecacheError
+from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.steps.model import check_model
 
 
@@ -16,7 +16,7 @@ def test_every_profile_is_valid(name):
 
 
 def test_default_profile_is_the_committed_params():
-    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == load_profile("default")
+    assert load_yaml(ROOT / "params.yaml") == load_profile("default")
 
 
 def _problems(raw) -> list[str]:
@@ -172,7 +172,7 @@ def test_cli_reports_errors_and_exits_nonzero(tmp_path):
     raw = load_profile("default")
     raw["train"]["epochs"] = 0
     raw["rank"]["alpha"] = -0.5
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(dump_yaml(raw))
     done = run(["freezecache", "check"], tmp_path, check=False)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -184,7 +184,7 @@ def test_cli_reports_errors_and_exits_nonzero(tmp_path):
 def test_stage_refuses_bad_params_without_writing(tmp_path):
     raw = load_profile("smoke")
     raw["data"]["train_size"] = -3
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(dump_yaml(raw))
     done = run(["python", str(ROOT / "stages/prepare.py")], tmp_path, check=False)
     assert done.returncode == 2 and "data.train_size" in done.stderr
     assert "Traceback" not in done.stderr

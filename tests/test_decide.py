@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from conftest import load_profile, needs_fashion, project_copy, run
 from freezecache.config import Criterion, FreezePoint, parse_config
+from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.tooling import render
 from freezecache.training.decide import Monitor, allowed_from, replay, resolve
 
@@ -161,7 +161,7 @@ def test_auto_renders_the_stage_graph_of_one_fixed_point(tmp_path):
         folder.mkdir()
         raw = load_profile("default")
         raw["freeze"]["points"] = points
-        (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        (folder / "params.yaml").write_text(dump_yaml(raw))
     counts = [render.points_of(tmp_path / name / "params.yaml") for name in ("auto", "fixed")]
     assert counts == [1, 1]
     auto = render.render(points=counts[0])
@@ -282,9 +282,9 @@ def test_dvc_exp_run_with_auto_points_runs_the_same_stages(tmp_path):
     repo = project_copy(tmp_path / "repo")
     run("git init -q && git config user.email ci@example.com && git config user.name ci", repo)
     run(["freezecache", "profile", "smoke"], repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = load_yaml(repo / "params.yaml")
     params["freeze"]["points"] = [{"block": 2, "epoch": 1}]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "params.yaml").write_text(dump_yaml(params))
     run(["freezecache", "pipeline"], repo)
     run("git add -A && git commit -qm one-point", repo)
     fixed = run(["dvc", "stage", "list", "--name-only"], repo).stdout.split()

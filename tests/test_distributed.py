@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
 from freezecache import pipeline
 from freezecache.cache.format import open_cache
 from freezecache.cache.loader import ChunkShuffleSampler, ShardedChunkBatches
+from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.training import distributed
 from freezecache.training.train import Images
 
@@ -109,7 +109,7 @@ def _params(folder: Path, **distributed_) -> Path:
     raw = load_profile("smoke")
     raw["distributed"].update(distributed_)
     path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(dump_yaml(raw))
     return path
 
 
@@ -173,7 +173,7 @@ def test_launcher_runs_one_process_in_place(tmp_path):
 
 
 def test_training_stages_launch_and_list_the_distributed_params():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages = load_yaml(ROOT / "dvc.yaml")["stages"]
     for name, stage in stages.items():
         launched = stage["cmd"].startswith("python -m freezecache.pipeline.launch stages/")
         assert launched == (name in pipeline.LAUNCHED), name
@@ -200,7 +200,7 @@ def _tiny(folder: Path, **changes) -> Path:
     for key, value in changes.items():
         section, name = key.split("__")
         raw[section][name] = value
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (folder / "params.yaml").write_text(dump_yaml(raw))
     code = "from freezecache.config import load_config as l; from freezecache.steps.prepare " \
         "import prepare; prepare(l('params.yaml'))"  # fmt: skip
     _run([PY, "-c", code], folder)
@@ -323,9 +323,9 @@ def test_two_simulated_nodes_train_the_suffix(two_ranks, tmp_path):
     for out in ("state.pt", "costs.json", "live"):
         target = folder / "runs/s0/discard_aug/p0" / out
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    raw = yaml.safe_load((folder / "params.yaml").read_text())
+    raw = load_yaml(folder / "params.yaml")
     raw["distributed"].update(nproc_per_node=1, nnodes=2)
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (folder / "params.yaml").write_text(dump_yaml(raw))
     cmd = [PY, "-m", "freezecache.pipeline.launch", str(ROOT / "stages/train_suffix.py")]
     cmd += ["--seed", "0", "--method", "discard_aug", "--point", "0", "--params", "params.yaml"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
@@ -359,7 +359,7 @@ def test_dvc_exp_run_on_two_processes_produces_the_report(tmp_path):
     assert "freezecache.pipeline.launch: python -m torch.distributed.run --nproc-per-node 2" in log
     report = json.loads((repo / "results/report.json").read_text())
     assert set(report["methods"]) == {"normal", "freezeout", "discard", "discard_aug"}
-    assert yaml.safe_load((repo / "params.yaml").read_text())["distributed"]["nproc_per_node"] == 2
+    assert load_yaml(repo / "params.yaml")["distributed"]["nproc_per_node"] == 2
 
 
 @needs_fashion
@@ -378,9 +378,9 @@ def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
         _run([PY, str(ROOT / f"stages/{script}.py"), *args, "--params", "params.yaml"], one)
     two = tmp_path / "two"
     shutil.copytree(one, two)
-    raw = yaml.safe_load((two / "params.yaml").read_text())
+    raw = load_yaml(two / "params.yaml")
     raw["distributed"]["nproc_per_node"] = 2
-    (two / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (two / "params.yaml").write_text(dump_yaml(raw))
     cmd = [PY, "-m", "freezecache.pipeline.launch", str(ROOT / "stages/cache.py"), "--seed", "0"]
     cmd += ["--method", "discard_aug", "--point", "0", "--params", "params.yaml"]
     _run(cmd, one)

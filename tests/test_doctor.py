@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from conftest import load_profile
+from freezecache.core.yamlio import dump_yaml
 from freezecache.tooling import doctor
 from freezecache.tooling.cli import app
 
@@ -24,7 +24,7 @@ def params_file(tmp_path, **edits) -> str:
     for section, values in edits.items():
         raw[section].update(values)
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(dump_yaml(raw))
     return str(path)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import env_with_venv, needs_fashion, project_copy, run
 from freezecache.core.io import tensors_digest
+from freezecache.core.yamlio import dump_yaml
 from freezecache.training.train import RunState
 
 # Machine measurements, not results: they differ between any two runs.
@@ -170,13 +171,12 @@ def test_a_full_disk_stops_the_cache_stage_in_one_line_and_a_rerun_succeeds(refe
 
 
 def test_a_path_outside_the_repository_is_refused_by_check(tmp_path):
-    import yaml
 
     from conftest import load_profile
 
     raw = load_profile("smoke")
     raw["paths"]["cache"] = "/some/abs/path"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(dump_yaml(raw))
     done = run(["freezecache", "check"], tmp_path, check=False)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1

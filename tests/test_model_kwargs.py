@@ -2,17 +2,17 @@
 timm would refuse at build time: one line naming the key, a non-zero exit, nothing written."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
 from freezecache.config import DERIVED_KWARGS, HUB_KWARGS, Model, parse_config
 from freezecache.core.errors import FreezecacheError
+from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.models import timm_view
 from freezecache.steps.model import build_model, check_model
+from test_readme import EXP, readme_commands
 
 VIT = "vit_tiny_patch16_224"
 META = {"num_classes": 5, "channels": 1, "img_size": 28}  # the default data: Fashion-MNIST
@@ -22,7 +22,7 @@ def _params(tmp_path: Path, name: str, **kwargs) -> Path:
     raw = load_profile("smoke")
     raw["model"] = {"name": name, "checkpoint": None, "kwargs": kwargs}
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(dump_yaml(raw))
     return path
 
 
@@ -104,7 +104,7 @@ def test_freezecache_check_reports_it_without_writing(tmp_path, name, kwargs, me
 
 def test_the_readme_vit_passes_check_and_lists_its_blocks(tmp_path):
     _params(tmp_path, VIT, patch_size=4)
-    cfg = parse_config(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    cfg = parse_config(load_yaml(tmp_path / "params.yaml"))
     assert check_model(cfg).num_blocks == 12
     out = run(["freezecache", "check"], tmp_path).stdout
     assert f"params.yaml: ok ({VIT}: 12 blocks, layout tokens)" in out
@@ -117,27 +117,18 @@ def test_the_readme_vit_passes_check_and_lists_its_blocks(tmp_path):
     assert done.returncode == 2 and "give it as --img-size" in done.stderr
 
 
-def readme_commands(section: str = "## Bring your own model") -> list[str]:
-    """The shell lines of a README section's code blocks, comments dropped."""
-    text = (ROOT / "README.md").read_text()
-    body = text.split(section, 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", body, flags=re.S)
-    lines = (line.split("  #", 1)[0].strip() for b in blocks for line in b.splitlines())
-    return [line for line in lines if line]
-
-
 @pytest.mark.slow
 @needs_fashion
 def test_the_readme_vit_example_runs_on_the_smoke_profile(tmp_path):
     """The README's `dvc exp run -S` for a timm ViT, as printed, on the default data (smoke)."""
-    (command,) = [c for c in readme_commands() if c.startswith("dvc exp run -S model.name=vit")]
+    (command,) = [c.text for c in readme_commands(EXP) if "model.name=vit" in c.text]
     repo = project_copy(tmp_path / "repo")
     run("git init -q && git config user.email ci@example.com && git config user.name ci", repo)
     run(["freezecache", "profile", "smoke"], repo)
     run("git add -A && git commit -qm smoke", repo)
 
     run(command, repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = load_yaml(repo / "params.yaml")
     assert params["model"] == {"name": VIT, "checkpoint": None, "kwargs": {"patch_size": 4}}
     report = json.loads((repo / "results/report.json").read_text())
     assert set(report["methods"]) == {"normal", "freezeout", "discard", "discard_aug"}

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, load_profile, needs_fashion, project_copy, run
+from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.pipeline import STAGES
 from freezecache.reporting import plots
 from freezecache.tooling import render
@@ -29,14 +30,12 @@ def test_committed_dvc_yaml_is_rendered_from_the_declarations():
 
 def test_dvc_yaml_is_short_and_templated():
     text = (ROOT / "dvc.yaml").read_text()
-    assert len(text.splitlines()) <= 240  # code deps listed per module where a folder is not whole
+    assert len(text.splitlines()) <= 240  # code deps per module where a folder is not whole
     stages = yaml.safe_load(text)["stages"]
     assert stages["train_suffix"]["matrix"] == {
         "seed": "${seeds}",
         "method": "${methods.discard}",
-        "p": render.slots(
-            len(yaml.safe_load((ROOT / "params.yaml").read_text())["freeze"]["points"])
-        ),
+        "p": render.slots(len(load_yaml(ROOT / "params.yaml")["freeze"]["points"])),
     }
     # each rendered point names the run it continues from: that is the chain
     assert any("${item.p.prev}" in d for d in stages["cache"]["deps"])
@@ -66,7 +65,7 @@ def _imported_modules(script: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_code_deps_cover_every_module_the_stage_imports(name):
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]["deps"]
+    deps = load_yaml(ROOT / "dvc.yaml")["stages"][name]["deps"]
     deps = [d.replace("${lib}", "src/freezecache") for d in deps]
     for module in _imported_modules(ROOT / STAGES[name].script):
         assert _covered(module, deps), f"{name} imports {module}, which its deps do not list"
@@ -128,13 +127,13 @@ def _status_stages(repo) -> set[str]:
 
 
 def _edit(repo, key: str, value) -> None:
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw = load_yaml(repo / "params.yaml")
     node = raw
     *parents, last = key.split(".")
     for part in parents:
         node = node[part]
     node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (repo / "params.yaml").write_text(dump_yaml(raw))
 
 
 def _points(*pairs) -> list[dict]:

@@ -12,6 +12,7 @@ import yaml
 
 import _epochs
 from conftest import ROOT, env_with_venv, run
+from freezecache.core.yamlio import load_yaml
 from freezecache.pipeline import STAGES
 from freezecache.reporting import plots
 from freezecache.reporting.plots import BENCH_BREAKDOWN, LEAD, PLOTS
@@ -59,7 +60,7 @@ def _rows(path) -> list[dict]:
 
 
 def test_lead_charts_are_dvc_yaml_top_level_plots():
-    rendered = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    rendered = load_yaml(ROOT / "dvc.yaml")["plots"]
     assert [next(iter(p)) for p in rendered] == [c.name for c in LEAD]
     report = {o.path.replace("{paths.", "${paths.") for o in STAGES["report"].outs.values()}
     for c in LEAD:

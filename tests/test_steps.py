@@ -11,6 +11,7 @@ from freezecache.cache.reader import iter_cache
 from freezecache.config import parse_config
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.timing import STAGE_SECTIONS, Sections
+from freezecache.core.yamlio import dump_yaml
 from freezecache.models import split
 from freezecache.pipeline import STAGES
 from freezecache.pipeline.guard import stage
@@ -248,10 +249,9 @@ def test_bn_recalibration_resumes_to_the_same_state(tmp_path, source, monkeypatc
 
 def test_stage_arguments_are_checked(tmp_path):
     cfg_path = tmp_path / "params.yaml"
-    import yaml
 
     raw = load_profile("smoke")
-    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg_path.write_text(dump_yaml(raw))
     for kwargs, message in (
         ({"seed": 7}, "--seed 7"),
         ({"method": ("discard_noaug", "discard")}, "methods.discard"),

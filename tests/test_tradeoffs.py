@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from conftest import load_profile, needs_fashion
 from freezecache.accounting.memory import accounted_memory
 from freezecache.config import Train, parse_config
+from freezecache.core.yamlio import dump_yaml
 from freezecache.models import BlockModel, create_model
 from freezecache.planning.tradeoffs import measure_tradeoffs, render_markdown, write
 from freezecache.steps.prepare import prepare
@@ -207,7 +207,7 @@ def tiny_cfg(tmp_path_factory):
     raw["train"]["batch_size"] = 16
     cfg = parse_config(raw)
     prepare(cfg)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "params.yaml").write_text(dump_yaml(raw))
     return cfg
 
 

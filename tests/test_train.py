@@ -7,10 +7,10 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from conftest import ROOT, env_with_venv, load_profile, needs_fashion, run
 from freezecache.config import Train
+from freezecache.core.yamlio import dump_yaml
 from freezecache.models import create_model
 from freezecache.training.schedule import Phase
 from freezecache.training.train import RunState, Trainer, TrainSpec, cosine_lr, set_frozen
@@ -75,7 +75,7 @@ def _resume_project(tmp_path, name):
     raw["train"]["epochs"] = 5
     raw["freeze"]["points"] = [{"block": 2, "epoch": 4}]
     raw["methods"] = {"baselines": ["normal"], "discard": []}
-    (d / "params.yaml").write_text(yaml.safe_dump(raw))
+    (d / "params.yaml").write_text(dump_yaml(raw))
     for script in ("prepare", "pretrain"):
         run(["python", str(ROOT / f"stages/{script}.py")], d)
     return d

@@ -98,7 +98,10 @@ def _method_costs(ctx, model, name, history, host_cache_mb, schedule) -> Costs:
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
     schedule = schedule or [(ph.state, ph.position, ph.epochs) for ph in phases(cfg, name)]
-    blocks = {p.block for p in cfg.points if p.block != AUTO}  # auto: known once decided
+    # a discard method's one-off FLOPs need each point's prefix (auto: known once decided); no
+    # other method's costs read the points beyond its schedule (Normal's stay put when one moves)
+    discards = method(name).kind == "discard"
+    blocks = {p.block for p in cfg.points if p.block != AUTO} if discards else set()
     positions = sorted(blocks | {pos for _, pos, _ in schedule})
     parts = {p: part_flops(model, p, input_shape) for p in positions}
     n = len(ctx.train)

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from freezecache.core.choices import CODECS, CODINGS
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.methods import BASELINES, DISCARD
+from freezecache.core.yamlio import load_yaml
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -351,12 +351,9 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raise FreezecacheError(
             f"{path}: no such params file — run from the project root or pass --params"
         )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise FreezecacheError(f"{path}:{where}: not valid YAML — fix the syntax") from None
+    raw = load_yaml(path)  # as DVC reads it (YAML 1.2), duplicate keys refused
+    if raw == {}:
+        raise FreezecacheError(f"{path}: empty — copy a profile (`freezecache profile default`)")
     return parse_config(raw, str(path), repo=path.resolve().parent)
 
 

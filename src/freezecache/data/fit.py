@@ -1,5 +1,6 @@
 """Fit arrays of images to the model's input: pad or resize to a square size, convert channels
-(data.resize: pad, the behaviour before data.resize; crop and letterbox: freezecache.data.images)."""
+(data.resize: pad, the behaviour before data.resize; crop and letterbox:
+freezecache.data.images)."""
 
 from __future__ import annotations
 
@@ -76,4 +77,3 @@ def fit_images(images: np.ndarray, img_size: int, channels: int) -> np.ndarray:
     if images.shape[2:] != (img_size, img_size):
         images = _pad_centre(images, img_size)
     return _to_channels(images, channels)  # 1->3 after resizing: 3x less to resize
-

@@ -12,6 +12,12 @@ others). DVC cannot refer to the previous item of a matrix, so the slots are ren
 point: changing the number of points re-renders dvc.yaml; their blocks and epochs come from
 params.yaml.
 
+Params are as narrow as the code that reads them. DVC params name mapping keys, never a list
+element, so where a stage reads part of the ``freeze`` section (the shared run its first epoch
+and the criterion, a method its own points, the trade-offs the last point) it depends instead
+on a small file the ``check`` stage writes for it (:func:`schedule_views`): moving a block
+reruns what reads blocks, not the shared run or Normal.
+
 Code deps are derived from each stage script's imports
 (:func:`freezecache.tooling.render.code_deps`),
 so editing a module reruns exactly the stages that import it. Every stage reads this module for
@@ -51,6 +57,9 @@ class Out:
     cache: bool = True
     plot: dict | None = None  # declared as a DVC plot with these properties
     metric: bool = False  # declared as a DVC metrics file (only the report's headline)
+    # DVC keeps it while the stage reruns (check's: bad params delete nothing, its own outputs
+    # included); such a stage has no run cache, which a stage as quick as check does not need.
+    persist: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,11 +103,17 @@ POINT = SEED + "/{method}/{p.name}"  # p0, p1, ...: freeze points in their order
 START = SEED + "/{method}/{p.prev}/state.pt"  # the run a freeze point continues from
 CACHE = "{paths.cache}/s{seed}/{method}/{p.name}.h5"
 DECISION = SEED + "/prefix/decision.json"  # the freeze points as the shared run decided them
+# What each consumer reads of the freeze section, written by check (schedule_views): the shared
+# run, each method's stages, the trade-offs.
+SCHEDULE = "{paths.runs}/schedule_views"
+SHARED_VIEW = SCHEDULE + "/prefix.json"
+METHOD_VIEW = SCHEDULE + "/{method}.json"
+LAST_VIEW = SCHEDULE + "/tradeoffs.json"
 # The train keys each kind of stage reads: the suffix reads them all; stages on raw images not
 # the suffix's own (Train.SUFFIX_ONLY); pretrain neither its epochs nor lr (pretrain.epochs/lr).
 IMAGE_TRAIN_KEYS = tuple(f"train.{k}" for k in Train.model_fields if k not in Train.SUFFIX_ONLY)
 PRETRAIN_TRAIN_KEYS = tuple(k for k in IMAGE_TRAIN_KEYS if k not in ("train.epochs", "train.lr"))
-TRAIN = ("model", *IMAGE_TRAIN_KEYS, "runtime", "freeze")
+IMAGES = ("model", *IMAGE_TRAIN_KEYS, "runtime")  # what a stage training on raw images reads
 
 
 def _run_outs(folder: str) -> dict[str, Out]:
@@ -114,15 +129,18 @@ def _run_outs(folder: str) -> dict[str, Out]:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        # Validates params.yaml and scans the datasets before any stage deletes its outputs
-        # (every stage depends on it); runs every time, to fingerprint the datasets' files.
+        # Validates params.yaml, the model it names included, and scans the datasets before any
+        # stage deletes its outputs (every stage depends on it); writes each consumer's view of
+        # the schedule; runs every time, to fingerprint the datasets' files. Its outputs persist:
+        # a check that fails deletes nothing, its own files included.
         Stage(
             "check",
             params=SECTIONS,
             outs={
-                "ok": Out(CHECKED),
-                "data_source": Out(DATA_SOURCE),
-                "pretrain_source": Out(PRETRAIN_SOURCE),
+                "ok": Out(CHECKED, persist=True),
+                "views": Out(SCHEDULE, persist=True),
+                "data_source": Out(DATA_SOURCE, persist=True),
+                "pretrain_source": Out(PRETRAIN_SOURCE, persist=True),
             },
             always_changed=True,
         ),
@@ -151,13 +169,12 @@ STAGES: dict[str, Stage] = {
         Stage(
             "plan",
             deps=(CHECKED, DATA, WEIGHTS),
+            # seeds and methods: the caches the schedule needs; the points: its savings
             params=(
+                *IMAGES,
                 "seeds",
                 "methods",
-                "model",
-                "train",
-                "runtime",
-                "freeze",
+                "freeze.points",
                 "rank",
                 "cache",
                 "augment",
@@ -174,8 +191,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train_prefix",
             matrix=("seed",),
-            deps=(CHECKED, ALLOWED, DATA, WEIGHTS),
-            params=TRAIN,
+            deps=(CHECKED, SHARED_VIEW, ALLOWED, DATA, WEIGHTS),
+            params=IMAGES,
             outs={
                 **_run_outs(SEED + "/prefix"),
                 "decision": Out(DECISION),
@@ -185,15 +202,15 @@ STAGES: dict[str, Stage] = {
         Stage(
             "baseline",
             matrix=("seed", "method.baseline"),
-            deps=(CHECKED, DATA, WEIGHTS, PREFIX, DECISION),
-            params=TRAIN,
+            deps=(CHECKED, METHOD_VIEW, DATA, WEIGHTS, PREFIX, DECISION),
+            params=IMAGES,
             outs=_run_outs(SEED + "/{method}"),
         ),
         Stage(
             "cache",
             matrix=("seed", "method.discard", "p"),
-            deps=(CHECKED, DATA, START, DECISION),
-            params=("model", "runtime", "freeze", "rank", "cache", "train.precision"),
+            deps=(CHECKED, METHOD_VIEW, DATA, START, DECISION),
+            params=("model", "runtime", "rank", "cache", "train.precision"),
             outs={
                 "cache": Out(CACHE),
                 "ranking": Out(POINT + "/ranking.json"),
@@ -203,19 +220,20 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train_suffix",
             matrix=("seed", "method.discard", "p"),
-            deps=(CHECKED, DATA, START, CACHE, DECISION),
-            params=("model", "train", "runtime", "freeze", "augment", "loader"),
+            deps=(CHECKED, METHOD_VIEW, DATA, START, CACHE, DECISION),
+            params=("model", "train", "runtime", "augment", "loader"),
             outs=_run_outs(POINT),
         ),
         Stage(
             "tradeoffs",
             deps=(
                 CHECKED,
+                LAST_VIEW,
                 DATA,
                 "{paths.runs}/s{first_seed}/prefix/state.pt",
                 "{paths.runs}/s{first_seed}/prefix/decision.json",
             ),  # fmt: skip
-            params=TRAIN,
+            params=IMAGES,
             outs={
                 "json": Out("{paths.results}/tradeoffs.json"),
                 "md": Out("{paths.results}/tradeoffs.md"),
@@ -230,7 +248,7 @@ STAGES: dict[str, Stage] = {
                 "{paths.results}/tradeoffs.json",
                 "{paths.results}/plan.json",
             ),
-            params=("seeds", "methods", "freeze", "cache"),
+            params=("seeds", "methods", "freeze.points", "train.epochs", "data", "model"),
             outs={
                 "md": Out("{paths.results}/report.md", cache=False),
                 "json": Out("{paths.results}/report.json", cache=False),
@@ -249,6 +267,25 @@ STAGES: dict[str, Stage] = {
 # params). A cache built by rank 0 or by every rank holds the same features.
 LAUNCHED = {"pretrain": True, "train_prefix": True, "baseline": True, "cache": False,
             "train_suffix": True}  # fmt: skip
+
+
+def schedule_views(cfg) -> dict[Path, dict]:
+    """What each consumer reads of ``freeze`` (the file check writes for it -> its content):
+    the shared run, where it stops (the first point's epoch; an ``auto`` first point as
+    written) and the criterion it measures either way (deciding by it when auto; a profile
+    without the section gets the defaults, which DVC could not name as a param); each method,
+    the points its stages train with (none for a method that does not freeze: Normal continues
+    from the shared run where it stopped); the trade-offs, the last point (the suffix they
+    measure)."""
+    points = [{"block": p.block, "epoch": p.epoch} for p in cfg.points]
+    shared = points[0] if cfg.auto else {"epoch": points[0]["epoch"]}
+    shared = {**shared, "criterion": cfg.criterion.model_dump(mode="json")}
+    views = {fill(SHARED_VIEW, cfg): shared, fill(LAST_VIEW, cfg): {"point": points[-1]}}
+    for name in cfg.methods.all:
+        views[fill(METHOD_VIEW, cfg, method=name)] = {
+            "points": points if method(name).uses_points else []
+        }
+    return views
 
 
 def method_runs(cfg, seed: int, name: str) -> list[tuple[Stage, dict]]:
@@ -279,13 +316,12 @@ def check_rendered(cfg, dvc_yaml: Path = Path("dvc.yaml")) -> None:
     """Refuse params whose number of freeze points is not the one dvc.yaml has stages for: DVC
     cannot derive a point's predecessor, so ``freezecache pipeline`` renders one matrix item
     per point (and ``make repro`` runs it)."""
-    import yaml
-
     from freezecache.core.errors import FreezecacheError
+    from freezecache.core.yamlio import load_yaml
 
     if not dvc_yaml.is_file():
         return
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    stages = load_yaml(dvc_yaml).get("stages", {})
     items = stages.get("cache", {}).get("matrix", {}).get("p")
     if isinstance(items, list) and len(items) != len(cfg.points):
         raise FreezecacheError(

@@ -67,12 +67,11 @@ def _params_file(args: list[str]) -> Path:
 def read_distributed(params: Path):
     """The ``distributed`` section of a params file, validated (defaults when the file or the
     section is missing: the stage itself then reports what is wrong)."""
-    import yaml
-
     from freezecache.config import Distributed
     from freezecache.core.errors import FreezecacheError
+    from freezecache.core.yamlio import load_yaml
 
-    raw = yaml.safe_load(params.read_text()) if params.is_file() else None
+    raw = load_yaml(params) if params.is_file() else None
     section = (raw or {}).get("distributed") if isinstance(raw, dict) else None
     try:
         return Distributed.model_validate(section or {})

@@ -194,9 +194,9 @@ def render(out: Path) -> tuple[Path, list[str]]:
 
 def _paths(params: Path) -> dict:
     """params.yaml's ``paths`` (what dvc.yaml's ${paths.x} read), {} without it."""
-    import yaml
+    from freezecache.core.yamlio import load_yaml
 
-    raw = yaml.safe_load(params.read_text()) if params.is_file() else None
+    raw = load_yaml(params) if params.is_file() else None
     return (raw or {}).get("paths") or {}
 
 

@@ -357,6 +357,28 @@ def write_report(cfg: Config) -> dict:
     return report
 
 
+def foreign_run(record: dict, cfg: Config) -> list[str]:
+    """How the run a report.json or plan.json records differs from ``cfg``'s, one
+    ``key recorded against cfg's`` per field both say (the smoke profile writes where the default
+    does, so a README section must not take its figures for the default's)."""
+    expected = {
+        "seeds": cfg.seeds,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "classes": cfg.data.classes,
+        "epochs": cfg.train.epochs,
+        "freeze_points": [{"block": p.block, "epoch": p.epoch} for p in cfg.points],
+        "points": [p.block for p in cfg.points],
+        "codec": cfg.cache.codec,
+        "tolerance": cfg.cache.tolerance,
+    }
+    return [
+        f"{key} {record[key]} against {value}"
+        for key, value in expected.items()
+        if key in record and record[key] != value
+    ]
+
+
 def update_readme(sources: dict[str, Path | str], target: Path) -> None:
     """Replaces each generated README section (between its markers) with its source file, or
     with the text given (a section generated from the code, such as the API reference)."""

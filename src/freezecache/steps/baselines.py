@@ -41,8 +41,9 @@ def train_prefix(cfg: Config, seed: int) -> None:
     )  # fmt: skip
     run.fit(replace(image_spec(ctx, model, Phase("full", 0, 0, until)), monitor=watch))
     if ctx.main:
-        decision = watch.decision if cfg.auto else {"block": point.block, "epoch": point.epoch,
-                                                    "why": "freeze.points"}  # fmt: skip
+        # given points: where this run stopped, no block (it reads none: a block moved elsewhere
+        # leaves this run and every stage reading its decision as they are)
+        decision = watch.decision if cfg.auto else {"epoch": point.epoch, "why": "freeze.points"}
         # every measurement with it: benchmarks/adaptive_search.py replays other thresholds
         atomic_write_json(ctx.out("decision"), {**decision, "rows": watch.monitor.record()})
         _curves(ctx.out("criterion").parents[1], watch.monitor, cfg.criterion.threshold)
@@ -87,16 +88,18 @@ def baseline(cfg: Config, seed: int, name: str) -> None:
     model = ctx.new_model()
     train = cfg.train if m.flips else cfg.train.model_copy(update={"flip_p": 0.0})
     todo = phases(cfg, name)
+    stopped = 0  # where the shared run stopped, read from it: Normal reads no freeze point
     if m.shared_prefix:
         start_file = ctx.stage_path("train_prefix", "state")
         start = RunState.load(start_file)
-        todo = [ph for ph in todo if ph.end > cfg.prefix_epochs]
+        stopped = start.epoch
+        todo = [ph for ph in todo if ph.end > stopped]
         inputs = (start_file,)
     else:
         start, inputs = None, (ctx.stage_path("pretrain", "state"),)
     run = Run(ctx, model, start, ctx.data_dir / "train.npz", *inputs)
     for ph in todo:
-        begin = max(ph.start, cfg.prefix_epochs if m.shared_prefix else 0)
+        begin = max(ph.start, stopped)
         run.fit(image_spec(ctx, model, ph._replace(start=begin), train))
     costs = method_costs(ctx, model, name, run.state.history) if ctx.main else {}
     run.finish(costs, final=True)

@@ -5,12 +5,13 @@ check (its depth, its constructor's arguments)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from freezecache.config import Config
 from freezecache.config.model import build_model
 from freezecache.core.errors import FreezecacheError
-from freezecache.models import BlockModel, prefix_digest, split
+from freezecache.models import BlockModel, list_models, prefix_digest, split
 
 __all__ = ["build_model", "check_model", "check_schedule", "load_start", "prefix_hash"]
 
@@ -48,16 +49,21 @@ def check_schedule(cfg: Config, model: BlockModel) -> None:
 
 
 def check_model(cfg: Config, source: str = "params.yaml") -> BlockModel:
-    """What only the model can tell (``freezecache check``; the stages that build the model
-    check it too): it builds from ``model`` for ``data`` (a known name, options its constructor
-    takes, patches that tile the image), and the freeze points fit its depth. Returns it."""
+    """What only the model can tell (the check stage and ``freezecache check``; the stages that
+    build the model check it too): it builds from ``model`` for ``data`` (a known name, options
+    its constructor takes, patches that tile the image), and the freeze points fit its depth.
+    Returns it, without weights: a registered model is built on the meta device (no memory, no
+    initialisation); a timm model on the CPU, as its view checks itself against the model's own
+    forward (timm's constructors also read values, which meta tensors do not have)."""
     meta = {
         "num_classes": len(cfg.data.classes) if cfg.data.classes else 10,
         "channels": cfg.data.channels or 3,
         "img_size": cfg.data.img_size,
     }
+    device = "meta" if cfg.model.name in list_models() else "cpu"
     try:
-        model = build_model(cfg.model, meta)
+        with torch.device(device):
+            model = build_model(cfg.model, meta)
         check_schedule(cfg, model)
     except FreezecacheError as err:
         lines = (f"{source}: {line}" for line in str(err).splitlines())

@@ -55,7 +55,9 @@ def profile(
 def render_pipeline(
     check_only: bool = typer.Option(False, "--check", help="fail if dvc.yaml is out of date"),
 ) -> None:
-    """Render dvc.yaml from the stage declarations (for developers; params never need it)."""
+    """Render dvc.yaml from the stage declarations and params.yaml's number of freeze points:
+    needed after changing that number (`freezecache profile` and `make repro` run it) or a
+    stage's declaration; other params edits never need it."""
     setup_logging()
     if check_only:
         if render.render_text() != (render.ROOT / "dvc.yaml").read_text():
@@ -94,11 +96,10 @@ def blocks(
 
 
 def _model_options(pairs: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs as model.kwargs (values read as YAML, as params.yaml would)."""
-    import yaml
-
+    """``KEY=VALUE`` pairs as model.kwargs (values read as params.yaml's are)."""
     from freezecache.config import DERIVED_KWARGS
     from freezecache.core.errors import FreezecacheError
+    from freezecache.core.yamlio import parse_value
 
     options = {}
     for pair in pairs:
@@ -107,33 +108,38 @@ def _model_options(pairs: list[str]) -> dict[str, object]:
             raise FreezecacheError(f"--kwarg {pair!r}: write KEY=VALUE, e.g. -k patch_size=4")
         if key in DERIVED_KWARGS:
             raise FreezecacheError(f"--kwarg {key}: give it as --{key.replace('_', '-')}")
-        options[key] = yaml.safe_load(value)
+        options[key] = parse_value(value, f"--kwarg {key}")
     return options
 
 
 @app.command()
 def plan(params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
-    """Where to freeze: cache size and savings per block, for the configured schedule."""
+    """Where to freeze: cache size and savings per block, for the configured schedule (printed
+    only: `make plan` runs the plan stage, whose results/plan.* DVC tracks)."""
     from freezecache.steps.plan import plan as make
 
     with stage(params) as cfg:
-        print(make(cfg))
+        print(make(cfg, write=False))
 
 
 @app.command()
 def sweep(
     collect_only: bool = typer.Option(False, "--collect", help="only gather finished runs"),
     results: Path = typer.Option(Path("results"), help="where codec_sweep.* go"),
+    only: list[str] = typer.Option(
+        [], "--only", help="run (or gather) only this entry of the grid, e.g. rel-0.25; repeatable"
+    ),
 ) -> None:
-    """Run the default over a grid of codecs and tolerances (queued DVC experiments, 3 seeds
-    each) and write results/codec_sweep.{csv,json,md,svg}."""
+    """Run the current params over a grid of codecs and tolerances (queued DVC experiments)
+    and write results/codec_sweep.{csv,json,md,svg}."""
     from freezecache.tooling import sweep as sw
 
     with stage_free():
+        grid = sw.entries(only)
         if not collect_only:
-            print("queued: " + ", ".join(sw.queue()))
+            print("queued: " + ", ".join(sw.queue(grid)))
             sw.run_queue()
-        rows = sw.collect()
+        rows = sw.collect(grid)
         sw.write(rows, results)
         print(sw.render_markdown(rows))
 
@@ -205,20 +211,52 @@ README_SECTIONS = {
     "scaling": "results/bench_scaling.md",
     "gpu": "results/gpu/gpu_check.md",
 }
+# README sections whose file a profile's run writes, and that profile: a file another profile's
+# run wrote there (the smoke profile writes where the default does) is refused, not shown.
+SECTION_PROFILES = {"results": "default", "plan": "default", "scratch": "scratch",
+                    "timm": "timm_regnet"}  # fmt: skip
 
 
 @app.command()
 def readme(target: Path = typer.Option(Path("README.md"))) -> None:
-    """Regenerate the README's generated sections from the results/ files, and its API
-    reference from the public names' docstrings."""
+    """Regenerate the README's generated sections from the results/ files (refused when a
+    profile's section would show another profile's run), and its API reference from the public
+    names' docstrings."""
     from freezecache.reporting.report import update_readme
     from freezecache.tooling.api_doc import reference
 
     with stage_free():
+        _refuse_foreign_results()
         sources = {k: Path(v) for k, v in README_SECTIONS.items()}
         update_readme({**sources, "api": reference()}, target)
         print(f"{target}: sections updated from " + ", ".join(README_SECTIONS.values())
               + " and the API reference from the docstrings")  # fmt: skip
+
+
+def _refuse_foreign_results() -> None:
+    """One line per section whose results were written by a run of other params than its
+    profile's (e.g. after `freezecache profile smoke && dvc repro`)."""
+    from freezecache.config import parse_config
+    from freezecache.core.errors import FreezecacheError
+    from freezecache.core.io import read_json
+    from freezecache.core.yamlio import load_yaml
+    from freezecache.reporting.report import foreign_run
+
+    problems = []
+    for section, name in SECTION_PROFILES.items():
+        record = Path(README_SECTIONS[section]).with_suffix(".json")
+        if not record.is_file():
+            continue
+        profile = PROFILES / f"{name}.yaml"
+        differs = foreign_run(read_json(record), parse_config(load_yaml(profile), str(profile)))
+        if differs:
+            problems.append(
+                f"{record} is not the {name} profile's run ({'; '.join(differs[:3])}) — restore "
+                f"it (`git checkout {record.parent}`) or rerun that profile (`freezecache profile "
+                f"{name} && dvc repro`), then `freezecache readme`"
+            )
+    if problems:
+        raise FreezecacheError("\n".join(problems))
 
 
 if __name__ == "__main__":

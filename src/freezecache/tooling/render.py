@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from freezecache.core.errors import FreezecacheError
+from freezecache.core.yamlio import load_yaml
 from freezecache.pipeline import LAUNCHED, MATRIX, STAGES, Stage
 from freezecache.reporting.plots import PLOTS
 
@@ -169,6 +170,7 @@ def _render_stage(stage: Stage, root: Path, points: int) -> dict:
             if (out.metric, out.plot is not None) != (kind == "metrics", kind == "plots"):
                 continue
             props = _FlowMap({"cache": False} if not out.cache else {})
+            props.update({"persist": True} if out.persist else {})
             props.update(out.plot or {})
             path = _dvc(out.path)
             items.append({path: props} if props else path)
@@ -179,7 +181,7 @@ def _render_stage(stage: Stage, root: Path, points: int) -> dict:
 
 def points_of(params: Path) -> int:
     """How many freeze points ``params`` holds (``auto``: one)."""
-    points = (yaml.safe_load(params.read_text()) or {}).get("freeze", {}).get("points", [])
+    points = load_yaml(params).get("freeze", {}).get("points", [])
     return 1 if points == "auto" else len(points or [])
 
 

@@ -55,6 +55,17 @@ def _dvc(*args: str) -> str:
     return _run("dvc", *args)
 
 
+def entries(names: list[str]) -> tuple:
+    """The entries of GRID named (all of it when none is)."""
+    known = [g[0] for g in GRID]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise FreezecacheError(
+            f"--only {unknown[0]}: not in the sweep's grid — choose from {', '.join(known)}"
+        )
+    return tuple(g for g in GRID if g[0] in names) if names else GRID
+
+
 def queue(grid=GRID) -> list[str]:
     """Queues one experiment per grid entry; returns their names.
 
