@@ -41,6 +41,7 @@ HOW: tuple[tuple[str, str, str], ...] = (
     (r"^dvc exp run .*(-S|--set-param)", EXP, "DVC's override code on the profile, then check "
      "(test_model_kwargs.py runs the ViT line for real on the smoke profile, slow)"),
     (r"^freezecache profile ", RUN, "in a project copy"),
+    (r"^python -c .*make_messy_folder", RUN, "in a project copy: the folder appears"),
     (r"^freezecache blocks ", RUN, "builds the model (a comment's block count is compared)"),
     (r"^source \.venv/bin/activate$", RUN, "in bash, in the checkout (needs its .venv)"),
     (r"^(grep -v -E|pip freeze \|)", RUN, "writes a constraints file in a temporary folder"),
@@ -48,6 +49,8 @@ HOW: tuple[tuple[str, str, str], ...] = (
     (r"^dvc metrics show$", SMOKE, "reads a finished run's metrics"),
     (r"^make repro$", NOT_RUN, "slow: the default's pipeline, ~15 min on 2 cores (set-up "
      "included); test_pipeline.py runs the smoke profile's the same way (`dvc repro`)"),
+    (r"^cat results/report\.md$", NOT_RUN, "prints the report a run wrote; "
+     "test_own_images_pipeline.py asserts the class names and per-class accuracy in it"),
     (r"^make test$", NOT_RUN, "slow: the whole suite, which is what CI runs"),
     (r"^pip install ", NOT_RUN, "changes the environment it runs in (and needs the network)"),
     (r"^pip check$", NOT_RUN, "what it lists (and its exit status) is the environment's: it "
@@ -84,11 +87,17 @@ class Command:
 def commands(example: Example) -> list[Command]:
     """The commands of one bash block: a line split at ``&&``, each with the line's comment;
     a ``freezecache profile NAME`` makes the lines after it written for that profile."""
-    out, profile = [], "default"
-    for k, line in enumerate(example.parsed.splitlines()):
+    out, profile, logical = [], "default", []  # a line ending in a backslash goes on
+    for k, physical in enumerate(example.parsed.splitlines()):
+        if not logical:
+            first = k
+        logical.append(physical.rstrip().removesuffix("\\").strip())
+        if physical.rstrip().endswith("\\"):
+            continue
+        line, logical = " ".join(logical), []
         text, _, comment = line.partition("  #")
         for part in filter(None, (p.strip() for p in text.split("&&"))):
-            out.append(Command(part, comment.strip(), profile, example.line + 1 + k))
+            out.append(Command(part, comment.strip(), profile, example.line + 1 + first))
             if m := re.match(r"freezecache profile (\w+)$", part):
                 profile = m.group(1)
     return out
@@ -192,7 +201,7 @@ def clone(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("command", readme_commands(RUN), ids=_ids(readme_commands(RUN)))
 def test_readme_commands_run_as_printed(command, clone, tmp_path):
     text = command.text.replace("/tmp/", f"{tmp_path}/")
-    cwd = clone if text.startswith("freezecache profile") else ROOT
+    cwd = clone if text.startswith(("freezecache profile", "python -c")) else ROOT
     if text.startswith("source ") and not (ROOT / ".venv/bin/activate").is_file():
         pytest.skip("no .venv in the checkout (make setup makes it)")
     if text.startswith("source "):
@@ -202,6 +211,8 @@ def test_readme_commands_run_as_printed(command, clone, tmp_path):
     blocks = re.search(r"(\d+) blocks", command.comment)
     if blocks:  # the README says how many blocks it lists
         assert f": {blocks.group(1)} blocks" in done.stdout, done.stdout
+    if "make_messy_folder" in text:
+        assert len(list((clone / "data/shapes").glob("*/*"))) > 20
     if text.startswith("freezecache profile"):
         name = text.split()[-1]
         assert load_yaml(clone / "params.yaml") == load_yaml(ROOT / "configs" / f"{name}.yaml")
