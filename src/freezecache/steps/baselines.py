@@ -32,8 +32,7 @@ def train_prefix(cfg: Config, seed: int) -> None:
     ctx = Context(cfg, seed, "train_prefix")
     model = ctx.new_model()
     allowed_file = ctx.stage_path("plan", "allowed")
-    inputs = (ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state"))
-    run = Run(ctx, model, None, *inputs, *([allowed_file] if cfg.auto else []))
+    run = Run(ctx, model, None)
     point = cfg.points[0] if cfg.points else None
     watch = _watch(ctx, model, run, point, allowed_file)
     until = cfg.prefix_epochs if not cfg.auto else (
@@ -79,22 +78,20 @@ def _curves(folder, monitor: Monitor, threshold: float) -> None:
     (Path(folder) / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # none measured yet
 
 
-def baseline(cfg: Config, seed: int, name: str) -> None:
-    cfg = resolve(cfg, seed)
+def baseline(params: Config, seed: int, name: str) -> None:
+    cfg = resolve(params, seed)
     require_counter()
-    ctx = Context(cfg, seed, "baseline", method=name)
+    ctx = Context(cfg, seed, "baseline", params=params, method=name)
     m = method(name)
     model = ctx.new_model()
     train = cfg.train if m.hflip else cfg.train.model_copy(update={"hflip": False})
     todo = phases(cfg, name)
     if m.shared_prefix:
-        start_file = ctx.stage_path("train_prefix", "state")
-        start = RunState.load(start_file)
+        start = RunState.load(ctx.stage_path("train_prefix", "state"))
         todo = [ph for ph in todo if ph.end > cfg.prefix_epochs]
-        inputs = (start_file,)
     else:
-        start, inputs = None, (ctx.stage_path("pretrain", "state"),)
-    run = Run(ctx, model, start, ctx.data_dir / "train.npz", *inputs)
+        start = None
+    run = Run(ctx, model, start)
     for ph in todo:
         begin = max(ph.start, cfg.prefix_epochs if m.shared_prefix else 0)
         run.fit(image_spec(ctx, model, ph._replace(start=begin), train))

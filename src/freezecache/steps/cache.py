@@ -23,14 +23,14 @@ from torch import Tensor, nn
 from freezecache.cache import Build, CacheSpec, CacheWriter
 from freezecache.codecs.registry import calibrate, needs_calibration
 from freezecache.config import Config
-from freezecache.core import runtime
+from freezecache.core import interrupts, runtime
 from freezecache.core.io import atomic_write_json
 from freezecache.core.methods import method
 from freezecache.core.timing import section, stage_timings
 from freezecache.models import feature_shape, split
 from freezecache.steps.context import Context
 from freezecache.steps.model import prefix_hash
-from freezecache.steps.run import checkpoint_dir, run_key, start_of_point
+from freezecache.steps.run import checkpoint_dir, clear_checkpoints, stage_key, start_of_point
 from freezecache.training import augment, distributed, rank
 from freezecache.training.decide import resolve
 from freezecache.training.train import progress
@@ -169,17 +169,18 @@ def cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
     """Builds the cache of method ``name`` at freeze point ``i`` (0-based; with several ranks:
     each encodes its range of the training set, rank 0 writes the file and returns its stats,
     the others {})."""
-    stats = _cache_point(resolve(cfg, seed), seed, name, i)
+    stats = _cache_point(cfg, seed, name, i)
     distributed.barrier()  # the stage ends on every rank once the cache is published
     return stats
 
 
-def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
+def _cache_point(params: Config, seed: int, name: str, i: int) -> dict:
+    cfg = resolve(params, seed)
     point = cfg.point(i)
     index, block = i + 1, point.block
-    ctx = Context(cfg, seed, "cache", method=name, p=point)
+    ctx = Context(cfg, seed, "cache", params=params, method=name, p=point)
     t0 = time.perf_counter()
-    model, start_file = frozen_model(ctx, point)
+    model, _ = frozen_model(ctx, point)
     m = method(name)
     # The ranking runs once, on rank 0; every rank gets its channels (or tokens' count).
     ranked, kept = None, []
@@ -187,7 +188,6 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
         with section("ranking"):
             keep = kept if m.needs_ranking and _reusable(ctx, model, block) else None
             ranked = ranking(ctx, model, block, keep) if m.needs_ranking else {"kind": "none"}
-        atomic_write_json(ctx.out("ranking"), ranked)
     ranked = distributed.broadcast_object(ranked)
     spec = CacheSpec.at(cfg, model, block, index, m.needs_ranking)
     channels = None
@@ -195,7 +195,7 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
         channels = rank.most_sensitive(torch.tensor(ranked["scores"]), cfg.rank.gamma).sort().values
     path = ctx.out("cache")
     # Identity of the build's inputs: a killed build resumes from its spool only when it matches.
-    key = run_key(ctx, start_file, ctx.data_dir / "train.npz")
+    key = stage_key(ctx)
     c = cfg.cache
     codec = spec.new_codec()
     if needs_calibration(codec):
@@ -286,5 +286,8 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
         stored_channels=0 if channels is None else len(channels),
         timings=stage_timings(ctx.startup_s),
     )
-    atomic_write_json(ctx.out("stats"), stats)
+    with interrupts.deferred():  # the stage's other files: all of them, or (before) none
+        atomic_write_json(ctx.out("ranking"), ranked)
+        atomic_write_json(ctx.out("stats"), stats)
+    interrupts.at_success(lambda: clear_checkpoints(ctx))  # other params' spools
     return stats

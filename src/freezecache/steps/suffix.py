@@ -73,21 +73,21 @@ def cached_batches(ctx: Context, feed: Feed):
     return batches
 
 
-def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
+def train_suffix(params: Config, seed: int, name: str, i: int) -> None:
     """Trains freeze point ``i`` (0-based) of method ``name`` from its cache."""
     require_counter()
-    cfg = resolve(cfg, seed)
+    cfg = resolve(params, seed)
     point = cfg.point(i)
     block = point.block
-    ctx = Context(cfg, seed, "train_suffix", method=name, p=point)
-    start_file, start = start_of_point(ctx, point)
+    ctx = Context(cfg, seed, "train_suffix", params=params, method=name, p=point)
+    _, start = start_of_point(ctx, point)
     model = ctx.new_model()
     model.load_state_dict(start.model)
     path = ctx.stage_path("cache", "cache")
     info = open_cache(path, expect_prefix_hash=prefix_hash(model, block))
     _, suffix = split(model, block)
     feed = cache_feed(ctx, path, info, method(name).augment, model.layout)
-    run = Run(ctx, model, start, start_file, path)
+    run = Run(ctx, model, start)
     evaluate = ctx.evaluator(model, block)  # the prefix's validation features, once
     run.fit(
         TrainSpec(
