@@ -74,7 +74,7 @@ def test_gc_frees_what_no_current_params_resume(tmp_path, monkeypatch):
     kept = {
         _entry(prefix, f"{key}.pt", 1000),
         _entry(prefix, f"{key}.prev.pt", 1000),
-        _entry(Path(".ckpt/pretrain@0"), f"{run_key(cfg, 'pretrain', {'seed': 0})}.pt", 10),
+        _entry(Path(".ckpt/pretrain"), f"{run_key(cfg, 'pretrain', {'seed': 0})}.pt", 10),
     }
     stale = {
         _entry(prefix, f"{old_params}.pt", 3000),

@@ -95,7 +95,7 @@ def test_a_flipped_byte_inside_tensor_data_is_refused_in_one_line(tmp_path):
         RunState.load(path)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{path}: content does not match")
-    assert f"`dvc checkout {path}`" in message and "`dvc repro`" in message
+    assert f"`dvc checkout --force {path}`" in message and "`dvc repro`" in message
 
 
 def test_no_flipped_byte_passes_silently(tmp_path):

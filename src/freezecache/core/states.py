@@ -29,7 +29,8 @@ from freezecache.core.errors import FreezecacheError
 from freezecache.core.io import atomic_torch_save, load_torch
 
 DIGEST_KEY = "sha256"  # the content digest's key in a state file's top-level dict
-RESTORE = "restore it with `dvc checkout {path}` or rebuild it with `dvc repro`"
+# DVC keeps its own copy of every output: `--force` because the damaged file differs from it
+RESTORE = "restore it with `dvc checkout --force {path}` or rebuild it with `dvc repro`"
 
 
 class DamagedState(FreezecacheError):

@@ -79,8 +79,10 @@ class Stage:
         return (*self.params, *(("distributed",) if LAUNCHED.get(self.name) else ()))
 
     def item_name(self, item: dict) -> str:
-        """One matrix item's name, e.g. ``cache@0-discard-p1`` (its logs and checkpoint folder;
-        a stage without a matrix is named with the seed it runs, ``pretrain@0``)."""
+        """DVC's name of one matrix item, e.g. ``cache@0-discard-p1`` (also its logs' and its
+        checkpoint folder's); a stage without a matrix has its own name."""
+        if not self.matrix:
+            return self.name
         values = [v.name if hasattr(v, "block") else v for v in item.values()]
         return "@".join([self.name, "-".join(str(v) for v in values)])
 
