@@ -92,6 +92,9 @@ def test_gc_frees_what_no_current_params_resume(tmp_path, monkeypatch):
     # the suffix of p1 waits for p0's state: same params, other inputs, may resume
     suffix = run_key(cfg, "train_suffix", {"seed": 0, "method": "discard", "p": cfg.points[1]})
     kept.add(_entry(Path(".ckpt/train_suffix@0-discard-p1"), f"{suffix[:HALF]}{'1' * HALF}.pt", 5))
+    # a state file's write killed midway, and one being written now
+    stale.add(_entry(Path("runs/s0/prefix"), f".state.pt.{dead}.tmp", 100))
+    live = _entry(Path("runs/s0/prefix"), f".costs.json.{os.getpid()}.tmp", 100)
     try:
         entries = gc.scan(cfg)
         assert {e.path for e in entries if e.stale} == stale
@@ -101,10 +104,11 @@ def test_gc_frees_what_no_current_params_resume(tmp_path, monkeypatch):
         assert why[f"{old_inputs}.pt"] == "earlier inputs"
         assert why[f".{key}.pt.{dead}.tmp"] == "left by an interrupted write"
         text = gc.render(entries, dry_run=True)
-        assert text.splitlines()[-1] == "would free 9.6 KB in 6 entries; kept 2.0 KB in 5"
+        assert text.splitlines()[-1] == "would free 9.7 KB in 7 entries; kept 2.0 KB in 5"
         assert all(p.exists() for p in stale)  # a dry run removes nothing
         gc.free(entries)
         assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+        assert live.exists()
         assert not Path(".ckpt/baseline@7-normal").exists()  # empty folders go too
     finally:
         os.close(fd)

@@ -1,6 +1,6 @@
 """`freezecache gc`: the resumable work under ``paths.checkpoints`` that no current params can
 resume (epoch checkpoints and cache spools of other params, of stages params.yaml no longer
-has, temporary files of interrupted writes), listed with sizes and freed.
+has), and temporary files of interrupted writes, listed with sizes and freed.
 
 A stage that finishes removes its own checkpoint folder; what stays behind comes from stages
 that were interrupted and then run under other params, or never run again. Each entry is named
@@ -38,7 +38,28 @@ class Entry:
 
 
 def scan(cfg) -> list[Entry]:
-    """Every entry under ``cfg.paths.checkpoints``, stale or kept, in path order."""
+    """Every entry under ``cfg.paths.checkpoints``, stale or kept, in path order, then the
+    temporary files interrupted atomic writes left among the outputs."""
+    return _checkpoints(cfg) + _stray_temps(cfg)
+
+
+def _stray_temps(cfg) -> list[Entry]:
+    """``.<name>.<pid>.tmp`` files (:func:`freezecache.core.io.atomic_write_bytes`) of processes
+    that are gone, in the output folders: a killed write leaves one, and in ``runs/`` it would
+    count as a change of the report's inputs."""
+    p = cfg.paths
+    found = []
+    for folder in sorted({Path(p.runs), Path(p.results), Path(p.cache), Path(p.data).parent}):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob(".*.tmp")):
+            tmp = _TMP.search(path.name)
+            if path.is_file() and tmp is not None and not _alive(int(tmp["pid"])):
+                found.append(Entry(path, _size(path), "left by an interrupted write", True))
+    return found
+
+
+def _checkpoints(cfg) -> list[Entry]:
     root = Path(cfg.paths.checkpoints)
     if not root.is_dir():
         return []

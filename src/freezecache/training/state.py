@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from freezecache.core import interrupts
 from freezecache.core.states import RESTORE, DamagedState, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,12 @@ class Checkpoint:
         self.prev = self.path.with_name(f"{self.path.stem}.prev{self.path.suffix}")
 
     def save(self, state: RunState) -> None:
-        """Writes ``state`` as the latest; the latest so far becomes the one before it."""
-        if self.path.exists():
-            os.replace(self.path, self.prev)
-        state.save(self.path)
+        """Writes ``state`` as the latest; the latest so far becomes the one before it. A
+        Ctrl-C meanwhile waits until both are in place (the epoch is not lost)."""
+        with interrupts.deferred():
+            if self.path.exists():
+                os.replace(self.path, self.prev)
+            state.save(self.path)
 
     def load(self) -> RunState | None:
         """The newest checkpoint that passes its check, or None; each one that fails is removed
@@ -67,6 +70,3 @@ class Checkpoint:
                 log.warning("checkpoint %s", err)
                 path.unlink(missing_ok=True)
         return None
-
-    def files(self) -> list[Path]:
-        return [p for p in (self.path, self.prev) if p.exists()]
