@@ -104,7 +104,7 @@ def test_gc_frees_what_no_current_params_resume(tmp_path, monkeypatch):
         assert why[f"{old_inputs}.pt"] == "earlier inputs"
         assert why[f".{key}.pt.{dead}.tmp"] == "left by an interrupted write"
         text = gc.render(entries, dry_run=True)
-        assert text.splitlines()[-1] == "would free 9.7 KB in 7 entries; kept 2.0 KB in 5"
+        assert text.splitlines()[-1] == "would free 9.7 KB in 7 entries; kept 2.0 KB in 5 entries"
         assert all(p.exists() for p in stale)  # a dry run removes nothing
         gc.free(entries)
         assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
@@ -119,8 +119,8 @@ def test_gc_command_lists_sizes_and_frees(tmp_path, monkeypatch):
     earlier = _entry(Path(".ckpt/baseline@9-normal"), "x.pt", 2_500_000)
     done = run(["freezecache", "gc", "--dry-run"], tmp_path)
     assert "2.5 MB  stale  .ckpt/baseline@9-normal/x.pt  (no stage of params.yaml)" in done.stdout
-    assert done.stdout.splitlines()[-1].startswith("would free 2.5 MB in 1 entries")
+    assert done.stdout.splitlines()[-1].startswith("would free 2.5 MB in 1 entry")
     assert earlier.exists()
     done = run(["freezecache", "gc"], tmp_path)
-    assert done.stdout.splitlines()[-1].startswith("freed 2.5 MB in 1 entries")
+    assert done.stdout.splitlines()[-1].startswith("freed 2.5 MB in 1 entry")
     assert not earlier.exists() and cfg.paths.checkpoints == ".ckpt"

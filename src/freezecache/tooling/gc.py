@@ -129,10 +129,14 @@ def render(entries: list[Entry], dry_run: bool) -> str:
     kept = [e for e in entries if not e.stale]
     verb = "would free" if dry_run else "freed"
     lines.append(
-        f"{verb} {human(sum(e.size for e in stale))} in {len(stale)} entries; kept "
-        f"{human(sum(e.size for e in kept))} in {len(kept)}"
+        f"{verb} {human(sum(e.size for e in stale))} in {_count(stale)}; kept "
+        f"{human(sum(e.size for e in kept))} in {_count(kept)}"
     )
     return "\n".join(lines)
+
+
+def _count(entries: list[Entry]) -> str:
+    return f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
 
 
 def _size(path: Path) -> int:
