@@ -80,6 +80,15 @@ def test_canonical_values_have_one_digest_and_one_pickle(tmp_path):
     save_state(value, tmp_path / "a.pt")
     save_state(c, tmp_path / "b.pt")
     assert _sha(tmp_path / "a.pt") == _sha(tmp_path / "b.pt")
+    # one storage seen twice, or a view into a larger one, is saved as separate exact tensors
+    shared = torch.arange(8.0)
+    save_state({"a": shared, "b": shared, "c": shared[2:5]}, tmp_path / "shared.pt")
+    save_state({"a": shared.clone(), "b": shared.clone(), "c": shared[2:5].clone()},
+               tmp_path / "apart.pt")  # fmt: skip
+    assert _sha(tmp_path / "shared.pt") == _sha(tmp_path / "apart.pt")
+    kept = torch.ones(4)
+    assert canonical({"k": kept})["k"] is not kept  # a new tensor object...
+    assert canonical({"k": kept})["k"].data_ptr() == kept.data_ptr()  # ...without a copy
     with pytest.raises(TypeError, match="cannot hold ndarray"):
         canonical({"x": np.zeros(3)})
 

@@ -6,7 +6,8 @@ object: a history row built by the training loop shares its keys with every othe
 constants), a row read back from a checkpoint does not share them with rows added after it.
 A resumed stage then published other bytes than an uninterrupted one, and DVC reran everything
 downstream. :func:`canonical` rebuilds the value with every equal string or bytes as one object,
-fresh containers and contiguous CPU tensors, so the file depends only on the values.
+fresh containers, and CPU tensors that each own their storage exactly, so the file depends only
+on the values.
 
 **Verified.** The file holds a sha256 of its content (:func:`content_digest`: names, types,
 shapes and every tensor byte, in order) under :data:`DIGEST_KEY`, recomputed on every load.
@@ -40,13 +41,15 @@ class DamagedState(FreezecacheError):
 def canonical(value: object) -> object:
     """A copy of ``value`` whose pickle depends only on its values (see the module docstring):
     dicts, lists and tuples rebuilt, equal strings and bytes as one object each, numpy scalars as
-    Python scalars, tensors detached, on the CPU and contiguous."""
+    Python scalars, tensors detached, on the CPU, each the contiguous sole owner of its storage
+    (copied only when it is not already)."""
     return _Canon().copy(value)
 
 
 class _Canon:
     def __init__(self) -> None:
         self.atoms: dict = {}  # str or bytes -> the one object that stands for all equal ones
+        self.storages: set[int] = set()  # the tensor storages taken as they are
 
     def copy(self, v: object) -> object:
         if v is None or type(v) is bool:
@@ -61,7 +64,7 @@ class _Canon:
             atom = str(v) if isinstance(v, str) else bytes(v)
             return self.atoms.setdefault(atom, atom)
         if isinstance(v, torch.Tensor):
-            return v.detach().to("cpu", copy=True).contiguous()
+            return self.tensor(v.detach())
         if isinstance(v, dict):
             return {self.copy(k): self.copy(x) for k, x in v.items()}
         if isinstance(v, list):
@@ -69,6 +72,25 @@ class _Canon:
         if isinstance(v, tuple):
             return tuple(self.copy(x) for x in v)
         raise TypeError(f"a state file cannot hold {type(v).__name__} (store a tensor or bytes)")
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the CPU as the sole, exact owner of its storage: torch saves whole storages,
+        once each, so a view, a shared storage or a strided layout would show in the bytes. A
+        tensor that already is one is taken without a copy (the usual case: a state's tensors
+        are copies made for it)."""
+        storage = t.untyped_storage()
+        alone = (
+            t.device.type == "cpu"
+            and t.is_contiguous()
+            and t.storage_offset() == 0
+            and storage.nbytes() == t.numel() * t.element_size()
+            and storage.data_ptr() not in self.storages
+        )
+        if not alone:
+            t = t.to("cpu").clone(memory_format=torch.contiguous_format)
+        if t.numel():
+            self.storages.add(t.untyped_storage().data_ptr())
+        return t
 
 
 def content_digest(value: object) -> str:
