@@ -49,6 +49,23 @@ def test_prepare_writes_files_and_meta(tmp_path: Path) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp left
 
 
+def test_the_prepared_folder_gets_the_mode_of_other_outputs(tmp_path: Path) -> None:
+    """Not mkdtemp's 0700: the umask's mode, as the other outputs and a plain mkdir get."""
+    import os
+
+    root = make_fashion(tmp_path / "fm")
+    out = tmp_path / "prepared" / "fm"
+    run_prepare(root, out)
+    (tmp_path / "plain").mkdir()
+    mask = os.umask(0o027)  # a umask the folder must follow, whatever this machine's is
+    try:
+        run_prepare(root, tmp_path / "masked")
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert (tmp_path / "masked").stat().st_mode & 0o777 == 0o750
+
+
 def test_prepare_seeded_and_fingerprinted(tmp_path: Path) -> None:
     root = make_fashion(tmp_path / "fm")
     a = run_prepare(root, tmp_path / "a", seed=5)

@@ -1,10 +1,15 @@
 """Faults as a user meets them, through DVC on the smoke profile: a SIGKILL at a seeded random
-point of every stage kind, then `dvc repro`, gives the outputs of an uninterrupted run; a full
-disk, a corrupt cache and a path outside the repository each give one clear line."""
+point of every stage kind, then `dvc repro`, gives the outputs of an uninterrupted run; a kill
+after a training stage's first checkpoint, or two SIGINTs 1 ms apart, then `dvc repro`, give its
+very bytes (so nothing downstream reruns); a flipped byte in a checkpoint costs an epoch, one in
+an input state stops the stage in one line; a full disk, a corrupt cache and a path outside the
+repository each give one clear line."""
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +22,7 @@ from conftest import env_with_venv, needs_fashion, project_copy, run
 from freezecache.core.io import tensors_digest
 from freezecache.core.yamlio import dump_yaml
 from freezecache.training.train import RunState
+from state_bytes import flip, tensor_spans
 
 # Machine measurements, not results: they differ between any two runs.
 TIMING = {
@@ -181,3 +187,193 @@ def test_a_path_outside_the_repository_is_refused_by_check(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1
     assert "paths.cache = '/some/abs/path' is outside the repository" in errors[0]
+
+
+# -- resumed runs publish the same bytes; interrupts stop cleanly -------------------------------
+RESUMED = ["pretrain", "train_prefix@0", "train_suffix@0-discard-p0"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run_outs(name: str) -> list[str]:
+    """A training stage item's state, costs and metrics files, relative to the project."""
+    folder = {
+        "pretrain": "runs/pretrain",
+        "train_prefix@0": "runs/s0/prefix",
+        "baseline@0-normal": "runs/s0/normal",
+        "train_suffix@0-discard-p0": "runs/s0/discard/p0",
+    }[name]
+    return [f"{folder}/state.pt", f"{folder}/costs.json", f"{folder}/live/metrics.json"]
+
+
+def _repro(work: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`dvc repro ARGS` in its own process group, its output to ``log``."""
+    return subprocess.Popen(
+        ["dvc", "repro", *args],
+        cwd=work,
+        env=env_with_venv(work / "src"),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop_when(proc: subprocess.Popen, ready, signals: list[int], timeout: float = 900) -> int:
+    """Waits until ``ready()``, then sends ``signals`` to the process group 1 ms apart."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the stage ended before the moment to stop it"
+        assert time.time() < deadline, "the moment to stop the stage never came"
+        time.sleep(0.02)
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(0.001)
+        os.killpg(proc.pid, sig)
+    return proc.wait(timeout=600)
+
+
+def _checkpoints(work: Path, name: str) -> list[Path]:
+    folder = work / ".ckpt" / name
+    return sorted(folder.glob("*.pt")) if folder.is_dir() else []
+
+
+def _ran(text: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", text))
+
+
+def _assert_published_as(work: Path, repo: Path, name: str) -> None:
+    """The stage's files as the uninterrupted run wrote them: the state byte for byte, costs
+    and metrics but for machine timings; its checkpoint folder gone."""
+    state, *jsons = _run_outs(name)
+    assert _sha(work / state) == _sha(repo / state), f"{state} has other bytes"
+    for rel in jsons:
+        got, want = (_strip(json.loads((d / rel).read_text())) for d in (work, repo))
+        assert got == want, rel
+    assert not (work / ".ckpt" / name).exists(), "a finished stage removes its checkpoints"
+
+
+@pytest.mark.slow
+@needs_fashion
+@pytest.mark.parametrize("name", RESUMED)
+def test_killed_after_its_first_checkpoint_a_stage_resumes_to_the_same_bytes(
+    reference, tmp_path, name
+):
+    repo, _ = reference
+    work = _copy(repo, tmp_path / "work")
+    proc = _repro(work, tmp_path / "killed.log", "--force", "--single-item", name)
+    _stop_when(proc, lambda: _checkpoints(work, name), [signal.SIGKILL])
+    assert not (work / _run_outs(name)[0]).exists(), "the kill came after the stage published"
+    _resume_and_compare(work, repo, name)
+
+
+def _resume_and_compare(work: Path, repo: Path, name: str) -> str:
+    """Reruns the stage (forced: DVC would restore its outputs from its cache), checks that it
+    resumed and published the uninterrupted run's files, and that nothing downstream reruns
+    but the report (which reads every stage's wall time); returns the rerun's output."""
+    done = run(["dvc", "repro", "--force", "--single-item", name], work)
+    text = done.stdout + done.stderr
+    assert f"resuming {name} from its checkpoint" in text, text[-3000:]
+    _assert_published_as(work, repo, name)
+    after = run(["dvc", "repro", "--no-run-cache"], work)
+    assert _ran(after.stdout) == {"report"}, after.stdout[-3000:]
+    return text
+
+
+def _interrupted_cleanly(log: Path, code: int) -> str:
+    text = log.read_text()
+    assert code != 0, "an interrupted stage must not be recorded as done"
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: interrupted by")]
+    assert len(errors) == 1 and "SIGINT" in errors[0], text[-3000:]
+    return text
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_a_training_stage_interrupted_killed_and_damaged_resumes_to_the_same_bytes(
+    reference, tmp_path
+):
+    """baseline@0-normal (two epochs here): two SIGINTs 1 ms apart after its first checkpoint
+    stop it in one line; resumed, it is killed after its second; a byte flipped in that
+    checkpoint's tensor data drops it, and the run goes on from the first: the published
+    state is still the uninterrupted run's, byte for byte."""
+    repo, _ = reference
+    name = "baseline@0-normal"
+    work = _copy(repo, tmp_path / "work")
+    log = tmp_path / "interrupted.log"
+    proc = _repro(work, log, "--force", "--single-item", name)
+    code = _stop_when(proc, lambda: _checkpoints(work, name), [signal.SIGINT, signal.SIGINT])
+    _interrupted_cleanly(log, code)
+    assert not (work / _run_outs(name)[0]).exists()
+    (latest,) = _checkpoints(work, name)
+    first = latest.stat().st_ino
+
+    log = tmp_path / "resumed.log"
+    proc = _repro(work, log, "--force", "--single-item", name)
+    _stop_when(proc, lambda: latest.exists() and latest.stat().st_ino != first, [signal.SIGKILL])
+    assert f"resuming {name} from its checkpoint at epoch 2" in log.read_text()
+    assert RunState.load(latest).epoch == 3 and not (work / _run_outs(name)[0]).exists()
+    start, end = max(tensor_spans(latest), key=lambda s: s[1] - s[0])
+    flip(latest, (start + end) // 2)
+
+    text = _resume_and_compare(work, repo, name)
+    dropped = [line for line in text.splitlines() if "content does not match its digest" in line]
+    assert len(dropped) == 1 and str(latest.relative_to(work)) in dropped[0], text[-3000:]
+    assert f"resuming {name} from its checkpoint at epoch 2" in text
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_a_cache_build_interrupted_twice_publishes_nothing_and_reruns_to_the_same_file(
+    reference, tmp_path
+):
+    repo, _ = reference
+    name = "cache@0-discard_aug-p1"
+    outs = ["data/cache/s0/discard_aug/p1.h5", "runs/s0/discard_aug/p1/ranking.json",
+            "runs/s0/discard_aug/p1/cache.json"]  # fmt: skip
+    work = _copy(repo, tmp_path / "work")
+    folder = work / ".ckpt" / name
+    log = tmp_path / "interrupted.log"
+    proc = _repro(work, log, "--force", "--single-item", name)
+    spool = lambda: [p for p in folder.glob("*/identity.json")] if folder.is_dir() else []  # noqa: E731
+    code = _stop_when(proc, spool, [signal.SIGINT, signal.SIGINT])
+    _interrupted_cleanly(log, code)
+    assert not [rel for rel in outs if (work / rel).exists()], "an interrupted build published"
+    # what earlier params left in the stage's folder goes once the stage is done
+    other = folder / ("0" * 32)  # a key of other params
+    other.mkdir()
+    (other / "x.bin").write_bytes(b"x" * 1000)
+
+    committed = any(j.stat().st_size for j in folder.glob("*/journal.bin"))
+    done = run(["dvc", "repro", "--force", "--single-item", name], work)
+    # the smoke cache may be built before its first commit (every second): then it starts over
+    assert ("resuming at sample" in done.stdout + done.stderr) == committed
+    assert (work / outs[0]).read_bytes() == (repo / outs[0]).read_bytes()
+    for rel in outs[1:]:
+        got, want = (_strip(json.loads((d / rel).read_text())) for d in (work, repo))
+        assert got == want, rel
+    assert not folder.exists(), "the spools stay behind"
+    after = run(["dvc", "repro", "--no-run-cache"], work)
+    assert _ran(after.stdout) == {"report"}, after.stdout[-3000:]
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_a_damaged_input_state_stops_the_stage_in_one_line(reference, tmp_path):
+    repo, _ = reference
+    work = _copy(repo, tmp_path / "work")
+    rel = "runs/s0/prefix/state.pt"
+    state = work / rel
+    start, end = max(tensor_spans(state), key=lambda s: s[1] - s[0])
+    state.chmod(0o644)
+    flip(state, (start + end) // 2)
+    done = run(["dvc", "repro", "--force", "--single-item", "baseline@0-normal"], work, check=False)
+    text = done.stdout + done.stderr
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1, text[-3000:]
+    assert rel in errors[0] and f"`dvc checkout --force {rel}`" in errors[0], errors[0]
+    assert "Traceback" not in text and not (work / "runs/s0/normal/state.pt").exists()
+    run(["dvc", "checkout", "--force", rel], work)  # what the line says to run
+    assert _sha(state) == _sha(repo / rel)

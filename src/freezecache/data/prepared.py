@@ -146,11 +146,19 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def _folder_mode() -> int:
+    """The mode a new folder gets here (0777 less the umask), as every other output has."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 def _write_all(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
     """Write splits and meta.json into a temp dir next to out_dir, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        tmp.chmod(_folder_mode())  # mkdtemp's 0700 would stay on the published folder
         for part, split in splits.items():
             _write_split(tmp / f"{part}.npz", split)
         _write_meta(tmp / "meta.json", meta)

@@ -27,6 +27,7 @@ its output paths; the rendering lives in :mod:`freezecache.tooling.render`, the 
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,39 @@ class Stage:
     def path(self, role: str, cfg, **item) -> Path:
         """The file of output ``role`` for one matrix item (``seed=``, ``method=``, ``p=``)."""
         return fill(self.outs[role].path, cfg, **item)
+
+    @property
+    def dvc_params(self) -> tuple[str, ...]:
+        """The params keys DVC reruns the stage on: its own, and ``distributed`` when its
+        results depend on the number of processes (:data:`LAUNCHED`)."""
+        return (*self.params, *(("distributed",) if LAUNCHED.get(self.name) else ()))
+
+    def item_name(self, item: dict) -> str:
+        """DVC's name of one matrix item, e.g. ``cache@0-discard-p1`` (also its logs' and its
+        checkpoint folder's); a stage without a matrix has its own name."""
+        if not self.matrix:
+            return self.name
+        values = [v.name if hasattr(v, "block") else v for v in item.values()]
+        return "@".join([self.name, "-".join(str(v) for v in values)])
+
+    def items(self, cfg) -> list[dict]:
+        """The stage's matrix items under ``cfg`` (``{"seed": first seed}`` without a matrix)."""
+        if not self.matrix:
+            return [{"seed": cfg.seeds[0]}]
+        axes = [_matrix_values(cfg, key) for key in self.matrix]
+        names = [key.split(".")[0] for key in self.matrix]
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+def _matrix_values(cfg, key: str) -> list:
+    """What matrix variable ``key`` iterates over under ``cfg`` (MATRIX's ``${...}``)."""
+    source = MATRIX[key][0]
+    if source is None:  # the freeze points: rendered one slot each
+        return list(cfg.points)
+    value = cfg
+    for part in source.removeprefix("${").removesuffix("}").split("."):
+        value = getattr(value, part)
+    return list(value)
 
 
 def fill(template: str, cfg, **item) -> Path:
@@ -267,6 +301,8 @@ STAGES: dict[str, Stage] = {
 # params). A cache built by rank 0 or by every rank holds the same features.
 LAUNCHED = {"pretrain": True, "train_prefix": True, "baseline": True, "cache": False,
             "train_suffix": True}  # fmt: skip
+# Stages that keep resumable work under paths.checkpoints (epoch checkpoints, cache spools).
+RESUMABLE = ("pretrain", "train_prefix", "baseline", "cache", "train_suffix")
 
 
 def schedule_views(cfg) -> dict[Path, dict]:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from freezecache.config import Config, load_config
+from freezecache.core import interrupts
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.timing import STAGE_SECTIONS, Sections
 
@@ -51,12 +52,31 @@ def stage(
     errors into one line and exit status 2. ``method`` is (name, list it must be in)."""
     setup_logging()
     try:
-        with Sections(STAGE_SECTIONS):  # what the stage records of its own time
+        # SIGINT/SIGTERM: one clean stop (core.interrupts); what the stage records of its time
+        with interrupts.stopping(), Sections(STAGE_SECTIONS):
             yield _load(params, seed, method, point)
-    except FreezecacheError as err:
-        fail(str(err))
-    except OSError as err:  # a full disk, a read-only folder: say which file, no traceback
-        fail(f"{err.filename or ''}: {err.strerror} — free space or fix permissions, then rerun")
+    except BaseException as err:
+        if isinstance(err, interrupts.Interrupted) or (
+            interrupts.pending() and not isinstance(err, SystemExit)
+        ):  # what a signal caused, whatever it raised on its way (e.g. a DataLoader worker's)
+            stopped(interrupts.raised_or(err))
+        if isinstance(err, FreezecacheError):
+            fail(str(err))
+        if isinstance(err, OSError):  # a full disk, a read-only folder: which file, no traceback
+            fail(
+                f"{err.filename or ''}: {err.strerror} — free space or fix permissions, then rerun"
+            )
+        raise
+
+
+def stopped(err: interrupts.Interrupted) -> None:
+    """One line for a stage stopped by a signal, exit status 128 + its number."""
+    print(
+        f"error: interrupted by {err.name}: the stage did not finish (DVC records nothing) — "
+        "rerun `dvc repro` to resume from its checkpoints",
+        file=sys.stderr,
+    )
+    raise SystemExit(err.status)
 
 
 def _load(params: Path, seed, method, point) -> Config:

@@ -169,7 +169,9 @@ def _command(opts: argparse.Namespace) -> list[str] | None:
 
 def main(argv: list[str] | None = None) -> None:
     from freezecache.core.errors import FreezecacheError
+    from freezecache.core.interrupts import exit_on_signal
 
+    exit_on_signal()  # a signal before the stage's guard ends it at once, without a traceback
     opts = _options(sys.argv[1:] if argv is None else argv)
     try:
         cmd = _command(opts)

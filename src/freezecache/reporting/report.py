@@ -16,9 +16,10 @@ from freezecache.accounting.stats import paired_gap, unpack_correct, verdict
 from freezecache.accounting.wall import break_even, method_time
 from freezecache.config import Config
 from freezecache.core.errors import FreezecacheError
-from freezecache.core.io import atomic_write_json, atomic_write_text, load_torch, read_json
+from freezecache.core.io import atomic_write_json, atomic_write_text, read_json
 from freezecache.core.methods import METHODS
 from freezecache.core.records import Costs
+from freezecache.core.states import load_state
 from freezecache.pipeline import STAGES, method_runs
 from freezecache.reporting.labels import label
 from freezecache.reporting.markdown import render_markdown
@@ -66,7 +67,7 @@ def _seed_row(cfg: Config, seed: int, name: str) -> dict:
     bn = None
     if "val_acc_bn_clean" in metrics:  # the final suffix stage's BatchNorm measurement
         bn = 100.0 * (metrics["val_acc_bn_clean"] - metrics["val_acc_bn_trained"])
-    test = load_torch(final["state"]).get("extra", {}).get("test", {})
+    test = load_state(final["state"]).get("extra", {}).get("test", {})
     correct = unpack_correct(test["correct"], test["images"]) if "correct" in test else None
     return {
         "acc": 100.0 * metrics["test_acc"],

@@ -32,8 +32,7 @@ def train_prefix(cfg: Config, seed: int) -> None:
     ctx = Context(cfg, seed, "train_prefix")
     model = ctx.new_model()
     allowed_file = ctx.stage_path("plan", "allowed")
-    inputs = (ctx.data_dir / "train.npz", ctx.stage_path("pretrain", "state"))
-    run = Run(ctx, model, None, *inputs, *([allowed_file] if cfg.auto else []))
+    run = Run(ctx, model, None)
     point = cfg.points[0] if cfg.points else None
     watch = _watch(ctx, model, run, point, allowed_file)
     until = cfg.prefix_epochs if not cfg.auto else (
@@ -80,24 +79,22 @@ def _curves(folder, monitor: Monitor, threshold: float) -> None:
     (Path(folder) / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # none measured yet
 
 
-def baseline(cfg: Config, seed: int, name: str) -> None:
-    cfg = resolve(cfg, seed)
+def baseline(params: Config, seed: int, name: str) -> None:
+    cfg = resolve(params, seed)
     require_counter()
-    ctx = Context(cfg, seed, "baseline", method=name)
+    ctx = Context(cfg, seed, "baseline", params=params, method=name)
     m = method(name)
     model = ctx.new_model()
     train = cfg.train if m.flips else cfg.train.model_copy(update={"flip_p": 0.0})
     todo = phases(cfg, name)
     stopped = 0  # where the shared run stopped, read from it: Normal reads no freeze point
     if m.shared_prefix:
-        start_file = ctx.stage_path("train_prefix", "state")
-        start = RunState.load(start_file)
+        start = RunState.load(ctx.stage_path("train_prefix", "state"))
         stopped = start.epoch
         todo = [ph for ph in todo if ph.end > stopped]
-        inputs = (start_file,)
     else:
-        start, inputs = None, (ctx.stage_path("pretrain", "state"),)
-    run = Run(ctx, model, start, ctx.data_dir / "train.npz", *inputs)
+        start = None
+    run = Run(ctx, model, start)
     for ph in todo:
         begin = max(ph.start, stopped)
         run.fit(image_spec(ctx, model, ph._replace(start=begin), train))

@@ -22,13 +22,13 @@ from torch import Tensor, nn
 from freezecache.cache import CacheSpec
 from freezecache.cache.build import BUILD_BATCH, Ranking, frozen_pairs, write_cache
 from freezecache.config import Config
-from freezecache.core import runtime
+from freezecache.core import interrupts, runtime
 from freezecache.core.io import atomic_write_json
 from freezecache.core.methods import method
 from freezecache.core.timing import stage_timings
 from freezecache.models import split
 from freezecache.steps.context import Context
-from freezecache.steps.run import checkpoint_dir, run_key, start_of_point
+from freezecache.steps.run import checkpoint_dir, clear_checkpoints, stage_key, start_of_point
 from freezecache.training import distributed
 from freezecache.training.decide import resolve
 
@@ -65,17 +65,18 @@ def cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
     """Builds the cache of method ``name`` at freeze point ``i`` (0-based; with several ranks:
     each encodes its range of the training set, rank 0 writes the file and returns its stats,
     the others {})."""
-    stats = _cache_point(resolve(cfg, seed), seed, name, i)
+    stats = _cache_point(cfg, seed, name, i)
     distributed.barrier()  # the stage ends on every rank once the cache is published
     return stats
 
 
-def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
+def _cache_point(params: Config, seed: int, name: str, i: int) -> dict:
+    cfg = resolve(params, seed)
     point = cfg.point(i)
     index, block = i + 1, point.block
-    ctx = Context(cfg, seed, "cache", method=name, p=point)
+    ctx = Context(cfg, seed, "cache", params=params, method=name, p=point)
     t0 = time.perf_counter()
-    model, start_file = frozen_model(ctx, point)
+    model, _ = frozen_model(ctx, point)
     m = method(name)
     spec = CacheSpec.at(cfg, model, block, index, m.needs_ranking)
     prefix, _ = split(model, block)
@@ -87,7 +88,7 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
         ctx.out("cache"),
         spec,
         # identity of the build's inputs: a killed build resumes from its spool only when it matches
-        resume_key=run_key(ctx, start_file, ctx.data_dir / "train.npz"),
+        resume_key=stage_key(ctx),
         spool_root=checkpoint_dir(ctx),
         ranking=Ranking(r.samples, r.batch_size) if m.needs_ranking else None,
         meta={
@@ -104,7 +105,6 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
     )
     if not ctx.main:
         return {}
-    atomic_write_json(ctx.out("ranking"), built.ranking)
     stats = dict(built.stats)
     stats.update(
         point=index,
@@ -118,5 +118,8 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
         stored_channels=len(built.channels or ()),
         timings=stage_timings(ctx.startup_s),
     )
-    atomic_write_json(ctx.out("stats"), stats)
+    with interrupts.deferred():  # the stage's other files: all of them, or (before) none
+        atomic_write_json(ctx.out("ranking"), built.ranking)
+        atomic_write_json(ctx.out("stats"), stats)
+    interrupts.at_success(lambda: clear_checkpoints(ctx))  # other params' spools
     return stats

@@ -27,14 +27,23 @@ class Context:
     """Device, data and model for one seed of one stage, built once per stage."""
 
     def __init__(
-        self, cfg: Config, seed: int, stage: str, prepared: Path | None = None, **item
+        self,
+        cfg: Config,
+        seed: int,
+        stage: str,
+        prepared: Path | None = None,
+        params: Config | None = None,
+        **item,
     ) -> None:
         self.startup_s = runtime.process_seconds()  # the interpreter and the imports
         self.cfg = cfg
+        # The config as params.yaml gives it (``cfg`` may be derived from it, e.g. a decided
+        # auto point): what the stage's resume key is computed from, as `freezecache gc` does.
+        self.params = params or cfg
         self.seed = seed
         self.stage: Stage = STAGES[stage]
         self.item = {"seed": seed, **item}  # the matrix item this stage runs for
-        self.name = "@".join([stage, "-".join(str(v) for v in _item_names(self.item))])
+        self.name = self.stage.item_name(self.item)
         runtime.set_threads(cfg.runtime.threads)
         runtime.seed_everything(seed)
         # Under torchrun with several processes: this rank's device, in the process group.
@@ -139,8 +148,3 @@ class Context:
     @property
     def image_steps(self) -> int:
         return math.ceil(len(self.train) / self.cfg.train.batch_size)
-
-
-def _item_names(item: dict) -> list[object]:
-    """How DVC names a matrix item in stage names: values, and p<index> for freeze points."""
-    return [v if not hasattr(v, "block") else v.name for v in item.values()]

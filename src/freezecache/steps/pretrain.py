@@ -51,9 +51,9 @@ def pretrain(cfg: Config) -> None:
         pcfg = cfg.model_copy(
             update={"train": cfg.train.model_copy(update={"epochs": p.epochs, "lr": p.lr})}
         )
-        ctx = Context(pcfg, seed, "pretrain", prepared=source)
+        ctx = Context(pcfg, seed, "pretrain", prepared=source, params=cfg)
         model = ctx.new_model()
-        run = Run(ctx, model, None, source / "train.npz")
+        run = Run(ctx, model, None)
         run.fit(image_spec(ctx, model, Phase("full", 0, 0, p.epochs)))
         schedule = [("full", 0, p.epochs)]
         history = run.state.history

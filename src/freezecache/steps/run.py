@@ -5,27 +5,27 @@ files (state, costs, metrics) at the end."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
+import shutil
 from pathlib import Path
 
 from torch import nn
 
 from freezecache.accounting.stats import pack_correct
-from freezecache.config import dump_config
-from freezecache.core import runtime
+from freezecache.core import interrupts, runtime
 from freezecache.core.errors import FreezecacheError
-from freezecache.core.io import atomic_write_json, file_digest
+from freezecache.core.io import atomic_write_json
 from freezecache.core.records import Costs
 from freezecache.core.timing import section, stage_timings
 from freezecache.models import split
 from freezecache.pipeline import start_of_point as _start_file
+from freezecache.pipeline.keys import run_key
 from freezecache.steps.context import Context
 from freezecache.training import distributed
 from freezecache.training.live import EpochLog
 from freezecache.training.schedule import Phase
-from freezecache.training.train import RunState, Trainer, TrainSpec
+from freezecache.training.state import Checkpoint, RunState
+from freezecache.training.train import Trainer, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +35,36 @@ log = logging.getLogger(__name__)
 TIMINGS = ("epoch_time_s", "samples_per_s", "data_wait_frac", "cuda_peak_mb")
 
 
-def run_key(ctx: Context, *inputs: Path) -> str:
-    """Identity of a stage's work: config + input contents. A checkpoint is resumed only when
-    this matches, so an edited param never resumes a stale run."""
-    h = hashlib.sha256(ctx.name.encode())
-    h.update(json.dumps(dump_config(ctx.cfg), sort_keys=True).encode())
-    for p in inputs:
-        h.update(file_digest(p).encode())
-    return h.hexdigest()[:16]
+def stage_key(ctx: Context) -> str:
+    """Identity of a stage's work (:func:`freezecache.pipeline.keys.run_key`: its declared
+    params and the contents of its data deps). A checkpoint or spool is resumed only when this
+    matches, so an edited param never resumes a stale run."""
+    return run_key(ctx.params, ctx.stage.name, ctx.item)
 
 
 def checkpoint_dir(ctx: Context) -> Path:
     return Path(ctx.cfg.paths.checkpoints) / ctx.name
 
 
+def clear_checkpoints(ctx: Context) -> None:
+    """Once the stage is done: its checkpoint folder goes, with the run just published and
+    whatever other params or inputs left there (no current params can resume those). Run at
+    the stage's success (:func:`freezecache.core.interrupts.at_success`): an interrupted one
+    keeps them, so that its rerun resumes."""
+    shutil.rmtree(checkpoint_dir(ctx), ignore_errors=True)
+
+
 class Run:
     """One stage's training: ``start`` (the state it continues from, or None for a fresh run)
-    unless the stage's checkpoint for ``inputs`` says it got further."""
+    unless the stage's checkpoint under its current key (:func:`stage_key`) says it got
+    further."""
 
-    def __init__(self, ctx: Context, model: nn.Module, start: RunState | None, *inputs: Path):
+    def __init__(self, ctx: Context, model: nn.Module, start: RunState | None):
         self.ctx = ctx
         self.model = model
-        ckpt = checkpoint_dir(ctx) / f"{run_key(ctx, *inputs)}.pt"
-        resumed = None
-        if ctx.main and ckpt.is_file():
-            resumed = RunState.load(ckpt)
+        ckpt = Checkpoint(checkpoint_dir(ctx) / f"{stage_key(ctx)}.pt")
+        resumed = ckpt.load() if ctx.main else None  # damaged ones dropped, one line each
+        if resumed is not None:
             log.info("resuming %s from its checkpoint at epoch %d", ctx.name, resumed.epoch)
         # Every rank resumes from rank 0's reading of the checkpoint: the same epoch everywhere.
         resumed = distributed.broadcast_object(resumed)
@@ -70,7 +75,7 @@ class Run:
             seed=ctx.seed,
             device=ctx.device,
             state=start if resumed is None else resumed,
-            checkpoint=ckpt,
+            checkpoint=ckpt.path,
             sync_batchnorm=ctx.cfg.distributed.sync_batchnorm,
         )
         self.live = None
@@ -112,11 +117,11 @@ class Run:
             record = costs if isinstance(costs, dict) else costs.to_json()
             record.update(stage_wall_s=summary["stage_wall_s"], peak_rss_mb=summary["peak_rss_mb"])
             record["timings"] = self.timings()
-            atomic_write_json(ctx.out("costs"), record)
-            published(trainer.state).save(ctx.out("state"))
-            self.live.finish(summary)
-            for f in checkpoint_dir(ctx).glob("*.pt"):
-                f.unlink()
+            with interrupts.deferred():  # all of the stage's files, or (interrupted before) none
+                atomic_write_json(ctx.out("costs"), record)
+                published(trainer.state).save(ctx.out("state"))
+                self.live.finish(summary)
+            interrupts.at_success(lambda: clear_checkpoints(ctx))
         distributed.barrier()  # the stage ends on every rank once its outputs exist
 
     def timings(self) -> dict:

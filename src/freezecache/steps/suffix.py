@@ -67,20 +67,20 @@ def suffix_spec(
     )
 
 
-def train_suffix(cfg: Config, seed: int, name: str, i: int) -> None:
+def train_suffix(params: Config, seed: int, name: str, i: int) -> None:
     """Trains freeze point ``i`` (0-based) of method ``name`` from its cache."""
     require_counter()
-    cfg = resolve(cfg, seed)
+    cfg = resolve(params, seed)
     point = cfg.point(i)
     block = point.block
-    ctx = Context(cfg, seed, "train_suffix", method=name, p=point)
-    start_file, start = start_of_point(ctx, point)
+    ctx = Context(cfg, seed, "train_suffix", params=params, method=name, p=point)
+    _, start = start_of_point(ctx, point)
     model = ctx.new_model()
     model.load_state_dict(start.model)
     path = ctx.stage_path("cache", "cache")
     features = cached_features(ctx, path, name, model, block)
     _, suffix = split(model, block)
-    run = Run(ctx, model, start, start_file, path)
+    run = Run(ctx, model, start)
     evaluate = ctx.evaluator(model, block)  # the prefix's validation features, once
     run.fit(suffix_spec(ctx, model, block, features, cfg.point_epochs(i), evaluate))
     feed = features.feed(cfg.train.batch_size)

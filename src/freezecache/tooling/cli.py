@@ -196,6 +196,22 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def gc(
+    params: Path = typer.Option(Path("params.yaml"), help="the params whose work to keep"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would go, remove nothing"),
+) -> None:
+    """Free what earlier params left under paths.checkpoints: epoch checkpoints and cache spools
+    no current stage can resume, with their sizes (what params.yaml's stages resume is kept)."""
+    from freezecache.tooling import gc as collect
+
+    with stage(params) as cfg:
+        entries = collect.scan(cfg)
+        if not dry_run:
+            collect.free(entries)
+        print(collect.render(entries, dry_run))
+
+
 # README section -> the generated file it shows (between `<!-- name:start -->` markers).
 README_SECTIONS = {
     "search": "results/schedule_search.md",

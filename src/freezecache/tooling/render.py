@@ -163,7 +163,7 @@ def _render_stage(stage: Stage, root: Path, points: int) -> dict:
     code = code_deps(root / stage.script, root) + ([LAUNCHER] if launched else [])
     code = [d.replace(f"src/{PACKAGE}/", "${lib}/") for d in sorted(code)]
     entry["deps"] = _Flow([*code, *(_dvc(d) for d in stage.deps)])
-    entry["params"] = _Flow([*stage.params, *(["distributed"] if LAUNCHED.get(stage.name) else [])])
+    entry["params"] = _Flow(stage.dvc_params)
     for kind in ("outs", "metrics", "plots"):
         items = []
         for out in stage.outs.values():

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from freezecache.config import Train
 from freezecache.core import disk, runtime
 from freezecache.core.errors import FreezecacheError
-from freezecache.core.io import atomic_torch_save
 from freezecache.core.runtime import CudaPeak
 from freezecache.core.timing import section
 from freezecache.training import distributed
 from freezecache.training.images import Batch, Features, Images
 from freezecache.training.schedule import Phase
+from freezecache.training.state import Checkpoint, RunState
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +58,6 @@ def set_frozen(model: nn.Module, position: int) -> None:
 
 def frozen_parts(model: nn.Module, position: int) -> list[nn.Module]:
     return [] if position <= 0 else [model.stem, *model.blocks[:position]]
-
-
-@dataclass
-class RunState:
-    """What a stage hands to the next: weights, optimizer momentum by name, history."""
-
-    model: dict
-    momentum: dict[str, Tensor] = field(default_factory=dict)
-    epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        atomic_torch_save(self.__dict__, path)
-
-    @classmethod
-    def load(cls, path: Path) -> RunState:
-        from freezecache.core.io import load_torch
-
-        return cls(**load_torch(path))
 
 
 @dataclass(frozen=True)
@@ -115,12 +95,14 @@ class Trainer:
         self.cfg = cfg
         self.seed = seed
         self.device = device
-        self.checkpoint = checkpoint  # written by rank 0 only
+        # written by rank 0 only
+        self.checkpoint = None if checkpoint is None else Checkpoint(checkpoint)
         if checkpoint is not None and distributed.is_main():
-            # Each epoch end writes a checkpoint next to the last one (atomic replace), the
-            # stage then its state: refuse before the first epoch rather than after it.
+            # Each epoch end writes a checkpoint next to the last two (the one before is kept,
+            # the new one is written aside and renamed), the stage then its state: refuse before
+            # the first epoch rather than after it.
             disk.check_free_space(
-                {Path(checkpoint): 3 * disk.state_bytes(model)},
+                {Path(checkpoint): 4 * disk.state_bytes(model)},
                 what=f"training checkpoints ({checkpoint})",
                 advice="set paths.checkpoints to a larger filesystem",
             )
@@ -322,7 +304,7 @@ class Trainer:
             row["epoch_time_s"],
         )
         if self.checkpoint is not None and distributed.is_main():
-            self.state.save(self.checkpoint)
+            self.checkpoint.save(self.state)
         if self.on_epoch is not None:
             self.on_epoch(row)
 
