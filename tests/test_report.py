@@ -232,6 +232,22 @@ def test_report_markdown_has_savings_against_normal(tmp_path):
     assert "wins back 0% of Discard's gap" in text
 
 
+def test_a_flip_repair_that_stored_nothing_is_said_to_be_discard(tmp_path):
+    cfg = _fixture(tmp_path)
+    write_report(cfg)
+    assert "stores no flipped channels" not in (tmp_path / "results/report.md").read_text()
+    for seed in cfg.seeds:  # what the cache stage records with augment.flip_p 0
+        for p in cfg.points:
+            path = STAGES["cache"].path("stats", cfg, seed=seed, method="discard_aug", p=p)
+            stats = json.loads(path.read_text())
+            _write(path, {**stats, "stored_channels": 0, "stores_flips": False})
+    report = write_report(cfg)
+    assert {c["stores_flips"] for c in report["cache"] if c["method"] == "discard_aug"} == {False}
+    text = (tmp_path / "results/report.md").read_text()
+    assert "Ours w/ Discard & Aug. stores no flipped channels or tokens here" in text
+    assert "Its cache is Ours w/ Discard's" in text and text.count("stores no flipped") == 1
+
+
 def test_missing_metrics_is_a_clear_error(tmp_path):
     cfg = _fixture(tmp_path)
     (tmp_path / "runs/s1/freezeout/live/metrics.json").unlink()

@@ -180,6 +180,42 @@ def test_the_build_reuses_the_ranking_passes_and_writes_the_same_file(tmp_path, 
     assert path.read_bytes() == reused
 
 
+@needs_fashion
+def test_without_flips_discard_aug_ranks_nothing_and_caches_what_discard_does(tmp_path):
+    """augment.flip_p 0: a stored flipped view would never be read, so Discard & Aug. pays no
+    ranking, no flipped pass and stores nothing; its features are Discard's, bit for bit."""
+    from freezecache.accounting.costs import overhead_flops
+
+    cfg = _config(tmp_path, augment={"flip_p": 0.0})
+    assert not cfg.stores_flips("discard_aug") and _config(tmp_path).stores_flips("discard_aug")
+    prepare(cfg)
+    pretrain(cfg)
+    train_prefix(cfg, 0)
+    with Sections(STAGE_SECTIONS):  # what guard.stage runs a stage under
+        stats = cache_point(cfg, 0, "discard_aug", 0)
+    assert stats["stored_channels"] == 0 and stats["stores_flips"] is False
+    assert "flipped_forward_s" not in stats["timings"]  # no flipped pass, no ranking passes
+    p = cfg.points[0]
+    ranking = STAGES["cache"].path("ranking", cfg, seed=0, method="discard_aug", p=p)
+    assert json.loads(ranking.read_text()) == {"kind": "none"}
+    cache_point(cfg, 0, "discard", 0)
+    paths = [
+        STAGES["cache"].path("cache", cfg, seed=0, method=m, p=p)
+        for m in ("discard", "discard_aug")
+    ]
+    infos = [open_cache(path) for path in paths]
+    assert all(info.extra_shape is None for info in infos)
+    a, b = (
+        [batch["x"] for batch in iter_cache(path, info)]
+        for path, info in zip(paths, infos, strict=True)
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    parts = {q.block: {"prefix_fwd": 1.0} for q in cfg.points}
+    assert overhead_flops(cfg, parts, 96, "discard_aug") == overhead_flops(
+        cfg, parts, 96, "discard"
+    )
+
+
 def test_bn_recalibration_changes_only_batchnorm_statistics():
     from freezecache.models import create_model
     from freezecache.steps.suffix import recalibrate_bn

@@ -172,7 +172,16 @@ STAGES: dict[str, Stage] = {
             "cache",
             matrix=("seed", "method.discard", "p"),
             deps=(CHECKED, DATA, START, DECISION),
-            params=("model", "runtime", "freeze", "rank", "cache", "train.precision"),
+            # augment.flip_p: whether flipped views are ranked and stored (Config.stores_flips)
+            params=(
+                "model",
+                "runtime",
+                "freeze",
+                "rank",
+                "cache",
+                "train.precision",
+                "augment.flip_p",
+            ),
             outs={
                 "cache": Out(CACHE),
                 "ranking": Out(POINT + "/ranking.json"),

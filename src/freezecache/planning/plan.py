@@ -52,7 +52,7 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
     points = {p.block: i for i, p in enumerate(cfg.points, start=1) if p.block != AUTO}
-    ranked = any(method(m).needs_ranking for m in cfg.methods.discard)
+    ranked = any(cfg.stores_flips(m) for m in cfg.methods.discard)
     n = len(ctx.train)
     rows = []
     for pos in range(1, model.num_blocks):
@@ -112,7 +112,7 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
 def _need(cfg: Config, row: dict) -> int:
     """The bytes one freeze point at ``row``'s block caches over every seed and discard method."""
     return sum(
-        len(cfg.seeds) * row["cache_bytes_with_extra" if method(m).needs_ranking else "cache_bytes"]
+        len(cfg.seeds) * row["cache_bytes_with_extra" if cfg.stores_flips(m) else "cache_bytes"]
         for m in cfg.methods.discard
     )
 
@@ -130,7 +130,7 @@ def allowed_blocks(cfg: Config, rows: list[dict], need: int, files: int, free: i
         fits = (need + _need(cfg, row)) * MARGIN + files * (H5_OVERHEAD - H5_HEADERS) <= free
         even = {}
         for m in cfg.methods.discard:
-            ranks = method(m).needs_ranking and cfg.rank.gamma + cfg.rank.alpha > 0
+            ranks = cfg.stores_flips(m) and cfg.rank.gamma + cfg.rank.alpha > 0
             passes = 2 if ranks else 1  # the build's forward passes (with F(flip(x)))
             rank_share = 2 * min(cfg.rank.samples, row["train_samples"]) / row["train_samples"]
             even[m] = passes + (rank_share if ranks else 0.0)  # one-off over saved, per epoch

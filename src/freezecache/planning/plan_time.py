@@ -99,8 +99,7 @@ def predict(ctx, model: nn.Module, pos: int, spec_of, x, y) -> dict:
     fo_epoch = steps * fo_step + val_batches * val_full
     out = {"freezeout_epoch_s": fo_epoch, "epoch_s": {}, "one_off_s": {}, "break_even_epochs": {}}
     for name in cfg.methods.discard:
-        ranked = method(name).needs_ranking
-        spec = spec_of(ranked)
+        spec = spec_of(cfg.stores_flips(name))
         data = _data_seconds(ctx, spec, feats, yb, name, model.layout)
         epoch = steps * (rest_step + data) + val_batches * max(val_rest, 0.0)
         encode = _encode_seconds(spec, feats) * n / batch

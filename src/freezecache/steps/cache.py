@@ -25,7 +25,6 @@ from freezecache.codecs.registry import calibrate, needs_calibration
 from freezecache.config import Config
 from freezecache.core import runtime
 from freezecache.core.io import atomic_write_json
-from freezecache.core.methods import method
 from freezecache.core.timing import section, stage_timings
 from freezecache.models import feature_shape, split
 from freezecache.steps.context import Context
@@ -180,16 +179,17 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
     ctx = Context(cfg, seed, "cache", method=name, p=point)
     t0 = time.perf_counter()
     model, start_file = frozen_model(ctx, point)
-    m = method(name)
-    # The ranking runs once, on rank 0; every rank gets its channels (or tokens' count).
+    # Flipped views are ranked and stored only when something is flipped (Config.stores_flips):
+    # the ranking runs once, on rank 0; every rank gets its channels (or tokens' count).
+    flips = cfg.stores_flips(name)
     ranked, kept = None, []
     if ctx.main:
         with section("ranking"):
-            keep = kept if m.needs_ranking and _reusable(ctx, model, block) else None
-            ranked = ranking(ctx, model, block, keep) if m.needs_ranking else {"kind": "none"}
+            keep = kept if flips and _reusable(ctx, model, block) else None
+            ranked = ranking(ctx, model, block, keep) if flips else {"kind": "none"}
         atomic_write_json(ctx.out("ranking"), ranked)
     ranked = distributed.broadcast_object(ranked)
-    spec = CacheSpec.at(cfg, model, block, index, m.needs_ranking)
+    spec = CacheSpec.at(cfg, model, block, index, flips)
     channels = None
     if spec.extras == "channels":
         channels = rank.most_sensitive(torch.tensor(ranked["scores"]), cfg.rank.gamma).sort().values
@@ -284,6 +284,7 @@ def _cache_point(cfg: Config, seed: int, name: str, i: int) -> dict:
         stage_wall_s=runtime.process_seconds(),
         peak_rss_mb=runtime.peak_rss_mb(),
         stored_channels=0 if channels is None else len(channels),
+        stores_flips=flips,
         timings=stage_timings(ctx.startup_s),
     )
     atomic_write_json(ctx.out("stats"), stats)
