@@ -225,7 +225,7 @@ def chart_spec(result: dict) -> dict:
     measured as points, the plan's prediction as a dashed line."""
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
-        "title": "Wall time after the shared run against the training-set size",
+        "title": "Wall time after the shared run (points; dashed: the plan's prediction)",
         "data": {"values": csv_rows(result)},
         "width": 420,
         "height": 300,

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from freezecache.core.errors import FreezecacheError, first_line, optional
 from freezecache.models import split
@@ -257,8 +256,13 @@ def _cpu_flash_sdpa_backward_flops(
     return 2 * _cpu_flash_sdpa_flops(q_shape, k_shape, v_shape)
 
 
-def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` that also counts the CPU flash-attention kernels."""
+def flop_counter():
+    """A silent ``FlopCounterMode`` that also counts the CPU flash-attention kernels.
+
+    Imported here, not with the module: torch's flop counter loads triton (~0.1 s of every
+    stage process's start-up), and only the trade-offs stage and the benchmarks use it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     aten = torch.ops.aten
     custom = {
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops,
