@@ -104,3 +104,40 @@ def epoch_times(project: Config, seed: int, name: str) -> list[float]:
 def median_epoch(project: Config, seed: int, name: str) -> float:
     """The median of :func:`epoch_times`: the first epoch's warm-up and other load aside."""
     return statistics.median(epoch_times(project, seed, name))
+
+
+# What a stage records of its time (``timings`` in costs.json and cache.json) -> the one-off part
+# it is shown as; the rest of the one-off (building the context, the model, the cache's loader,
+# the validation features, saving the outputs) is "setup and the rest".
+ONE_OFF_PARTS = {
+    "startup_s": "start-up",
+    "ranking_s": "ranking",
+    "prefix_forward_s": "cache build: prefix forward",
+    "flipped_forward_s": "cache build: flipped pass",
+    "encode_write_s": "cache build: encode + write",
+    "accounting_s": "accounting",
+    "test_s": "test",
+    "bn_recalibration_s": "bn recalibration",
+}
+REST = "setup and the rest"
+
+
+def one_off_parts(project: Config, seed: int, name: str) -> dict[str, float]:
+    """Method ``name``'s one-off seconds after the shared run (``method_time``'s ``one_off_s``:
+    its stages' wall time less their epochs) split into what its stages recorded, summed over
+    them; :data:`REST` is what no section covers."""
+    from freezecache.accounting.wall import method_time
+    from freezecache.core.io import read_json
+
+    parts = dict.fromkeys(ONE_OFF_PARTS.values(), 0.0)
+    for stage, item in method_runs(project, seed, name):
+        if stage.name == "train_prefix":
+            continue
+        record = read_json(
+            stage.path("stats" if stage.name == "cache" else "costs", project, **item)
+        )
+        for key, part in ONE_OFF_PARTS.items():
+            parts[part] += record.get("timings", {}).get(key, 0.0)
+    parts = {k: v for k, v in parts.items() if v > 0}
+    parts[REST] = method_time(project, seed, name)["one_off_s"] - sum(parts.values())
+    return parts

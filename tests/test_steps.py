@@ -142,6 +142,7 @@ def test_stages_record_time_and_peak_memory(tmp_path):
     assert all(s["cache_in_ram_mb"] == 0.0 for s in costs["states"])  # no cache
     t = costs["timings"]  # where the stage's time went
     assert t["epochs"] == 3 and t["train_s"] > 0 and t["startup_s"] >= 0
+    assert 0 < t["epoch_median_s"] <= t["train_s"]  # a steady epoch, the first's warm-up aside
     assert t["validation_s"] > 0 and t["accounting_s"] > 0 and t["test_s"] > 0
     published = RunState.load(STAGES["baseline"].path("state", cfg, seed=0, method="normal_noflip"))
     assert not any("epoch_time_s" in r for r in published.history)  # timings are not results
