@@ -20,8 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from freezecache.accounting.wall import method_time
 from freezecache.config import Config, parse_config
 from freezecache.core.errors import FreezecacheError
+from freezecache.core.io import read_json
+from freezecache.core.methods import method
 from freezecache.pipeline import STAGES, method_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,9 +129,6 @@ def one_off_parts(project: Config, seed: int, name: str) -> dict[str, float]:
     """Method ``name``'s one-off seconds after the shared run (``method_time``'s ``one_off_s``:
     its stages' wall time less their epochs) split into what its stages recorded, summed over
     them; :data:`REST` is what no section covers."""
-    from freezecache.accounting.wall import method_time
-    from freezecache.core.io import read_json
-
     parts = dict.fromkeys(ONE_OFF_PARTS.values(), 0.0)
     for stage, item in method_runs(project, seed, name):
         if stage.name == "train_prefix":
@@ -141,3 +141,33 @@ def one_off_parts(project: Config, seed: int, name: str) -> dict[str, float]:
     parts = {k: v for k, v in parts.items() if v > 0}
     parts[REST] = method_time(project, seed, name)["one_off_s"] - sum(parts.values())
     return parts
+
+
+def side_by_side(cfg: Config, folder: Path, seed: int, weights: Path, prefix, names) -> dict:
+    """Methods ``names`` after the shared run as the pipeline runs them, one after another in a
+    project at ``folder`` on ``cfg``'s prepared data, from the starting ``weights`` (a state
+    file) and the shared run's state ``prefix`` (a RunState): per method its wall time,
+    epochs, one-off (``method_time``), its one-off's parts and its epochs' training times."""
+    project = write_project(
+        folder,
+        cfg,
+        seeds=[seed],
+        methods={
+            "baselines": [n for n in names if method(n).kind == "baseline"],
+            "discard": [n for n in names if method(n).kind == "discard"],
+        },
+    )
+    link_data(cfg, project)
+    copy_weights(weights, project)
+    prefix.save(STAGES["train_prefix"].path("state", project, seed=seed))
+    out = {}
+    for name in names:
+        run_method(folder, project, seed, name)
+        epochs = epoch_times(project, seed, name)
+        out[name] = {
+            **method_time(project, seed, name),
+            "epochs_s": epochs,
+            "median_epoch_s": statistics.median(epochs),
+            "one_off_parts_s": one_off_parts(project, seed, name),
+        }
+    return out

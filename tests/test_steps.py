@@ -398,3 +398,22 @@ def test_the_plan_times_a_vit_with_its_stored_tokens(tmp_path):
     rows = json.loads(STAGES["plan"].path("json", cfg).read_text())["blocks"]
     assert rows and all(r["time"]["epoch_s"]["discard_aug"] > 0 for r in rows)
     assert all(r["time"]["freezeout_epoch_s"] > 0 for r in rows)
+    # what every stage process pays, measured once: each stage's start-up spawned as DVC does
+    over = rows[0]["time"]["overheads"]
+    assert set(over["startup_s"]) == {"baseline", "cache", "train_suffix"}
+    assert all(v > 0.05 for v in over["startup_s"].values()) and over["setup_s"] > 0
+    assert set(over["accounting_s"]) == {"freezeout", "discard", "discard_aug"}
+    for r in rows:
+        t = r["time"]
+        assert t["epochs_after"] == cfg.train.epochs - 1  # the smoke profile's first point
+        fo, once = t["freezeout_epoch_s"], t["one_off_s"]
+        for name in ("discard", "discard_aug"):
+            # a second process at least: the one-off beyond FreezeOut's covers its start-up
+            assert once[name] - once["freezeout"] > over["startup_s"]["cache"]
+            saved = fo - t["epoch_s"][name]
+            if saved > 0:
+                expected = (once[name] - once["freezeout"]) / saved
+                assert t["break_even_epochs"][name] == pytest.approx(expected)
+        epochs = {"freezeout": fo, **t["epoch_s"]}
+        for name, total in t["method_s"].items():
+            assert total == pytest.approx(once[name] + t["epochs_after"] * epochs[name])

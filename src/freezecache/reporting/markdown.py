@@ -75,7 +75,11 @@ def _time_lines(methods: dict, points: list[dict], epochs: int, plan: dict | Non
 
 
 def _predicted(plan: dict | None, block: int) -> dict:
-    """The plan's predicted break-even per discard method at ``block``."""
+    """The plan's predicted break-even per discard method: for the configured schedule (every
+    point), else for a single freeze at ``block``."""
+    sched = (plan or {}).get("schedule_time")
+    if sched:
+        return sched.get("break_even_epochs", {})
     for row in (plan or {}).get("blocks", []):
         if row["block"] == block:
             return row.get("time", {}).get("break_even_epochs", {})
