@@ -26,6 +26,7 @@ from freezecache.core.errors import FreezecacheError
 from freezecache.core.io import read_json
 from freezecache.core.methods import method
 from freezecache.pipeline import STAGES, method_runs
+from freezecache.steps.run import published
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paths of a project, relative to its folder (as the default profile spells them).
@@ -95,12 +96,14 @@ def epoch_times(project: Config, seed: int, name: str) -> list[float]:
     """The training seconds of each epoch method ``name``'s stages after the shared run logged
     to DVCLive (``epoch_time_s``: the training loop, validation apart), in order."""
     out = []
+    shared = project.prefix_epochs if method(name).shared_prefix else 0
     for stage, item in method_runs(project, seed, name):
         if stage.name == "train_prefix" or "plots" not in stage.outs:
             continue
         tsv = STAGES[stage.name].path("plots", project, **item) / "epoch_time_s.tsv"
         with tsv.open(newline="") as f:
-            out += [float(r["epoch_time_s"]) for r in csv.DictReader(f, delimiter="\t")]
+            rows = csv.DictReader(f, delimiter="\t")
+            out += [float(r["epoch_time_s"]) for r in rows if int(r["step"]) > shared]
     return out
 
 
@@ -159,7 +162,7 @@ def side_by_side(cfg: Config, folder: Path, seed: int, weights: Path, prefix, na
     )
     link_data(cfg, project)
     copy_weights(weights, project)
-    prefix.save(STAGES["train_prefix"].path("state", project, seed=seed))
+    published(prefix).save(STAGES["train_prefix"].path("state", project, seed=seed))
     out = {}
     for name in names:
         run_method(folder, project, seed, name)

@@ -39,6 +39,7 @@ from freezecache.core.methods import method
 from freezecache.models import split
 from freezecache.pipeline import MATRIX, STAGES
 from freezecache.steps.suffix import cache_feed
+from freezecache.training import rank
 from freezecache.training.train import RunState, Trainer, set_frozen
 
 REPEATS = 3  # timed repeats per measurement (the median), after one untimed
@@ -100,6 +101,17 @@ def _cache_costs(ctx, spec: CacheSpec, feats: torch.Tensor, y, name: str, layout
         first = time.perf_counter() - start
         batch = _seconds(lambda: list(feed.epoch(0, g)), ctx.device) / max(1, len(feed))
     return CacheCosts(len(feats), write, setup, first, batch)
+
+
+def _ranking_seconds(model: nn.Module, prefix: nn.Module, xb: torch.Tensor, feats) -> float:
+    """Seconds of the ranking's comparison of F(x) with F(flip(x)) for one batch (its forward
+    passes are the build's own: the cache stage keeps them)."""
+    with torch.no_grad():
+        flipped = prefix(xb.flip(-1)).float()
+    if model.kind == "cnn":
+        return _seconds(lambda: rank.ChannelSensitivity(model.layout).update(feats, flipped),
+                        xb.device)  # fmt: skip
+    return _seconds(lambda: rank.match_tokens(feats, flipped), xb.device)
 
 
 def _per_sample(small: CacheCosts, big: CacheCosts, key: str) -> tuple[float, float]:
@@ -267,6 +279,9 @@ def predict(ctx, model: nn.Module, pos: int, spec_of, x, y, over: Overheads) -> 
         # the cache stage: its process, the prefix's forward over the training set (and the
         # flipped pass with stored views), the cache encoded and written
         build = fwd * (2 if spec.stored else 1) * n / batch + write_once + write_each * n
+        if spec.stored:  # the ranking: flip sensitivity over the rank sample
+            ranked = min(cfg.rank.samples, n)
+            build += _ranking_seconds(model, prefix, xb, feats) * ranked / batch
         cache_stage = over.startup_s["cache"] + over.setup_s + build
         # the train_suffix stage: its process, the loader over the whole cache, the features
         # of the validation set, the decode path's first use in the process, the accounting
