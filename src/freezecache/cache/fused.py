@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -82,3 +85,46 @@ def decode_augment(
         flip, crop, pad, noise_at, values, np.float32(scale if use_noise else 0.0), out,
     )  # fmt: skip
     return out
+
+
+def _first_use() -> tuple[float, bool]:
+    """A small batch through the fused pass, in this process: the seconds from numba's import
+    to the result, and whether the kernel was compiled here (not found in numba's disk cache)."""
+    import torch
+
+    from freezecache.cache import packed
+    from freezecache.codecs.registry import make_codec
+    from freezecache.training.augment import FeatureAug, NoiseBank
+
+    shape = (4, 6, 6)
+    x = torch.rand((8, *shape), generator=torch.Generator().manual_seed(0)).numpy()
+    codec = make_codec("quant", 0.05)
+    blobs = [codec.encode(x[i : i + 1]) for i in range(len(x))]
+    batch = packed.pack(codec, blobs, [1] * len(x), shape, shape[0])
+    aug = FeatureAug("standard", flip_p=0.5, crop_pad=1, noise_scale=0.1)
+    g = torch.Generator().manual_seed(0)
+    bank = NoiseBank(int(np.prod(shape)), g)
+    draws = aug.draw(len(x), g, bank, int(np.prod(shape)))
+    step = packed.steps(codec, shape)
+    start = time.perf_counter()
+    available()
+    decode_augment(batch, None, shape, step, None, None, draws, 1, bank.values.numpy(), 0.1)
+    return time.perf_counter() - start, sum(_kernel().stats.cache_misses.values()) > 0
+
+
+def first_use_seconds() -> float:
+    """What a new process pays for its first fused pass: numba's import and the kernel loaded
+    from numba's disk cache (measured in a new process; one that had to compile the kernel
+    first, and cache it, is measured again)."""
+    cmd = [sys.executable, "-m", "freezecache.cache.fused"]
+    for _ in range(2):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        seconds, how = done.stdout.split()[-2:]
+        if how == "loaded":
+            break
+    return float(seconds)
+
+
+if __name__ == "__main__":  # what first_use_seconds runs: "<seconds> loaded|compiled"
+    took, compiled = _first_use()
+    print(f"{took:.4f} {'compiled' if compiled else 'loaded'}")

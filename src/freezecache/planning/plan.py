@@ -25,13 +25,7 @@ from freezecache.core.disk import free_bytes
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.methods import method
 from freezecache.models import split
-from freezecache.planning.plan_time import (
-    Overheads,
-    overheads,
-    predict,
-    schedule_time,
-    with_warmup,
-)
+from freezecache.planning.plan_time import Overheads, overheads, predict, schedule_time
 from freezecache.reporting.labels import label
 from freezecache.training import augment
 
@@ -119,16 +113,8 @@ def candidates(ctx, model: nn.Module, over: Overheads | None = None) -> list[dic
 
 
 def time_overheads(ctx, model: nn.Module) -> Overheads:
-    """What every stage process pays on this machine (plan_time.py), the first use of the
-    cache's decode path measured at the first freeze point's block (or the first block)."""
-    cfg = ctx.cfg
-    over = overheads(ctx, model, lambda name: method_costs(ctx, model, name, []))
-    if not cfg.methods.discard:
-        return over
-    block = next((p.block for p in cfg.points if p.block != AUTO), 1)
-    spec = CacheSpec.at(cfg, model, block, 1, cfg.stores_flips(cfg.methods.discard[0]))
-    x, y = next(iter(ctx.train.batches(min(SAMPLE, len(ctx.train)))))
-    return with_warmup(over, ctx, model, block, spec, x, y)
+    """What every stage process pays on this machine (plan_time.py)."""
+    return overheads(ctx, model, lambda name: method_costs(ctx, model, name, []))
 
 
 def _need(cfg: Config, row: dict) -> int:

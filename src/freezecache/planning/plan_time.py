@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezecache.cache import Build, CacheSpec, CacheWriter, open_cache
+from freezecache.cache import Build, CacheSpec, CacheWriter, fused, open_cache
 from freezecache.codecs.registry import calibrate
 from freezecache.config import AUTO
 from freezecache.core import runtime
@@ -65,7 +65,6 @@ class CacheCosts:
     samples: int
     write_s: float  # encoded and written by the cache stage's writer (its encoder threads)
     setup_s: float  # the train_suffix stage's feed over it (its loader, noise scale and bank)
-    first_s: float  # the feed's first epoch (the decode path's first use in this process)
     batch_s: float  # a batch read, decoded and augmented, later epochs (the median)
 
 
@@ -96,11 +95,8 @@ def _cache_costs(ctx, spec: CacheSpec, feats: torch.Tensor, y, name: str, layout
         feed = cache_feed(ctx, path, info, method(name).augment, layout)
         setup = time.perf_counter() - start
         g = runtime.generator(ctx.seed, "plan")
-        start = time.perf_counter()
-        list(feed.epoch(0, g))
-        first = time.perf_counter() - start
         batch = _seconds(lambda: list(feed.epoch(0, g)), ctx.device) / max(1, len(feed))
-    return CacheCosts(len(feats), write, setup, first, batch)
+    return CacheCosts(len(feats), write, setup, batch)
 
 
 def _ranking_seconds(model: nn.Module, prefix: nn.Module, xb: torch.Tensor, feats) -> float:
@@ -133,7 +129,7 @@ class Overheads:
     setup_s: float  # the data on the device, the model built, its weights and a run loaded
     save_s: float  # a run state checkpointed (every training stage, each epoch and at its end)
     accounting_s: dict[str, float]  # method -> its costs.json's FLOPs and memory accounting
-    warmup_s: float = 0.0  # the first cache decoded in a process (numba's import and kernel)
+    warmup_s: float = 0.0  # a process's first fused decode (numba's import, its cached kernel)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -205,22 +201,10 @@ def overheads(ctx, model: nn.Module, accounting) -> Overheads:
         start = time.perf_counter()
         accounting(name)
         timed[name] = time.perf_counter() - start
-    return Overheads(startup, setup, _save_seconds(model), timed)
-
-
-def with_warmup(over: Overheads, ctx, model: nn.Module, block: int, spec: CacheSpec, x, y):
-    """``over`` with the first use of the cache's decode path in a process: two feeds of the
-    same small cache, the first in this process (numba's import and kernel) and another."""
-    name = ctx.cfg.methods.discard[0] if ctx.cfg.methods.discard else None
-    if name is None:
-        return over
-    prefix, _ = split(model, block)
-    with torch.no_grad():
-        feats = prefix(x).float()
-    first = _cache_costs(ctx, spec, feats, y, name, model.layout)
-    again = _cache_costs(ctx, spec, feats, y, name, model.layout)
-    warmup = (first.setup_s + first.first_s) - (again.setup_s + again.first_s)
-    return Overheads(**{**asdict(over), "warmup_s": max(0.0, warmup)})
+    warmup = 0.0
+    if ctx.device.type == "cpu" and model.layout == "nchw" and fused.available():
+        warmup = fused.first_use_seconds()  # a new process's first fused decode + augment
+    return Overheads(startup, setup, _save_seconds(model), timed, warmup)
 
 
 def epochs_after(cfg) -> int | None:
