@@ -171,6 +171,7 @@ def side_by_side(cfg: Config, folder: Path, seed: int, weights: Path, prefix, na
             **method_time(project, seed, name),
             "epochs_s": epochs,
             "median_epoch_s": statistics.median(epochs),
+            "fastest_epoch_s": min(epochs),
             "one_off_parts_s": one_off_parts(project, seed, name),
         }
     return out

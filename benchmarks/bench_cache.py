@@ -249,8 +249,9 @@ FLOOR = ("cache build: prefix forward", "cache build: encode + write")
 
 
 def pipeline_goals(stages: dict, breakdown: dict) -> dict:
-    """Per discard method, from its stage processes in this run: its epoch (the median of its
-    stages' epochs) against the bench's and against FreezeOut's (the goal 1.05 x the FLOPs
+    """Per discard method, from its stage processes in this run: its epoch against the bench's
+    (the fastest of each: the bench keeps its fastest round) and against FreezeOut's (the
+    medians of their stages' epochs, as the report reads them; the goal 1.05 x the FLOPs
     ratio), and its one-off beyond FreezeOut's against its floor, one pass of the frozen prefix
     over the training set plus encoding it (as its cache stage timed them)."""
     fo = stages["freezeout"]
@@ -262,7 +263,7 @@ def pipeline_goals(stages: dict, breakdown: dict) -> dict:
         floor = sum(s["one_off_parts_s"].get(k, 0.0) for k in FLOOR)
         extra = s["one_off_s"] - fo["one_off_s"]
         out[name] = {
-            "epoch_vs_bench": s["median_epoch_s"] / breakdown["epochs"][name]["epoch_s"],
+            "epoch_vs_bench": s["fastest_epoch_s"] / breakdown["epochs"][name]["epoch_s"],
             "epoch_vs_freezeout": s["median_epoch_s"] / fo["median_epoch_s"],
             "epoch_goal": 1.05 * flops[name] / flops["freezeout"],
             "floor_s": floor,
