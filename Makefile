@@ -6,7 +6,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro scratch plan sweep bench plots readme doctor gpu-check test test-fast lint clean
+.PHONY: setup repro scratch plan sweep bench bench-scale plots readme doctor gpu-check test test-fast lint clean
 
 # The exact versions of constraints.txt (pyproject.toml declares only compatible ranges).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -40,6 +40,11 @@ sweep: setup
 bench: setup
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_scaling.py --json results/bench_scaling.json
+
+## bench-scale: FreezeOut and the discard methods after the shared run at four training-set
+## sizes, one seed, with the plan's prediction (results/bench_scale.*; about 30 minutes)
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py
 
 ## plots: `dvc plots show` as HTML that works offline (results/plots/index.html)
 plots: setup

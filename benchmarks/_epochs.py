@@ -273,12 +273,15 @@ def break_even(epochs: dict, fixed: dict, name: str) -> float | None:
 
 
 def breakdown(ctx, model, block: int, caches: dict[str, Path], builds: dict, timed: str,
-              rounds: int) -> dict:  # fmt: skip
-    """The epoch breakdown of every method, the per-epoch goal ratios and the break-even."""
+              rounds: int, fixed: dict | None = None) -> dict:  # fmt: skip
+    """The epoch breakdown of every method, the per-epoch goal ratios and the break-even.
+
+    ``fixed``: each method's one-off seconds by part as its real stage processes paid them
+    (benchmarks/_stages.py); without it, estimated here (:func:`fixed_costs`)."""
     runs = settings(ctx, model, block, caches, timed)
     epochs = time_settings(runs, rounds)
     flops = step_flops(ctx, model, block)
-    fixed = fixed_costs(epochs, builds)
+    fixed = fixed_costs(epochs, builds) if fixed is None else fixed
     goals = {}
     for name in caches:
         time_ratio = epochs[name]["epoch_s"] / epochs["freezeout"]["epoch_s"]

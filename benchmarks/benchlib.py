@@ -76,6 +76,11 @@ GOALS = {
     "data_vs_compute": Goal("<=", 0.05),
     # issue 29: CachedFeatures through a DataLoader within 10% of the pipeline's own epoch
     "api_loader_vs_stage": Goal("<=", 1.10),
+    # issue 27: the pipeline's own epoch (its stage processes, the median epoch) within 3% of
+    # the bench's, and a discard method's one-off beyond FreezeOut's at most 1.5 x its floor
+    # (one pass of the frozen prefix over the training set plus encoding it)
+    "pipeline_epoch_vs_bench": Goal("<=", 1.03),
+    "one_off_vs_floor": Goal("<=", 1.5),
 }
 
 
@@ -521,6 +526,7 @@ def to_markdown(res: dict) -> str:
         "ratios and rates come from builds of the same features at the same tolerance number.",
         "",
         *breakdown_markdown(t["breakdown"], s["points"][0]),
+        *pipeline_markdown(t),
         f"P2 uses the `{t['p2_cache']}` epoch (the stage's loader.in_memory): suffix / full "
         f"epoch time {_fmt(t['suffix_vs_full_time'])}, suffix / full training FLOPs "
         f"{_fmt(t['suffix_vs_full_flops'])}.",
@@ -636,6 +642,43 @@ def breakdown_markdown(b: dict, block: int) -> list[str]:
         "interpreter and imports), its setup (model, loader, validation features) and, for the "
         "discard methods, the cache stage's ranking and build. Break-even: epochs after the "
         "freeze point from which the method's run is shorter than FreezeOut's.",
+        "",
+    ]
+
+
+def pipeline_markdown(t: dict) -> list[str]:
+    """The pipeline's own stage processes of this run (bench_cache.stage_runs): per method its
+    epochs against the bench's and FreezeOut's, its one-off against FreezeOut's and its floor."""
+    stages, goals = t.get("stages"), t.get("pipeline", {})
+    if not stages:
+        return []
+    labels, bench = t["breakdown"]["labels"], t["breakdown"]["epochs"]
+    rows = []
+    for name, r in stages.items():
+        g = goals.get(name, {})
+        rows.append([
+            labels[name], r["wall_s"], r["epochs"], r["median_epoch_s"],
+            g.get("epoch_vs_bench", r["fastest_epoch_s"] / bench[name]["epoch_s"]),
+            g.get("epoch_vs_freezeout"), g.get("epoch_goal"), r["epoch_s"], r["one_off_s"],
+            g.get("one_off_extra_s"), g.get("floor_s"), g.get("one_off_vs_floor"),
+            g.get("break_even_epochs"),
+        ])  # fmt: skip
+    head = ["method", "stages' wall s", "epochs", "median epoch s", "fastest / bench's",
+            "/ FreezeOut's", "goal (1.05 x FLOPs)", "per epoch with validation s", "one-off s",
+            "one-off - FreezeOut's s", "floor s", "/ floor (<= 1.5)",
+            "break-even (epochs)"]  # fmt: skip
+    return [
+        "### The pipeline's own stages, side by side (this run)",
+        "",
+        *_table(head, rows),
+        "",
+        "Each method after the shared run as `dvc repro` runs it: its stage processes, one after "
+        "another, from the weights the epochs above trained from; figures from each stage's own "
+        "records, as the report reads them (the median of a stage's epochs is its epoch: the "
+        "first one's warm-up counts in the one-off); against the bench's epoch, its fastest "
+        "epoch (the bench keeps its fastest round). Floor: one pass of the frozen prefix over "
+        "the training set plus encoding it, as the cache stage timed them; the one-off's parts "
+        "are the table above.",
         "",
     ]
 

@@ -184,7 +184,35 @@ def test_bench_json_has_every_measurement(bench_out):
         assert total == pytest.approx(sum(e["parts_s"].values()) + e["validation_s"])
     assert set(res["p4_build_mb_s_by_setting"]) == {"profile", "quant relative", "zfp"}
     metrics = {g["metric"] for g in res["goals"]}
-    assert metrics == {*bench.GOALS, "epoch_vs_freezeout"}  # per method: 1.05 x its FLOPs ratio
+    # per method: 1.05 x its FLOPs ratio, in the bench's epochs and the pipeline's own
+    assert metrics == {*bench.GOALS, "epoch_vs_freezeout", "pipeline_epoch_vs_freezeout"}
+
+
+def test_the_pipeline_s_own_stages_run_side_by_side(bench_out):
+    """FreezeOut and each discard method after the shared run as stage processes: their wall
+    time, epochs and one-off from the stages' own records; the one-off split into its parts
+    (the bench's one-off table) and each discard method's against its floor."""
+    res, markdown, _, _ = bench_out
+    t = res["p1_p2"]
+    stages, pipeline = t["stages"], t["pipeline"]
+    assert list(stages) == ["freezeout", "discard", "discard_aug"]
+    for name, s in stages.items():
+        assert s["epochs"] == 2 and len(s["epochs_s"]) == 2  # smoke: 3 epochs, the first shared
+        assert s["wall_s"] > s["one_off_s"] > 0 and s["median_epoch_s"] > 0
+        parts = s["one_off_parts_s"]
+        assert parts["start-up"] > 0 and parts["test"] > 0
+        assert sum(parts.values()) == pytest.approx(s["one_off_s"])
+        assert t["breakdown"]["fixed_s"][name] == parts  # the one-off table shows them
+    # the smoke profile flips: Discard & Aug. ranks and runs the flipped pass, Discard not
+    assert "ranking" in stages["discard_aug"]["one_off_parts_s"]
+    assert "cache build: flipped pass" not in stages["discard"]["one_off_parts_s"]
+    for name in ("discard", "discard_aug"):
+        g = pipeline[name]
+        assert g["floor_s"] > 0 and g["one_off_vs_floor"] == pytest.approx(
+            (stages[name]["one_off_s"] - stages["freezeout"]["one_off_s"]) / g["floor_s"]
+        )
+        assert g["epoch_vs_bench"] > 0 and 0 < g["epoch_goal"] < 1.05
+    assert "### The pipeline's own stages, side by side (this run)" in markdown
 
 
 def test_p3_per_freeze_point(bench_out):

@@ -364,3 +364,29 @@ class _Broadcast(nn.Module):
 def test_broadcast_elementwise_ops_count_the_output_elements() -> None:
     # ptflops alone aligns leading axes: (1, 2, 3, 6) x (6,) -> 6 * 2 * 3 * 6 = 216.
     assert forward_macs_ptflops(_Broadcast(), (2, 3, 6)) == 2 * 3 * 6
+
+
+# A training stage's process: ptflops loaded before any model is built, then what it maps.
+_LOADS = """
+import sys
+{first}
+from freezecache.accounting.flops import _custom_hooks, ptflops
+ptflops()
+print("torchvision" in sys.modules, "timm" in sys.modules, len(_custom_hooks()))
+"""
+
+
+@pytest.mark.parametrize(
+    "first,expected",
+    [("", "False False 0"), ("import timm", "True True 2")],  # timm imports torchvision
+)
+def test_ptflops_loads_torchvision_and_timm_only_when_a_model_did(first, expected) -> None:
+    """ptflops imports both, if it can, to map one layer of each: 2 s of every training
+    stage's start-up. A model holding such a layer imported its package already, and then
+    both layers get their hooks."""
+    import subprocess
+    import sys
+
+    code = _LOADS.format(first=first)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-3:] == expected.split()

@@ -70,3 +70,22 @@ def test_fused_pass_equals_decode_then_augment(mode, spread):
     if mode == "standard":  # no stored channels: the torch path must not use them either
         want = augment.augment_features(feats, aug, draws, bank)
     assert np.array_equal(got, want.numpy())
+
+
+@pytest.mark.skipif(not fused.available(), reason="needs numba")
+def test_a_new_process_loads_the_compiled_kernel_from_the_disk_cache(tmp_path):
+    """Compiling the parallel kernel takes seconds: every train_suffix process paid them
+    again while the kernel was a closure numba could not cache (numba issue 6264)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}
+
+    def first_use() -> str:  # what fused.first_use_seconds reads: "<seconds> loaded|compiled"
+        cmd = [sys.executable, "-m", "freezecache.cache.fused"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+
+    assert first_use().split()[-1] == "compiled"  # and written to the cache
+    assert first_use().split()[-1] == "loaded"
+    assert len(list(tmp_path.rglob("*.nbc"))) == 1  # one entry, not one per process

@@ -11,12 +11,14 @@ import pytest
 import yaml
 
 import _epochs
+import bench_scale
 from conftest import ROOT, env_with_venv, run
 from freezecache.core.yamlio import load_yaml
 from freezecache.pipeline import STAGES
 from freezecache.reporting import plots
-from freezecache.reporting.plots import BENCH_BREAKDOWN, LEAD, PLOTS
+from freezecache.reporting.plots import BENCH_BREAKDOWN, BENCH_SCALE, LEAD, PLOTS
 from freezecache.reporting.report import write_report
+from test_bench_scale import _result as scale_result
 from test_report import _fixture
 
 LIVE = "runs/s0/normal/live/plots/metrics"  # a DVCLive folder the report fixture writes
@@ -25,9 +27,11 @@ DRAWS = shutil.which("chromium") is not None and importlib.util.find_spec("vl_co
 
 def _dvc_project(root, cfg) -> None:
     """A DVC project at ``root`` with dvc.yaml's top-level plots, one stage's DVCLive plots and
-    the report's outputs (the fixture's, two seeds), plus the committed bench breakdown."""
+    the report's outputs (the fixture's, two seeds), plus the committed bench breakdown and a
+    bench-scale table."""
     write_report(cfg)
     shutil.copy(ROOT / "results" / BENCH_BREAKDOWN, root / "results" / BENCH_BREAKDOWN)
+    (root / "results" / BENCH_SCALE).write_text(bench_scale.to_csv(scale_result()))
     run(["dvc", "init", "--no-scm", "-q"], root)
     shutil.copytree(ROOT / ".dvc/plots", root / ".dvc/plots")
     (root / "params.yaml").write_text(yaml.safe_dump({"paths": {"results": "results"}}))
@@ -65,7 +69,7 @@ def test_lead_charts_are_dvc_yaml_top_level_plots():
     report = {o.path.replace("{paths.", "${paths.") for o in STAGES["report"].outs.values()}
     for c in LEAD:
         assert (ROOT / f".dvc/plots/{c.template}.json").is_file(), c.template
-        assert c.file in report or c.file.endswith("/" + BENCH_BREAKDOWN), c.file
+        assert c.file in report or c.file.endswith(("/" + BENCH_BREAKDOWN, "/" + BENCH_SCALE))
     assert "compression_vs_tolerance" not in {c.name for c in LEAD}  # one point per freeze point
 
 
@@ -90,7 +94,8 @@ def test_every_lead_chart_has_data_and_comes_before_the_stage_curves(pages):
         assert all(c.x in v and c.y in v for v in values), c.name
         if c.template in ("errorbars", "band"):  # the spread the template draws
             assert all(f"{c.y}_std" in v for v in values), c.name
-    spread = {v["method"]: float(v["test_acc_std"]) for v in found[LEAD[0].name]["data"]["values"]}
+    rows = found["test_accuracy_vs_wall_time"]["data"]["values"]
+    spread = {v["method"]: float(v["test_acc_std"]) for v in rows}
     assert spread["normal"] == pytest.approx(1.4142, abs=1e-3)  # two seeds: a real error bar
 
 

@@ -273,6 +273,38 @@ def test_the_report_names_the_classes_and_gives_accuracy_per_class(tmp_path):
     assert "Skipped 1 files that could not be used (data.bad_images: skip): ring/empty.jpg" in text
 
 
+def test_a_flip_repair_that_stored_nothing_is_said_to_be_discard(tmp_path):
+    cfg = _fixture(tmp_path)
+    write_report(cfg)
+    assert "stores no flipped channels" not in (tmp_path / "results/report.md").read_text()
+    for seed in cfg.seeds:  # what the cache stage records with train.flip_p 0
+        for p in cfg.points:
+            path = STAGES["cache"].path("stats", cfg, seed=seed, method="discard_aug", p=p)
+            stats = json.loads(path.read_text())
+            _write(path, {**stats, "stored_channels": 0, "stores_flips": False})
+    report = write_report(cfg)
+    assert {c["stores_flips"] for c in report["cache"] if c["method"] == "discard_aug"} == {False}
+    text = (tmp_path / "results/report.md").read_text()
+    assert "Ours w/ Discard & Aug. stores no flipped channels or tokens here" in text
+    assert "Its cache is Ours w/ Discard's" in text and text.count("stores no flipped") == 1
+
+
+def test_a_steady_epoch_is_the_median_and_the_first_one_s_warm_up_is_one_off(tmp_path):
+    from freezecache.accounting.wall import method_time
+
+    cfg = _fixture(tmp_path)
+    before = method_time(cfg, 0, "freezeout")  # records without a median: the mean
+    assert before["epoch_s"] == pytest.approx((6.0 + 1.0) / 2)
+    path = STAGES["baseline"].path("costs", cfg, seed=0, method="freezeout")
+    costs = json.loads(path.read_text())
+    costs["timings"]["epoch_median_s"] = 2.5  # epochs of 3.5 and 2.5 s: 1 s of warm-up
+    _write(path, costs)
+    after = method_time(cfg, 0, "freezeout")
+    assert after["epoch_s"] == pytest.approx((2 * 2.5 + 1.0) / 2)
+    assert after["one_off_s"] == pytest.approx(before["one_off_s"] + 1.0)
+    assert after["wall_s"] == before["wall_s"]
+
+
 def test_missing_metrics_is_a_clear_error(tmp_path):
     cfg = _fixture(tmp_path)
     (tmp_path / "runs/s1/freezeout/live/metrics.json").unlink()

@@ -144,6 +144,7 @@ def test_stages_record_time_and_peak_memory(tmp_path):
     assert all(s["cache_in_ram_mb"] == 0.0 for s in costs["states"])  # no cache
     t = costs["timings"]  # where the stage's time went
     assert t["epochs"] == 3 and t["train_s"] > 0 and t["startup_s"] >= 0
+    assert 0 < t["epoch_median_s"] <= t["train_s"]  # a steady epoch, the first's warm-up aside
     assert t["validation_s"] > 0 and t["accounting_s"] > 0 and t["test_s"] > 0
     published = RunState.load(STAGES["baseline"].path("state", cfg, seed=0, method="normal_noflip"))
     assert not any("epoch_time_s" in r for r in published.history)  # timings are not results
@@ -180,6 +181,42 @@ def test_the_build_reuses_the_ranking_passes_and_writes_the_same_file(tmp_path, 
     monkeypatch.setattr(cache_build, "REUSE_BYTES", 0)  # the ranking's passes not kept
     cache_point(cfg, 0, "discard_aug", 0)
     assert path.read_bytes() == reused
+
+
+@needs_fashion
+def test_without_flips_discard_aug_ranks_nothing_and_caches_what_discard_does(tmp_path):
+    """train.flip_p 0: a stored flipped view would never be read, so Discard & Aug. pays no
+    ranking, no flipped pass and stores nothing; its features are Discard's, bit for bit."""
+    from freezecache.accounting.costs import overhead_flops
+
+    cfg = _config(tmp_path, train={"flip_p": 0.0})
+    assert not cfg.stores_flips("discard_aug") and _config(tmp_path).stores_flips("discard_aug")
+    prepare(cfg)
+    pretrain(cfg)
+    train_prefix(cfg, 0)
+    with Sections(STAGE_SECTIONS):  # what guard.stage runs a stage under
+        stats = cache_point(cfg, 0, "discard_aug", 0)
+    assert stats["stored_channels"] == 0 and stats["stores_flips"] is False
+    assert "flipped_forward_s" not in stats["timings"]  # no flipped pass, no ranking passes
+    p = cfg.points[0]
+    ranking = STAGES["cache"].path("ranking", cfg, seed=0, method="discard_aug", p=p)
+    assert json.loads(ranking.read_text()) == {"kind": "none"}
+    cache_point(cfg, 0, "discard", 0)
+    paths = [
+        STAGES["cache"].path("cache", cfg, seed=0, method=m, p=p)
+        for m in ("discard", "discard_aug")
+    ]
+    infos = [open_cache(path) for path in paths]
+    assert all(info.extra_shape is None for info in infos)
+    a, b = (
+        [batch["x"] for batch in iter_cache(path, info)]
+        for path, info in zip(paths, infos, strict=True)
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    parts = {q.block: {"prefix_fwd": 1.0} for q in cfg.points}
+    assert overhead_flops(cfg, parts, 96, "discard_aug") == overhead_flops(
+        cfg, parts, 96, "discard"
+    )
 
 
 def test_bn_recalibration_changes_only_batchnorm_statistics():
@@ -362,3 +399,22 @@ def test_the_plan_times_a_vit_with_its_stored_tokens(tmp_path):
     rows = json.loads(STAGES["plan"].path("json", cfg).read_text())["blocks"]
     assert rows and all(r["time"]["epoch_s"]["discard_aug"] > 0 for r in rows)
     assert all(r["time"]["freezeout_epoch_s"] > 0 for r in rows)
+    # what every stage process pays, measured once: each stage's start-up spawned as DVC does
+    over = rows[0]["time"]["overheads"]
+    assert set(over["startup_s"]) == {"baseline", "cache", "train_suffix"}
+    assert all(v > 0.05 for v in over["startup_s"].values()) and over["setup_s"] > 0
+    assert set(over["accounting_s"]) == {"freezeout", "discard", "discard_aug"}
+    for r in rows:
+        t = r["time"]
+        assert t["epochs_after"] == cfg.train.epochs - 1  # the smoke profile's first point
+        fo, once = t["freezeout_epoch_s"], t["one_off_s"]
+        for name in ("discard", "discard_aug"):
+            # a second process at least: the one-off beyond FreezeOut's covers its start-up
+            assert once[name] - once["freezeout"] > over["startup_s"]["cache"]
+            saved = fo - t["epoch_s"][name]
+            if saved > 0:
+                expected = (once[name] - once["freezeout"]) / saved
+                assert t["break_even_epochs"][name] == pytest.approx(expected)
+        epochs = {"freezeout": fo, **t["epoch_s"]}
+        for name, total in t["method_s"].items():
+            assert total == pytest.approx(once[name] + t["epochs_after"] * epochs[name])

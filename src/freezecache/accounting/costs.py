@@ -64,15 +64,15 @@ def state_memory(ctx, model: nn.Module, state: str, position: int) -> dict:
 def overhead_flops(cfg, parts: dict, num_samples: int, name: str) -> dict:
     """One-off FLOPs of a discard method: at each freeze point the training set goes once
     through the whole frozen prefix from raw images, twice for the flipped pass when channels
-    or tokens are stored, plus the ranking passes over the rank sample."""
-    m = method(name)
-    if m.kind != "discard":
+    or tokens are stored (:meth:`Config.stores_flips`), plus the ranking passes over the rank
+    sample."""
+    if method(name).kind != "discard":
         return {}
     extras = {}
     for k, p in enumerate(cfg.points, start=1):
         fwd = parts[p.block]["prefix_fwd"]
         extras[f"cache_build_p{k}"] = fwd * num_samples
-        if m.needs_ranking:
+        if cfg.stores_flips(name):
             extras[f"flipped_pass_p{k}"] = fwd * num_samples
             extras[f"rank_p{k}"] = 2 * fwd * min(cfg.rank.samples, num_samples)
     return extras

@@ -15,9 +15,10 @@ imported where it counts, so training never loads it; a missing or broken ptflop
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.abc
 import io
 import logging
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from freezecache.core.errors import FreezecacheError, first_line, optional
 from freezecache.models import split
@@ -50,9 +50,38 @@ _PTFLOPS_LEFTOVERS = (
 PTFLOPS_NEEDED_FOR = "the training stages and the plan count FLOPs with it (costs.json)"
 
 
+# Packages ptflops imports, if it can, only to map one layer type of each (torchvision's
+# DeformConv2d, timm's Attention): 2 s of every training stage's start-up on this CPU (torchvision
+# pulls torch._dynamo and sympy). A model holds such a layer only if its package is imported
+# already (building a timm model imports timm); :func:`_custom_hooks` maps both then.
+PTFLOPS_PROBES = ("torchvision", "timm")
+
+
+class _NotYetImported(importlib.abc.MetaPathFinder):
+    """Refuses to import ``names`` (packages not imported yet), as if they were not installed."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"{fullname}: not imported while ptflops loads")
+        return None
+
+
 def ptflops(submodule: str = "ptflops"):
-    """``ptflops`` (or one of its modules), or one line naming the package and what needs it."""
-    return optional(submodule, "ptflops", why=PTFLOPS_NEEDED_FOR)
+    """``ptflops`` (or one of its modules), or one line naming the package and what needs it.
+
+    It loads without the packages of :data:`PTFLOPS_PROBES` that are not imported yet."""
+    if submodule.partition(".")[0] in sys.modules:
+        return importlib.import_module(submodule)
+    blocked = {name for name in PTFLOPS_PROBES if name not in sys.modules}
+    finder = _NotYetImported(blocked)
+    sys.meta_path.insert(0, finder)
+    try:
+        return optional(submodule, "ptflops", why=PTFLOPS_NEEDED_FOR)
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def _sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
@@ -182,18 +211,28 @@ def _timm_attention_hook(module: nn.Module, inputs: tuple, output: torch.Tensor)
     module.__flops__ += sum(_linear_macs(m, batch * tokens) for m in linears)
 
 
-@functools.cache
 def _custom_hooks() -> dict:
-    """Module hooks ptflops lacks (imported on first use: timm and ptflops load torchvision,
-    a second of start-up that a stage which counts no FLOPs should not pay). Without a usable
-    timm there is no timm model to count, so no hook is needed."""
-    try:
-        from timm.layers import Attention as TimmAttention
-    except Exception as err:  # noqa: BLE001 (missing, or broken by its torchvision)
-        log.info("timm is not usable (%s): FLOPs are counted without its attention hook",
-                 first_line(err))  # fmt: skip
-        return {}
-    return {TimmAttention: _timm_attention_hook}
+    """Module hooks ptflops lacks or may not have mapped (:data:`PTFLOPS_PROBES`): timm's
+    Attention and torchvision's DeformConv2d, each only when its package is imported already
+    (a model holding one imported it; importing them costs every stage 2 s of start-up)."""
+    hooks = {}
+    if "timm" in sys.modules:
+        try:
+            from timm.layers import Attention as TimmAttention
+        except Exception as err:  # noqa: BLE001 (broken by its torchvision)
+            log.info("timm is not usable (%s): FLOPs are counted without its attention hook",
+                     first_line(err))  # fmt: skip
+        else:
+            hooks[TimmAttention] = _timm_attention_hook
+    if "torchvision" in sys.modules:
+        try:
+            from torchvision.ops import DeformConv2d
+        except Exception:  # noqa: BLE001, S110 (no usable torchvision: no such layer either)
+            pass
+        else:
+            ops = ptflops("ptflops.pytorch_ops")
+            hooks[DeformConv2d] = ops.deformable_conv_flops_counter_hook
+    return hooks
 
 
 @contextlib.contextmanager
@@ -257,8 +296,13 @@ def _cpu_flash_sdpa_backward_flops(
     return 2 * _cpu_flash_sdpa_flops(q_shape, k_shape, v_shape)
 
 
-def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` that also counts the CPU flash-attention kernels."""
+def flop_counter():
+    """A silent ``FlopCounterMode`` that also counts the CPU flash-attention kernels.
+
+    Imported here, not with the module: torch's flop counter loads triton (~0.1 s of every
+    stage process's start-up), and only the trade-offs stage and the benchmarks use it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     aten = torch.ops.aten
     custom = {
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops,

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -28,62 +31,10 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def _kernel():
-    import numba
+    """The compiled kernel (:mod:`freezecache.cache.fused_kernel`; imports numba)."""
+    from freezecache.cache import fused_kernel
 
-    @numba.njit(cache=True, nogil=True, inline="always")
-    def row(src, base, stride, width, step, lo, mirror, dx, w_n, bank, nb, scale, out_row):
-        """One output row: dequantised codes of source row ``base`` (mirrored for a flipped
-        sample), shifted by the crop's ``dx`` with zeros outside, plus noise."""
-        w_lo = max(0, -dx)
-        w_hi = min(w_n, w_n - dx)
-        for w in range(w_n):
-            v = np.float32(0.0)
-            if w_lo <= w < w_hi:
-                ws = w + dx
-                p = base + ((w_n - 1 - ws) if mirror else ws)
-                if width == 1:
-                    q = np.int32(src[p])
-                else:
-                    q = np.int32(0)
-                    for j in range(width):
-                        q |= np.int32(src[p + j * stride]) << (8 * j)
-                v = np.float32(q) * step + lo
-            if scale != 0:
-                v = v + scale * bank[nb + w]
-            out_row[w] = v
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def decode_augment(
-        buf, at, stride, width, lo, step,  # the features' codes (see packed.gather)
-        e_buf, e_at, e_stride, e_width, e_lo, e_step, slot,  # stored channels; slot[c]: k or -1
-        flip, crop, pad, noise_at, bank, scale, out,  # draws (augment.Draws) and the output
-    ):  # fmt: skip
-        b_n, c_n, h_n, w_n = out.shape
-        hw = h_n * w_n
-        for b in numba.prange(b_n):
-            dy = crop[b, 0] - pad
-            dx = crop[b, 1] - pad
-            flipped = flip[b]
-            for c in range(c_n):
-                k = slot[c] if flipped else -1
-                for h in range(h_n):
-                    hs = h + dy
-                    nb = noise_at[b] + c * hw + h * w_n
-                    if not 0 <= hs < h_n:  # the crop's zero padding: noise only
-                        for w in range(w_n):
-                            out[b, c, h, w] = (
-                                np.float32(0.0) + scale * bank[nb + w] if scale != 0 else 0.0
-                            )
-                    elif k >= 0:  # the stored F(flip(x)) channel, already flipped
-                        base = e_at[b] + (k * h_n + hs) * w_n
-                        row(e_buf, base, e_stride[b], e_width[b], e_step[k], e_lo[b, k], False,
-                            dx, w_n, bank, nb, scale, out[b, c, h])  # fmt: skip
-                    else:
-                        base = at[b] + (c * h_n + hs) * w_n
-                        row(buf, base, stride[b], width[b], step[c], lo[b, c], flipped,
-                            dx, w_n, bank, nb, scale, out[b, c, h])  # fmt: skip
-
-    return decode_augment
+    return fused_kernel.decode_augment
 
 
 @functools.cache
@@ -134,3 +85,46 @@ def decode_augment(
         flip, crop, pad, noise_at, values, np.float32(scale if use_noise else 0.0), out,
     )  # fmt: skip
     return out
+
+
+def _first_use() -> tuple[float, bool]:
+    """A small batch through the fused pass, in this process: the seconds from numba's import
+    to the result, and whether the kernel was compiled here (not found in numba's disk cache)."""
+    import torch
+
+    from freezecache.cache import packed
+    from freezecache.codecs.registry import make_codec
+    from freezecache.training.augment import FeatureAug, NoiseBank
+
+    shape = (4, 6, 6)
+    x = torch.rand((8, *shape), generator=torch.Generator().manual_seed(0)).numpy()
+    codec = make_codec("quant", 0.05)
+    blobs = [codec.encode(x[i : i + 1]) for i in range(len(x))]
+    batch = packed.pack(codec, blobs, [1] * len(x), shape, shape[0])
+    aug = FeatureAug("standard", flip_p=0.5, crop_pad=1, noise_scale=0.1)
+    g = torch.Generator().manual_seed(0)
+    bank = NoiseBank(int(np.prod(shape)), g)
+    draws = aug.draw(len(x), g, bank, int(np.prod(shape)))
+    step = packed.steps(codec, shape)
+    start = time.perf_counter()
+    available()
+    decode_augment(batch, None, shape, step, None, None, draws, 1, bank.values.numpy(), 0.1)
+    return time.perf_counter() - start, sum(_kernel().stats.cache_misses.values()) > 0
+
+
+def first_use_seconds() -> float:
+    """What a new process pays for its first fused pass: numba's import and the kernel loaded
+    from numba's disk cache (measured in a new process; one that had to compile the kernel
+    first, and cache it, is measured again)."""
+    cmd = [sys.executable, "-m", "freezecache.cache.fused"]
+    for _ in range(2):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        seconds, how = done.stdout.split()[-2:]
+        if how == "loaded":
+            break
+    return float(seconds)
+
+
+if __name__ == "__main__":  # what first_use_seconds runs: "<seconds> loaded|compiled"
+    took, compiled = _first_use()
+    print(f"{took:.4f} {'compiled' if compiled else 'loaded'}")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from freezecache.core.choices import CODECS, CODINGS
 from freezecache.core.errors import FreezecacheError
-from freezecache.core.methods import BASELINES, DISCARD
+from freezecache.core.methods import BASELINES, DISCARD, method
 from freezecache.core.yamlio import load_yaml
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -320,6 +320,14 @@ class Config(Section):
     def auto(self) -> bool:
         """Whether the first freeze point is decided by training (``auto``)."""
         return bool(self.points) and self.points[0].auto
+
+    def stores_flips(self, name: str) -> bool:
+        """Whether method ``name`` ranks and stores flipped views (channels or tokens) at its
+        freeze points: it repairs flips (Discard & Aug.) and its feature augmentation flips at
+        all (``train.flip_p`` > 0). A stored view is read only for a flipped sample, so with
+        nothing flipped the method ranks nothing, runs no flipped pass and stores nothing: its
+        cache holds what Discard's does and it trains as Discard does."""
+        return method(name).needs_ranking and self.train.flip_p > 0
 
 
 def parse_config(raw: object, source: str = "params.yaml", repo: Path | None = None) -> Config:

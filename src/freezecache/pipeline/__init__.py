@@ -244,7 +244,8 @@ STAGES: dict[str, Stage] = {
             "cache",
             matrix=("seed", "method.discard", "p"),
             deps=(CHECKED, METHOD_VIEW, DATA, START, DECISION),
-            params=("model", "runtime", "rank", "cache", "train.precision"),
+            # train.flip_p: whether flipped views are ranked and stored (Config.stores_flips)
+            params=("model", "runtime", "rank", "cache", "train.precision", "train.flip_p"),
             outs={
                 "cache": Out(CACHE),
                 "ranking": Out(POINT + "/ranking.json"),

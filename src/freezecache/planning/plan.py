@@ -25,7 +25,7 @@ from freezecache.core.disk import free_bytes
 from freezecache.core.errors import FreezecacheError
 from freezecache.core.methods import method
 from freezecache.models import split
-from freezecache.planning.plan_time import predict
+from freezecache.planning.plan_time import Overheads, overheads, predict, schedule_time
 from freezecache.reporting.labels import label
 from freezecache.training import augment
 
@@ -45,14 +45,16 @@ def _extra(spec: CacheSpec, flipped: torch.Tensor):
     return None, None
 
 
-def candidates(ctx, model: nn.Module) -> list[dict]:
-    """One row per block position: shape, bytes per sample, cache size, suffix FLOPs share."""
+def candidates(ctx, model: nn.Module, over: Overheads | None = None) -> list[dict]:
+    """One row per block position: shape, bytes per sample, cache size, suffix FLOPs share,
+    and the predicted time (``over``: what every stage process pays, :func:`time_overheads`)."""
     cfg = ctx.cfg
     x, y = next(iter(ctx.train.batches(min(SAMPLE, len(ctx.train)))))
+    over = over or time_overheads(ctx, model)
     meta = ctx.meta
     input_shape = (meta["channels"], meta["img_size"], meta["img_size"])
     points = {p.block: i for i, p in enumerate(cfg.points, start=1) if p.block != AUTO}
-    ranked = any(method(m).needs_ranking for m in cfg.methods.discard)
+    ranked = any(cfg.stores_flips(m) for m in cfg.methods.discard)
     n = len(ctx.train)
     rows = []
     for pos in range(1, model.num_blocks):
@@ -103,16 +105,22 @@ def candidates(ctx, model: nn.Module) -> list[dict]:
                     lambda r, pos=pos: CacheSpec.at(cfg, model, pos, points.get(pos, 1), r),
                     x,
                     y,
+                    over,
                 ),  # fmt: skip
             }
         )
     return rows
 
 
+def time_overheads(ctx, model: nn.Module) -> Overheads:
+    """What every stage process pays on this machine (plan_time.py)."""
+    return overheads(ctx, model, lambda name: method_costs(ctx, model, name, []))
+
+
 def _need(cfg: Config, row: dict) -> int:
     """The bytes one freeze point at ``row``'s block caches over every seed and discard method."""
     return sum(
-        len(cfg.seeds) * row["cache_bytes_with_extra" if method(m).needs_ranking else "cache_bytes"]
+        len(cfg.seeds) * row["cache_bytes_with_extra" if cfg.stores_flips(m) else "cache_bytes"]
         for m in cfg.methods.discard
     )
 
@@ -130,7 +138,7 @@ def allowed_blocks(cfg: Config, rows: list[dict], need: int, files: int, free: i
         fits = (need + _need(cfg, row)) * MARGIN + files * (H5_OVERHEAD - H5_HEADERS) <= free
         even = {}
         for m in cfg.methods.discard:
-            ranks = method(m).needs_ranking and cfg.rank.gamma + cfg.rank.alpha > 0
+            ranks = cfg.stores_flips(m) and cfg.rank.gamma + cfg.rank.alpha > 0
             passes = 2 if ranks else 1  # the build's forward passes (with F(flip(x)))
             rank_share = 2 * min(cfg.rank.samples, row["train_samples"]) / row["train_samples"]
             even[m] = passes + (rank_share if ranks else 0.0)  # one-off over saved, per epoch
@@ -180,6 +188,8 @@ def make_plan(ctx, model: nn.Module) -> dict:
         "caches_bytes": need,
         "free_bytes": free,
         "allowed": allowed_blocks(cfg, rows, need, files, free),
+        # the configured schedule's predicted time (every point's stages; None while auto)
+        "schedule_time": schedule_time(cfg, {r["block"]: r["time"] for r in rows}),
     }
     if cfg.auto and not any(r["fits"] for r in plan["allowed"]["blocks"].values()):
         raise FreezecacheError(
@@ -196,19 +206,21 @@ def make_plan(ctx, model: nn.Module) -> dict:
 
 
 def _time_table(plan: dict) -> list[str]:
-    """Predicted seconds per epoch after a freeze at each block and each discard method's
-    break-even against FreezeOut (plan_time.py)."""
+    """Predicted seconds per epoch and once per method after a freeze at each block, each
+    discard method's break-even against FreezeOut, and what a stage process pays (plan_time.py)."""
     names = list(plan["blocks"][0].get("time", {}).get("epoch_s", {})) if plan["blocks"] else []
     if not names:
         return []
-    head = ["Block", "FreezeOut epoch (s)"]
+    head = ["Block", "FreezeOut epoch (s)", "one-off (s)"]
     for name in names:
         head += [f"{label(name)} epoch (s)", "one-off (s)", "break-even (epochs)"]
     lines = ["", "Predicted time (a few timed steps on this machine, before any training):", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in plan["blocks"]:
         t = r["time"]
-        cells = [str(r["block"]), f"{t['freezeout_epoch_s']:.2f}"]
+        fo_once = t["one_off_s"].get("freezeout")
+        cells = [str(r["block"]), f"{t['freezeout_epoch_s']:.2f}",
+                 "–" if fo_once is None else f"{fo_once:.1f}"]  # fmt: skip
         for name in names:
             be = t["break_even_epochs"][name]
             cells += [f"{t['epoch_s'][name]:.2f}", f"{t['one_off_s'][name]:.1f}",
@@ -217,9 +229,45 @@ def _time_table(plan: dict) -> list[str]:
     lines += [
         "",
         "Break-even: epochs after the freeze point from which the method's run is done sooner "
-        "than FreezeOut's (its one-off seconds: a cache stage's start-up and build, the "
-        "validation features; over the seconds it saves per epoch).",
+        "than FreezeOut's (its one-off seconds beyond FreezeOut's over the seconds it saves per "
+        "epoch). One-off: every stage process of the method after the shared run, as measured "
+        "here before any training: its start-up, setup, checkpoints, accounting and test; a "
+        "discard method's cache stage (a second process, the prefix's forward over the training "
+        "set, the cache written), its loader over the whole cache, the validation features and "
+        "the decode path's first use.",
     ]
+    lines += _overheads_lines(plan)
+    return lines
+
+
+def _overheads_lines(plan: dict) -> list[str]:
+    """What every stage process pays here, and each method's predicted time at the schedule's
+    first point for the configured epochs."""
+    rows = {r["block"]: r["time"] for r in plan["blocks"]}
+    first = next(iter(rows.values()))
+    o = first.get("overheads")
+    if o is None:
+        return []
+    starts = ", ".join(f"{k} {v:.2f} s" for k, v in o["startup_s"].items())
+    lines = [
+        "",
+        f"Measured once: a stage process's start-up ({starts}); its setup {o['setup_s']:.2f} s; "
+        f"a checkpoint {o['save_s']:.3f} s; the accounting "
+        + ", ".join(f"{label(k)} {v:.2f} s" for k, v in o["accounting_s"].items())
+        + f"; the cache's decode path's first use in a process {o['warmup_s']:.2f} s.",
+    ]
+    sched = plan.get("schedule_time")
+    if sched and sched.get("method_s"):
+        total = ", ".join(f"{label(k)} {v:.1f} s" for k, v in sched["method_s"].items())
+        even = ", ".join(
+            f"{label(k)} {'never' if v is None else f'{v:.1f}'}"
+            for k, v in sched["break_even_epochs"].items()
+        )
+        lines += [
+            "",
+            f"The configured schedule (blocks {sched['blocks']}), {sched['epochs_after']} epochs "
+            f"after its first point: {total} after the shared run; break-even (epochs) {even}.",
+        ]
     return lines
 
 

@@ -75,7 +75,11 @@ def _time_lines(methods: dict, points: list[dict], epochs: int, plan: dict | Non
 
 
 def _predicted(plan: dict | None, block: int) -> dict:
-    """The plan's predicted break-even per discard method at ``block``."""
+    """The plan's predicted break-even per discard method: for the configured schedule (every
+    point), else for a single freeze at ``block``."""
+    sched = (plan or {}).get("schedule_time")
+    if sched:
+        return sched.get("break_even_epochs", {})
     for row in (plan or {}).get("blocks", []):
         if row["block"] == block:
             return row.get("time", {}).get("break_even_epochs", {})
@@ -260,4 +264,18 @@ def render_markdown(report: dict, plan: dict | None = None) -> str:
             f"{c['max_abs_error']:.2e} | {c['compress_mb_s']:.0f} | {c['stored_channels']} |"
         )
     lines += ["", "Compression ratio = stored bytes ÷ fp32 bytes (lower is better)."]
+    lines += _no_flip_lines(report["cache"])
     return "\n".join(lines) + "\n"
+
+
+def _no_flip_lines(caches: list[dict]) -> list[str]:
+    """Says so when a flip-repairing method stored nothing: with train.flip_p 0 its cache is
+    Discard's, and it ranks nothing and runs no flipped pass (Config.stores_flips)."""
+    names = sorted({c["method"] for c in caches if not c.get("stores_flips", True)})
+    discard = label("discard")
+    return [
+        f"\n{label(m)} stores no flipped channels or tokens here: `train.flip_p` is 0, so no "
+        "sample is flipped and a stored view would never be read. Its cache is "
+        f"{discard}'s (no ranking, no flipped pass) and it trains as {discard} does."
+        for m in names
+    ]

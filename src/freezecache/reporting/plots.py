@@ -26,6 +26,9 @@ VL_CONVERT_NEEDED_FOR = (
 # `make bench`'s epoch breakdown as a long table (setting, part, seconds), in the results folder
 # beside bench.json (benchmarks/bench_cache.py writes it).
 BENCH_BREAKDOWN = "bench_breakdown.csv"
+# `make bench-scale`'s wall time per method and training-set size, measured and predicted
+# (benchmarks/bench_scale.py writes it, with bench_scale.json, .md and .svg beside it).
+BENCH_SCALE = "bench_scale.csv"
 
 
 def _report(role: str) -> str:
@@ -58,6 +61,10 @@ class Chart:
 
 REPRO = "the report stage (`dvc repro`)"
 LEAD = (
+    Chart("wall_time_vs_training_set", "${paths.results}/" + BENCH_SCALE, "train_size", "wall_s",
+          "scale", "Wall time after the shared run against the training-set size (dashed: the "
+          "plan's prediction)", "training images", "wall time after the shared run (s)",
+          "`make bench-scale`"),
     Chart("test_accuracy_vs_wall_time", _report("summary"), "wall_time_s", "test_acc",
           "errorbars", "Test accuracy against wall time (mean and std over seeds)",
           "wall time of the method's stages, shared prefix included (s)", "test accuracy (%)",

@@ -253,6 +253,8 @@ def _cache_rows(cfg: Config) -> list[dict]:
                     "compress_mb_s": statistics.fmean(r["encode_mb_s"] for r in rows),
                     "stored_mb": statistics.fmean(r["stored_bytes"] for r in rows) / 1e6,
                     "stored_channels": rows[0].get("stored_channels", 0),
+                    # False: a flip-repairing method that stored nothing (nothing is flipped)
+                    "stores_flips": rows[0].get("stores_flips", True),
                 }
             )
     return out

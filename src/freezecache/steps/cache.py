@@ -24,7 +24,6 @@ from freezecache.cache.build import BUILD_BATCH, Ranking, frozen_pairs, write_ca
 from freezecache.config import Config
 from freezecache.core import interrupts, runtime
 from freezecache.core.io import atomic_write_json
-from freezecache.core.methods import method
 from freezecache.core.timing import stage_timings
 from freezecache.models import split
 from freezecache.steps.context import Context
@@ -77,8 +76,9 @@ def _cache_point(params: Config, seed: int, name: str, i: int) -> dict:
     ctx = Context(cfg, seed, "cache", params=params, method=name, p=point)
     t0 = time.perf_counter()
     model, _ = frozen_model(ctx, point)
-    m = method(name)
-    spec = CacheSpec.at(cfg, model, block, index, m.needs_ranking)
+    # Flipped views are ranked and stored only when something is flipped (Config.stores_flips)
+    flips = cfg.stores_flips(name)
+    spec = CacheSpec.at(cfg, model, block, index, flips)
     prefix, _ = split(model, block)
     r = cfg.rank
     built = write_cache(
@@ -90,7 +90,7 @@ def _cache_point(params: Config, seed: int, name: str, i: int) -> dict:
         # identity of the build's inputs: a killed build resumes from its spool only when it matches
         resume_key=stage_key(ctx),
         spool_root=checkpoint_dir(ctx),
-        ranking=Ranking(r.samples, r.batch_size) if m.needs_ranking else None,
+        ranking=Ranking(r.samples, r.batch_size) if flips else None,
         meta={
             "method": name,
             "point": index,
@@ -116,6 +116,7 @@ def _cache_point(params: Config, seed: int, name: str, i: int) -> dict:
         stage_wall_s=runtime.process_seconds(),
         peak_rss_mb=runtime.peak_rss_mb(),
         stored_channels=len(built.channels or ()),
+        stores_flips=flips,
         timings=stage_timings(ctx.startup_s),
     )
     with interrupts.deferred():  # the stage's other files: all of them, or (before) none

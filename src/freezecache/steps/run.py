@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import statistics
 from pathlib import Path
 
 from torch import nn
@@ -126,12 +127,15 @@ class Run:
 
     def timings(self) -> dict:
         """Where this stage's process spent its time: start-up (interpreter and imports), the
-        epochs it trained, and the stage's coarse sections (validation, accounting, test)."""
+        epochs it trained (their sum, and the median: an epoch without the first one's warm-up),
+        and the stage's coarse sections (validation, accounting, test)."""
         rows = [r for r in self.state.history if r["epoch"] > self.first_epoch]
+        times = [r["epoch_time_s"] for r in rows if "epoch_time_s" in r]
         return {
             **stage_timings(self.ctx.startup_s),
             "epochs": len(rows),
-            "train_s": round(sum(r.get("epoch_time_s", 0.0) for r in rows), 4),
+            "train_s": round(sum(times), 4),
+            "epoch_median_s": round(statistics.median(times), 4) if times else 0.0,
         }
 
 

@@ -224,6 +224,7 @@ README_SECTIONS = {
     "plan": "results/plan.md",
     "sweep": "results/codec_sweep.md",
     "bench": "results/bench.md",
+    "scale": "results/bench_scale.md",
     "scaling": "results/bench_scaling.md",
     "gpu": "results/gpu/gpu_check.md",
 }
