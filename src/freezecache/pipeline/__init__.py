@@ -12,9 +12,8 @@ others). DVC cannot refer to the previous item of a matrix, so the slots are ren
 point: changing the number of points re-renders dvc.yaml; their blocks and epochs come from
 params.yaml.
 
-Code deps are derived from each stage script's imports
-(:func:`freezecache.tooling.render.code_deps`),
-so editing a module reruns exactly the stages that import it. Every stage reads this module for
+Code deps are derived from each stage script's imports (:mod:`freezecache.pipeline.deps`), so
+editing a module reruns exactly the stages that import it. Every stage reads this module for
 its output paths; the rendering lives in :mod:`freezecache.tooling.render`, the plots in
 :mod:`freezecache.reporting.plots`, so neither is a dep of any stage.
 """
@@ -146,6 +145,8 @@ STAGES: dict[str, Stage] = {
                 "allowed": Out(ALLOWED),
                 "json": Out("{paths.results}/plan.json", cache=False),
                 "md": Out("{paths.results}/plan.md", cache=False),
+                # where the two above came from (freezecache.reporting.provenance)
+                "provenance": Out("{paths.results}/plan.provenance.json", cache=False),
             },
         ),
         # The whole model up to the first freeze point, which it decides when the schedule
@@ -212,6 +213,7 @@ STAGES: dict[str, Stage] = {
                 "curves": Out("{paths.results}/curves.csv", cache=False),
                 "memory": Out("{paths.results}/memory.csv", cache=False),
                 "cache": Out("{paths.results}/cache.csv", cache=False),
+                "provenance": Out("{paths.results}/report.provenance.json", cache=False),
             },
         ),
     )

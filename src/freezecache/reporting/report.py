@@ -322,9 +322,13 @@ def write_report(cfg: Config) -> dict:
     return report
 
 
-def update_readme(sources: dict[str, Path], target: Path) -> None:
-    """Replaces each generated README section (between its markers) with its source file."""
+def update_readme(
+    sources: dict[str, Path], target: Path, notes: dict[str, str] | None = None
+) -> None:
+    """Replaces each generated README section (between its markers) with its source file, after
+    its line of ``notes`` when it has one (its provenance, a stale mark)."""
     text = target.read_text()
+    notes = notes or {}
     for name, source in sources.items():
         begin, end = (README_MARK.format(name=name, edge=e) for e in ("start", "end"))
         if begin not in text or end not in text:
@@ -335,6 +339,8 @@ def update_readme(sources: dict[str, Path], target: Path) -> None:
             else f"_Not measured in this revision: `{source}` is missing (its `make` target "
             "writes it; then `make readme`)._\n"
         )
+        if notes.get(name):
+            body = f"{notes[name]}\n\n{body}"
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{body}{end}{tail}"
