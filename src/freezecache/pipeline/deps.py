@@ -10,6 +10,7 @@ lazy imports included. Only the standard library and the stage declarations are 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -35,6 +36,14 @@ def _module_file(name: str, src: Path) -> Path | None:
 def _imports(file: Path, src: Path) -> set[str]:
     """Project modules ``file`` imports anywhere (lazy imports in functions included), plus
     modules named in strings such as a registry's ``"freezecache.models.vit:deit_tiny"``."""
+    stat = file.stat()
+    return _imports_of(file, src, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports_of(file: Path, src: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    """:func:`_imports` of one version of a file (``results status`` asks about every file
+    again for each result: parsed once)."""
     tree = ast.parse(file.read_text(), str(file))
     found: set[str] = set()
     package = (
@@ -59,7 +68,7 @@ def _imports(file: Path, src: Path) -> set[str]:
                 for i in range(1, len(parts) + 1):  # a.b.c imports a and a.b too
                     if _module_file(".".join(parts[:i]), src):
                         found.add(".".join(parts[:i]))
-    return found
+    return frozenset(found)
 
 
 def _siblings(file: Path) -> set[Path]:

@@ -386,9 +386,9 @@ def clone(root: Path, profile: str) -> Path:
         if not dst.is_file() or dst.read_bytes() != src.read_bytes():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    for f in _git(dest, "ls-files", "-z").split("\0"):
-        if f and not f.startswith(GENERATED) and f not in ours:  # deleted here
-            (dest / f).unlink(missing_ok=True)
+    for f in _listed(dest):
+        if not f.startswith(GENERATED) and f not in ours:  # deleted here
+            (dest / f).unlink()
     cache = (root / ".dvc" / "cache").resolve()
     (dest / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache}\n")
     _run(f"freezecache profile {shlex.quote(profile)}", dest)
