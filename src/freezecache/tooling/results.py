@@ -84,6 +84,9 @@ class Job:
 
 
 _PIPELINE = ("freezecache pipeline", "dvc repro")
+# What a benchmark reads of the profile's runs, made first (restored from DVC's cache when
+# current): the starting weights, or the shared run up to the first freeze point.
+_WEIGHTS, _PREFIX = "dvc repro pretrain", "dvc repro train_prefix@0"
 _SCHEDULES = "3@1,6@2 3@1 3@1,5@2 2@1,5@2 3@2,6@4"
 JOBS = {
     j.name: j
@@ -93,7 +96,11 @@ JOBS = {
         Job("timm", _PIPELINE, workspace="timm_regnet"),
         Job("flips", ("python benchmarks/flip_symmetry.py --out results/flip_symmetry.md",)),
         Job("bench-coding", ("python benchmarks/bench_coding.py --out results/bench_coding.json",)),
-        Job("bench", ("python benchmarks/bench_cache.py",), after=("default", "bench-coding")),
+        Job(
+            "bench",
+            (_PREFIX, "python benchmarks/bench_cache.py"),
+            after=("default", "bench-coding"),
+        ),  # fmt: skip
         Job(
             "bench-scaling",
             ("python benchmarks/bench_scaling.py --json results/bench_scaling.json",),
@@ -103,6 +110,7 @@ JOBS = {
         Job(
             "schedule-search",
             (
+                _WEIGHTS,
                 "python benchmarks/schedule_search.py --out "
                 "results/schedule_search.md "
                 + " ".join(f"--schedule {s}" for s in _SCHEDULES.split()),
@@ -112,24 +120,27 @@ JOBS = {
         Job(
             "recipe-search",
             (
-                "python benchmarks/recipe_search.py --params configs/default.yaml "
-                "--out results/recipe_search --work {work}",
+                _WEIGHTS,
+                "python benchmarks/recipe_search.py --params "
+                "configs/default.yaml --out results/recipe_search --work {work}",
             ),
             after=("default",),
         ),  # fmt: skip
         Job(
             "adaptive",
             (
-                "python benchmarks/adaptive_search.py --params configs/default.yaml "
-                "--out results/adaptive --work {work}",
+                _WEIGHTS,
+                "python benchmarks/adaptive_search.py --params "
+                "configs/default.yaml --out results/adaptive --work {work}",
             ),
             after=("default",),
         ),  # fmt: skip
         Job(
             "adaptive-scratch",
             (
-                "python benchmarks/adaptive_search.py --params params.yaml "
-                "--out results/scratch/adaptive --work {work}",
+                _WEIGHTS,
+                "python benchmarks/adaptive_search.py --params "
+                "params.yaml --out results/scratch/adaptive --work {work}",
             ),
             workspace="scratch",
             after=("scratch",),
