@@ -242,10 +242,10 @@ def results_run(
 ) -> None:
     """Regenerate every stale result, in dependency order, a progress line per job with its
     expected duration (`make results`). Rerun after a kill: it continues where it stopped."""
-    from freezecache.tooling import results as res
+    from freezecache.tooling.remake import run_stale
 
     with stage_free():
-        ran = res.run_stale(names=_known(name), dry_run=dry_run)
+        ran = run_stale(names=_known(name), dry_run=dry_run)
         print(f"{ran} job(s) to run" if dry_run else f"{ran} job(s) ran; what they made is current")
 
 
