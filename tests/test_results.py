@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, project_copy, run
+from conftest import ROOT, project_copy, run, smoke_copy
 from freezecache.core.errors import FreezecacheError
 from freezecache.pipeline import STAGES
 from freezecache.pipeline.deps import PROVENANCE_CODE, pipeline_code, pipeline_params, upstream
@@ -242,3 +242,25 @@ def test_the_default_job_refuses_an_edited_params_yaml(tmp_path, edited):
             remake._check_default(repo)
     else:
         remake._check_default(repo)
+
+
+@pytest.mark.slow
+def test_a_job_runs_in_a_clone_and_brings_its_result_back(smoke_run, tmp_path, monkeypatch):
+    """`make results` for a profile other than this checkout's: the smoke plan in its clone,
+    restored from the DVC run cache the clone shares; the result and its provenance come back,
+    current, and nothing here changes but them."""
+    repo = smoke_copy(smoke_run, tmp_path / "repo")
+    job = res.Job("smoke", ("dvc repro plan",), workspace="smoke")
+    result = res.Result("smoke-plan", "smoke", "smoke", stage="plan")
+    monkeypatch.setitem(res.JOBS, "smoke", job)
+    monkeypatch.setattr(res, "RESULTS", {"smoke-plan": result})
+    monkeypatch.setattr(remake, "RESULTS", res.RESULTS)
+    side = result.sidecar(repo)
+    side.unlink()  # as if it had never been made here
+    params = (repo / "params.yaml").read_bytes()
+    remake.run_job(job, repo)
+    assert res.state_of(result, repo).state == "current"
+    assert prov.read(side)["profile"] == "smoke"
+    assert (repo / "params.yaml").read_bytes() == params
+    changed = run(["git", "status", "--short"], repo).stdout.split("\n")
+    assert [line for line in changed if line] == [], changed  # the same bytes came back

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from freezecache.core.errors import FreezecacheError
+from freezecache.core.io import read_json
 from freezecache.pipeline.deps import ROOT
 from freezecache.reporting import provenance as prov
 from freezecache.tooling.results import JOBS, RESULTS, Job, Result, state_of, status
@@ -33,13 +34,18 @@ GENERATED = ("runs/", "results/", "data/prepared", "data/cache", "dvc.lock", ".c
 
 
 def expected_s(job: Job, root: Path = ROOT) -> float | None:
-    """How long ``job`` took last time: the longest of its results' recorded durations."""
-    took = [
-        rec["duration_s"]
-        for r in RESULTS.values()
-        if r.job == job.name and (rec := prov.read(r.sidecar(root))) and rec.get("duration_s")
-    ]
-    return max(took) if took else None
+    """How long ``job`` took last time: the longest of its results' recorded durations (a report
+    made before provenance was recorded: the seconds of the stages it sums)."""
+    took = []
+    for r in RESULTS.values():
+        if r.job != job.name:
+            continue
+        rec = prov.read(r.sidecar(root))
+        if rec is not None:
+            took.append(rec.get("duration_s") or 0.0)
+        elif r.stage == "report" and r.output("json", root).is_file():
+            took.append(read_json(r.output("json", root)).get("stage_seconds") or 0.0)
+    return max(took) if any(took) else None
 
 
 def order(names: list[str]) -> list[Job]:
@@ -192,7 +198,7 @@ def run_stale(root: Path = ROOT, names: list[str] | None = None, dry_run: bool =
     for s in states:
         if s.stale and s.result.needs:
             print(f"skipped {s.result.name} ({s.state}): needs {s.result.needs}")
-    jobs = [j for j in order(sorted(stale_jobs)) if j.name in stale_jobs]
+    jobs = [j for j in order([n for n in JOBS if n in stale_jobs]) if j.name in stale_jobs]
     for i, job in enumerate(jobs, 1):
         made = ", ".join(r.name for r in RESULTS.values() if r.job == job.name)
         expected = _minutes(expected_s(job, root))

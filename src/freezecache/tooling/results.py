@@ -34,11 +34,15 @@ class Result:
         """Its provenance file (a pipeline result's is its stage's ``provenance`` output)."""
         if self.stage is None:
             return prov.sidecar(root / self.main)
+        return self.output("provenance", root)
+
+    def output(self, role: str, root: Path = ROOT) -> Path:
+        """A pipeline result's output ``role`` under its profile's paths."""
         from freezecache.config import load_config
         from freezecache.pipeline import STAGES
 
         cfg = load_config(root / prov.PROFILES / f"{self.profile}.yaml")
-        return root / STAGES[self.stage].path("provenance", cfg)
+        return root / STAGES[self.stage].path(role, cfg)
 
     def code(self, root: Path = ROOT) -> list[str]:
         """The files of code it depends on, as they are imported today."""
