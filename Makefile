@@ -6,7 +6,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro scratch plan sweep bench bench-scale plots readme doctor gpu-check test test-fast lint clean
+.PHONY: setup repro scratch plan sweep bench bench-scale results results-status plots readme \
+	doctor gpu-check test test-fast lint clean
 
 # The exact versions of constraints.txt (pyproject.toml declares only compatible ranges).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -24,9 +25,10 @@ setup: $(VENV)/.installed
 repro: setup
 	freezecache pipeline && dvc repro
 
-## scratch: the from-scratch profile (results in results/scratch/), then back to the default
+## scratch: the from-scratch profile (results in results/scratch/), when they are stale; it runs
+## in its own clone (.results/scratch), so params.yaml here stays as it is
 scratch: setup
-	freezecache profile scratch && dvc repro; status=$$?; freezecache profile default; exit $$status
+	freezecache results run scratch scratch-plan
 
 ## plan: cache size and savings per candidate freeze block (results/plan.md)
 plan: setup
@@ -45,6 +47,15 @@ bench: setup
 ## sizes, one seed, with the plan's prediction (results/bench_scale.*; about 30 minutes)
 bench-scale: setup
 	$(PY) benchmarks/bench_scale.py
+
+## results: regenerate every stale result in dependency order (resumable: rerun after a kill),
+## then the README's sections; `make results-status` says what is stale and why
+results: setup
+	freezecache results run
+	freezecache readme
+
+results-status: setup
+	freezecache results status
 
 ## plots: `dvc plots show` as HTML that works offline (results/plots/index.html)
 plots: setup
@@ -75,4 +86,4 @@ lint: setup
 	$(PY) -m ruff check src stages tests benchmarks
 
 clean:
-	rm -rf runs data/prepared data/cache .ckpt results/plots
+	rm -rf runs data/prepared data/cache .ckpt results/plots .results

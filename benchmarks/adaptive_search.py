@@ -48,6 +48,7 @@ from freezecache.pipeline import STAGES, method_runs
 from freezecache.planning.plan import make_plan
 from freezecache.steps.baselines import train_prefix
 from freezecache.steps.context import Context
+from freezecache.tooling.results import stamp
 from freezecache.training.decide import allowed_from, replay
 
 log = logging.getLogger("adaptive_search")
@@ -403,6 +404,7 @@ def main(
 
     svg = out.parent / f"{out.name}_criterion.svg"
     atomic_write_text(svg, vl_convert.vegalite_to_svg(plot_spec(res)))
+    stamp(__file__, [out.with_suffix(".md"), out.with_suffix(".json"), svg], params)
     print(render_markdown(res))
 
 

@@ -56,6 +56,7 @@ from freezecache.reporting.plots import BENCH_BREAKDOWN
 from freezecache.steps.cache import BUILD_BATCH, cache_point, feature_pairs, frozen_model
 from freezecache.steps.context import Context
 from freezecache.steps.prepare import prepare
+from freezecache.tooling.results import stamp
 from freezecache.training.train import RunState, Trainer
 
 log = logging.getLogger("bench")
@@ -536,6 +537,8 @@ def main(
         svg = bench.svg(_epochs.stacked_bar_spec(results["p1_p2"]["breakdown"]))
         if svg is not None:
             atomic_write_text(out / "bench_epochs.svg", svg)
+        written = [out / n for n in ("bench.md", "bench.json", BENCH_BREAKDOWN, "bench_epochs.svg")]
+        stamp(__file__, [f for f in written if f.is_file()], params)
         print(markdown)
         print(f"wrote bench.json, bench.md and {BENCH_BREAKDOWN} in {out}")
 

@@ -45,6 +45,7 @@ from freezecache.cache.reader import CacheDataset  # noqa: E402
 from freezecache.codecs import rans  # noqa: E402
 from freezecache.codecs.quant import QuantCodec  # noqa: E402
 from freezecache.codecs.registry import make_codec  # noqa: E402
+from freezecache.tooling.results import stamp  # noqa: E402
 
 log = logging.getLogger("bench_coding")
 MB = 1e6
@@ -302,6 +303,7 @@ def main(
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine, "samples": samples, "points": results}
     out.write_text(json.dumps(payload, indent=1))
+    stamp(__file__, [out])
     print(f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
           f"wrote {out}")  # fmt: skip
 

@@ -177,6 +177,9 @@ def main(
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown(result))
+        from freezecache.tooling.results import stamp
+
+        stamp(__file__, [out.with_suffix(".md"), out], ROOT / "configs/smoke.yaml")
         print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

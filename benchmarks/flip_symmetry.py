@@ -17,6 +17,7 @@ import numpy as np
 import typer
 
 from freezecache.data import load_source
+from freezecache.tooling.results import stamp
 
 
 def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,6 +77,7 @@ def main(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
+        stamp(__file__, [out])
 
 
 if __name__ == "__main__":

@@ -612,6 +612,21 @@ def _earlier(path: Path, skip: set[str]) -> dict[str, Result]:
     return out
 
 
+def _stamp(out: Path, seconds: float, argv: list[str] | None) -> None:
+    """The provenance of gpu_check.md and .json (freezecache.tooling.results.stamp), in a fresh
+    interpreter: the steps imported the library from the scratch copies, since removed."""
+    code = ("import sys; from pathlib import Path; from freezecache.tooling.results import stamp; "
+            "o = Path(sys.argv[1]); stamp(sys.argv[2], [o / 'gpu_check.md', o / 'gpu_check.json'], "
+            "Path('params.yaml'), duration_s=float(sys.argv[3]), command=sys.argv[4])")  # fmt: skip
+    command = shlex.join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None
+                                                                 else argv)])  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    args = [sys.executable, "-c", code, str(out), __file__, str(seconds), command]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        print(f"[gpu-check] no provenance written: {done.stderr.strip()[-300:]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu")
@@ -651,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "gpu_check.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     (out / "gpu_check.md").write_text(markdown(results, c.machine, total, out))
+    _stamp(out, total, argv)
     failed = [r.name for r in results if r.status == "failed"]
     print(f"[gpu-check] {total:.0f} s; {'failed: ' + ', '.join(failed) if failed else 'ok'}; "
           f"wrote {out / 'gpu_check.json'} and gpu_check.md")  # fmt: skip

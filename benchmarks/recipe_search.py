@@ -32,6 +32,7 @@ import _runs
 from freezecache.config import load_config
 from freezecache.core.io import atomic_write_json, atomic_write_text
 from freezecache.reporting.labels import label
+from freezecache.tooling.results import stamp
 
 log = logging.getLogger("recipe_search")
 
@@ -139,6 +140,7 @@ def main(
         res = search(params, root)
     atomic_write_json(out.with_suffix(".json"), json.loads(json.dumps(res)))
     atomic_write_text(out.with_suffix(".md"), render_markdown(res))
+    stamp(__file__, [out.with_suffix(".md"), out.with_suffix(".json")], params)
     print(render_markdown(res))
 
 

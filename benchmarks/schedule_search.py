@@ -22,6 +22,7 @@ from freezecache.config import parse_config
 from freezecache.core.yamlio import load_yaml
 from freezecache.steps.context import Context
 from freezecache.steps.run import image_spec
+from freezecache.tooling.results import stamp
 from freezecache.training.schedule import phases
 from freezecache.training.train import Trainer
 
@@ -75,6 +76,7 @@ def main(
         print(lines[-1], flush=True)
     if out is not None:
         out.write_text("\n".join(lines) + "\n")
+        stamp(__file__, [out], params)
 
 
 if __name__ == "__main__":

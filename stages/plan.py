@@ -10,12 +10,14 @@ from pathlib import Path
 import typer
 
 from freezecache.pipeline.guard import Params, stage
+from freezecache.reporting.provenance import record_stage
 from freezecache.steps.plan import plan
 
 
 def main(params: Params = Path("params.yaml")) -> None:
     with stage(params) as cfg:
         print(plan(cfg))
+        record_stage("plan", cfg, params)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,50 @@ def project_copy(dest: Path) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    return dest
+
+
+def timed_repro(repo: Path, *args: str) -> tuple[str, dict[str, float]]:
+    """``dvc repro`` (and ``args``) in ``repo``: its output, and the seconds each stage it ran
+    took (from its 'Running stage' line to the next one, or to the end)."""
+    proc = subprocess.Popen(
+        ["dvc", "repro", *args], cwd=repo, env=env_with_venv(repo / "src"), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lines, starts = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Running stage '"):
+            starts.append((line.split("'")[1], time.monotonic()))
+    code = proc.wait()
+    out = "".join(lines)
+    if code != 0:
+        raise AssertionError(f"dvc repro failed ({code}):\n{out[-4000:]}")
+    ends = [t for _, t in starts[1:]] + [time.monotonic()]
+    return out, {name: end - t for (name, t), end in zip(starts, ends, strict=True)}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The smoke profile run once by ``dvc repro`` in a fresh git repository and committed: the
+    finished run the slow tests share (each stage kind once, not once per test). Never change
+    it (not even by a DVC command that writes, like ``dvc repro``): take a :func:`smoke_copy`.
+    Returns (repo, the repro's output, seconds per stage)."""
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (make setup installs it)")
+    repo = project_copy(tmp_path_factory.mktemp("smoke") / "repo")
+    run("git init -q && git config user.email ci@example.com && git config user.name ci", repo)
+    run(["freezecache", "profile", "smoke"], repo)
+    run("git add -A && git commit -qm smoke", repo)
+    out, seconds = timed_repro(repo)
+    run("git add -A && git commit -qm ran", repo)
+    return repo, out, seconds
+
+
+def smoke_copy(smoke_run, dest: Path) -> Path:
+    """A writable copy of the finished smoke run (its git history, DVC cache and run cache
+    included: a stage whose inputs an edit leaves alone is restored, not rerun)."""
+    shutil.copytree(smoke_run[0], dest, symlinks=True)
     return dest
 
 

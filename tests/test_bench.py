@@ -19,6 +19,7 @@ from freezecache.cache.format import Layout, open_cache
 from freezecache.cache.writer import Build, CacheWriter
 from freezecache.codecs.registry import make_codec
 from freezecache.core.yamlio import dump_yaml
+from freezecache.reporting import provenance as prov
 from freezecache.steps import suffix
 
 SIZE, TRAIN, VAL, TEST = 12, 96, 32, 40
@@ -115,6 +116,10 @@ def bench_out(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)  # the bench set the config's threads process-wide
     results = root / "results"
+    made = prov.read(prov.sidecar(results / "bench.md"))  # where it came from
+    assert set(made["files"]) >= {str(results / n) for n in ("bench.md", "bench.json",
+                                                              "bench_breakdown.csv")}  # fmt: skip
+    assert "benchmarks/bench_cache.py" in made["code"] and made["params_digest"]
     markdown = (results / "bench.md").read_text()
     with open(results / "bench_breakdown.csv", newline="") as f:
         breakdown = list(csv.DictReader(f))

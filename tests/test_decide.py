@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_profile, needs_fashion, project_copy, run
+from conftest import load_profile, needs_fashion, run, smoke_copy
 from freezecache.config import Criterion, FreezePoint, parse_config
 from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.tooling import render
@@ -278,10 +278,8 @@ def test_a_killed_decision_resumes_and_decides_the_same(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @needs_fashion
-def test_dvc_exp_run_with_auto_points_runs_the_same_stages(tmp_path):
-    repo = project_copy(tmp_path / "repo")
-    run("git init -q && git config user.email ci@example.com && git config user.name ci", repo)
-    run(["freezecache", "profile", "smoke"], repo)
+def test_dvc_exp_run_with_auto_points_runs_the_same_stages(smoke_run, tmp_path):
+    repo = smoke_copy(smoke_run, tmp_path / "repo")  # prepare and pretrain are reused
     params = load_yaml(repo / "params.yaml")
     params["freeze"]["points"] = [{"block": 2, "epoch": 1}]
     (repo / "params.yaml").write_text(dump_yaml(params))

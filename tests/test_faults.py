@@ -13,14 +13,16 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import env_with_venv, needs_fashion, project_copy, run
+from conftest import env_with_venv, needs_fashion, run
 from freezecache.core.io import tensors_digest
 from freezecache.core.yamlio import dump_yaml
+from freezecache.reporting.provenance import SUFFIX as PROVENANCE
 from freezecache.training.train import RunState
 from state_bytes import flip, tensor_spans
 
@@ -65,21 +67,19 @@ def _fingerprint(repo: Path) -> dict:
     for f in sorted(
         [*repo.joinpath("runs").rglob("*.json"), *repo.joinpath("results").rglob("*.json")]
     ):
-        out[str(f.relative_to(repo))] = _strip(json.loads(f.read_text()))
+        if not f.name.endswith(PROVENANCE):  # when and where a result was made: not a result
+            out[str(f.relative_to(repo))] = _strip(json.loads(f.read_text()))
     for f in sorted(repo.joinpath("data/prepared").glob("*.npz")):
         out[str(f.relative_to(repo))] = f.read_bytes()
     return out
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The smoke pipeline run once, uninterrupted, with its outputs' fingerprint."""
-    repo = project_copy(tmp_path_factory.mktemp("faults") / "ref")
-    run("git init -q && git config user.email ci@example.com && git config user.name ci", repo)
-    run(["freezecache", "profile", "smoke"], repo)
-    run("git add -A && git commit -qm smoke", repo)
-    run(["dvc", "repro"], repo)
-    return repo, _fingerprint(repo)
+def reference(smoke_run):
+    """The smoke pipeline run once, uninterrupted (shared), its outputs' fingerprint and each
+    stage's seconds."""
+    repo, _, seconds = smoke_run
+    return repo, _fingerprint(repo), seconds
 
 
 def _copy(repo: Path, dest: Path) -> Path:
@@ -87,30 +87,38 @@ def _copy(repo: Path, dest: Path) -> Path:
     return dest
 
 
-def _stage_seconds(repo: Path, target: str) -> float:
-    """How long a forced rerun of one stage takes here (to place the kill inside it)."""
-    start = time.time()
-    run(["dvc", "repro", "--force", "--single-item", target], repo)
-    return time.time() - start
+def _started(proc: subprocess.Popen) -> threading.Event:
+    """Set once DVC says it runs the stage (its output read to the end meanwhile, so a full
+    pipe never stalls the stage)."""
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.startswith("Running stage '"):
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return started
 
 
 @pytest.mark.slow
 @needs_fashion
 @pytest.mark.parametrize("target", KINDS)
 def test_sigkill_at_a_random_point_then_repro_gives_the_same_outputs(reference, tmp_path, target):
-    repo, expected = reference
+    repo, expected, seconds = reference
     work = _copy(repo, tmp_path / "work")
-    seconds = _stage_seconds(work, target)
     rng = random.Random(f"{target}-kill")
-    delay = rng.uniform(0.2, 0.9) * seconds
+    delay = rng.uniform(0.2, 0.9) * seconds[target]  # into the stage, as long as it took there
     proc = subprocess.Popen(
         ["dvc", "repro", "--force", "--single-item", target],
         cwd=work,
         env=env_with_venv(work / "src"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,  # its own process group: dvc and the stage it runs
     )
+    assert _started(proc).wait(timeout=300), f"{target} never started"
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -125,7 +133,7 @@ def test_sigkill_at_a_random_point_then_repro_gives_the_same_outputs(reference, 
 @pytest.mark.slow
 @needs_fashion
 def test_a_corrupt_cache_is_refused_in_one_line_before_training(reference, tmp_path):
-    repo, _ = reference
+    repo, _, _ = reference
     work = _copy(repo, tmp_path / "work")
     cache = work / "data/cache/s0/discard/p0.h5"
     cache.chmod(0o644)
@@ -153,7 +161,7 @@ def _can_mount() -> bool:
 @needs_fashion
 @pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs")
 def test_a_full_disk_stops_the_cache_stage_in_one_line_and_a_rerun_succeeds(reference, tmp_path):
-    repo, expected = reference
+    repo, expected, _ = reference
     work = _copy(repo, tmp_path / "work")
     small = work / "data/cache"
     shutil.rmtree(small)

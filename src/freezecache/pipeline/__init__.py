@@ -18,9 +18,8 @@ and the criterion, a method its own points, the trade-offs the last point) it de
 on a small file the ``check`` stage writes for it (:func:`schedule_views`): moving a block
 reruns what reads blocks, not the shared run or Normal.
 
-Code deps are derived from each stage script's imports
-(:func:`freezecache.tooling.render.code_deps`),
-so editing a module reruns exactly the stages that import it. Every stage reads this module for
+Code deps are derived from each stage script's imports (:mod:`freezecache.pipeline.deps`), so
+editing a module reruns exactly the stages that import it. Every stage reads this module for
 its output paths; the rendering lives in :mod:`freezecache.tooling.render`, the plots in
 :mod:`freezecache.reporting.plots`, so neither is a dep of any stage.
 """
@@ -218,6 +217,8 @@ STAGES: dict[str, Stage] = {
                 "allowed": Out(ALLOWED),
                 "json": Out("{paths.results}/plan.json", cache=False),
                 "md": Out("{paths.results}/plan.md", cache=False),
+                # where the two above came from (freezecache.reporting.provenance)
+                "provenance": Out("{paths.results}/plan.provenance.json", cache=False),
             },
         ),
         # The whole model up to the first freeze point, which it decides when the schedule
@@ -292,6 +293,7 @@ STAGES: dict[str, Stage] = {
                 "curves": Out("{paths.results}/curves.csv", cache=False),
                 "memory": Out("{paths.results}/memory.csv", cache=False),
                 "cache": Out("{paths.results}/cache.csv", cache=False),
+                "provenance": Out("{paths.results}/report.provenance.json", cache=False),
             },
         ),
     )

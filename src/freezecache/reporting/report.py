@@ -382,10 +382,14 @@ def foreign_run(record: dict, cfg: Config) -> list[str]:
     ]
 
 
-def update_readme(sources: dict[str, Path | str], target: Path) -> None:
+def update_readme(
+    sources: dict[str, Path | str], target: Path, notes: dict[str, str] | None = None
+) -> None:
     """Replaces each generated README section (between its markers) with its source file, or
-    with the text given (a section generated from the code, such as the API reference)."""
+    with the text given (a section generated from the code, such as the API reference), after
+    its line of ``notes`` when it has one (its provenance, a stale mark)."""
     text = target.read_text()
+    notes = notes or {}
     for name, source in sources.items():
         begin, end = (README_MARK.format(name=name, edge=e) for e in ("start", "end"))
         if begin not in text or end not in text:
@@ -398,6 +402,8 @@ def update_readme(sources: dict[str, Path | str], target: Path) -> None:
             else f"_Not measured in this revision: `{source}` is missing (its `make` target "
             "writes it; then `make readme`)._\n"
         )
+        if notes.get(name):
+            body = f"{notes[name]}\n\n{body}"
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{body}{end}{tail}"

@@ -133,6 +133,7 @@ def sweep(
     """Run the current params over a grid of codecs and tolerances (queued DVC experiments)
     and write results/codec_sweep.{csv,json,md,svg}."""
     from freezecache.tooling import sweep as sw
+    from freezecache.tooling.results import stamp
 
     with stage_free():
         grid = sw.entries(only)
@@ -140,7 +141,11 @@ def sweep(
             print("queued: " + ", ".join(sw.queue(grid)))
             sw.run_queue()
         rows = sw.collect(grid)
-        sw.write(rows, results)
+        written = sw.write(rows, results)
+        if collect_only:  # runs made earlier, by code this command cannot vouch for
+            print("no provenance written (--collect): `make sweep` records it")
+        else:
+            stamp(sw.__file__, written, Path("params.yaml"))
         print(sw.render_markdown(rows))
 
 
@@ -236,16 +241,18 @@ SECTION_PROFILES = {"results": "default", "plan": "default", "scratch": "scratch
 
 @app.command()
 def readme(target: Path = typer.Option(Path("README.md"))) -> None:
-    """Regenerate the README's generated sections from the results/ files (refused when a
+    """Regenerate the README's generated sections from the results/ files, each with one line of
+    its provenance (and marked stale when `freezecache results status` says so; refused when a
     profile's section would show another profile's run), and its API reference from the public
     names' docstrings."""
     from freezecache.reporting.report import update_readme
     from freezecache.tooling.api_doc import reference
+    from freezecache.tooling.results import readme_notes
 
     with stage_free():
         _refuse_foreign_results()
         sources = {k: Path(v) for k, v in README_SECTIONS.items()}
-        update_readme({**sources, "api": reference()}, target)
+        update_readme({**sources, "api": reference()}, target, notes=readme_notes(sources))
         print(f"{target}: sections updated from " + ", ".join(README_SECTIONS.values())
               + " and the API reference from the docstrings")  # fmt: skip
 
@@ -274,6 +281,51 @@ def _refuse_foreign_results() -> None:
             )
     if problems:
         raise FreezecacheError("\n".join(problems))
+
+
+results_app = typer.Typer(no_args_is_help=True, help="Where each committed result came from.")
+app.add_typer(results_app, name="results")
+
+
+@results_app.command("status")
+def results_status(
+    name: list[str] = typer.Argument(None, help="results to check (default: every one)"),
+) -> None:
+    """Every committed result: current, or stale with what changed since it was made (params,
+    code, the profile file), one line each. Exit status 1 when any is stale."""
+    from freezecache.tooling import results as res
+
+    with stage_free():
+        states = res.status(names=_known(name))
+        print("\n".join(res.status_lines(states)))
+    if any(s.stale for s in states):
+        raise typer.Exit(1)
+
+
+@results_app.command("run")
+def results_run(
+    name: list[str] = typer.Argument(None, help="results to regenerate (default: every one)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only say what would run, in order"),
+) -> None:
+    """Regenerate every stale result, in dependency order, a progress line per job with its
+    expected duration (`make results`). Rerun after a kill: it continues where it stopped."""
+    from freezecache.tooling.remake import run_stale
+
+    with stage_free():
+        ran = run_stale(names=_known(name), dry_run=dry_run)
+        print(f"{ran} job(s) to run" if dry_run else f"{ran} job(s) ran; what they made is current")
+
+
+def _known(names: list[str] | None) -> list[str] | None:
+    from freezecache.core.errors import FreezecacheError
+    from freezecache.tooling.results import RESULTS
+
+    unknown = [n for n in names or [] if n not in RESULTS]
+    if unknown:
+        raise FreezecacheError(
+            f"no result {', '.join(unknown)} — choose among: {', '.join(RESULTS)}"
+        )
+    return names or None
 
 
 if __name__ == "__main__":

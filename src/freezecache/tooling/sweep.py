@@ -262,8 +262,9 @@ def plot_spec(rows: list[dict]) -> dict:
     }
 
 
-def write(rows: list[dict], results: Path) -> None:
-    """results/codec_sweep.csv, .json, .md and .svg (the plot)."""
+def write(rows: list[dict], results: Path) -> list[Path]:
+    """results/codec_sweep.csv, .json, .md and .svg (the plot); returns the files written, the
+    Markdown first."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -271,10 +272,12 @@ def write(rows: list[dict], results: Path) -> None:
     atomic_write_text(results / "codec_sweep.csv", buf.getvalue())
     atomic_write_json(results / "codec_sweep.json", rows)
     atomic_write_text(results / "codec_sweep.md", render_markdown(rows))
+    written = [results / f"codec_sweep.{x}" for x in ("md", "csv", "json")]
     try:  # the plot is the one part that needs vl-convert: the tables are written anyway
         vl_convert = optional("vl_convert", "vl-convert-python", why=VL_CONVERT_NEEDED_FOR)
     except FreezecacheError as err:
         log.warning("no codec_sweep.svg: %s", err)
-        return
+        return written
     svg = vl_convert.vegalite_to_svg(plot_spec(rows))
     atomic_write_text(results / "codec_sweep.svg", svg)
+    return [*written, results / "codec_sweep.svg"]
