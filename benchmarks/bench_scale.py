@@ -343,6 +343,9 @@ def main(
         seed = cfg.seeds[0] if seed is None else seed
         result = run(cfg, wanted, seed, workdir)
         written = write(result, out or Path(cfg.paths.results))
+        from freezecache.tooling.results import stamp
+
+        stamp(__file__, [written[1], written[0], *written[2:]], params)  # .md names the record
         print(markdown(result))
         print("wrote " + ", ".join(map(str, written)))
 
