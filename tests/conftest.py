@@ -177,3 +177,24 @@ def broken(monkeypatch):
         monkeypatch.setattr(sys, "meta_path", [_Refuse(names, error), *sys.meta_path])
 
     return make
+
+
+def experiment_runs(shown) -> list[tuple[dict, dict]]:
+    """(params.yaml's params, results/metrics.json's metrics) of every run in `dvc exp show
+    --json` that has metrics, in the order shown (baseline and experiments alike)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            params = node.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = node.get("metrics", {}).get("results/metrics.json", {}).get("data", {})
+            if isinstance(params, dict) and params and "acc" in metrics:
+                found.append((params, metrics))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(shown)
+    return found

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_fashion, project_copy, run
+from conftest import experiment_runs, needs_fashion, project_copy, run
 from freezecache.core.yamlio import dump_yaml, load_yaml
 from test_readme import SMOKE, readme_commands
 
@@ -151,20 +151,9 @@ def test_a_sweep_entry_is_queued_run_and_collected(smoke):
 
 def _experiments(shown) -> dict[float, dict]:
     """cache.tolerance -> headline metrics, per experiment in `dvc exp show --json`."""
-    found = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            params = node.get("params", {}).get("params.yaml", {}).get("data", {})
-            metrics = node.get("metrics", {}).get("results/metrics.json", {}).get("data", {})
-            tol = params.get("cache", {}).get("tolerance") if isinstance(params, dict) else None
-            if tol is not None and "acc" in metrics:
-                found.setdefault(tol, metrics)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(shown)
+    found: dict[float, dict] = {}
+    for params, metrics in experiment_runs(shown):
+        tol = params.get("cache", {}).get("tolerance")
+        if tol is not None:
+            found.setdefault(tol, metrics)
     return found

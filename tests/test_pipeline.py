@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, load_profile, needs_fashion, run, smoke_copy
+from conftest import ROOT, experiment_runs, load_profile, needs_fashion, run, smoke_copy
 from freezecache.core.yamlio import dump_yaml, load_yaml
 from freezecache.pipeline import STAGES
 from freezecache.reporting import plots
@@ -264,20 +264,8 @@ def test_smoke_pipeline_in_a_fresh_git_repo(smoke_run, tmp_path):
 
 def _experiment_points(shown) -> dict[int, dict]:
     """Number of freeze points -> headline accuracies, per experiment in `dvc exp show`."""
-    found = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            params = node.get("params", {}).get("params.yaml", {}).get("data", {})
-            metrics = node.get("metrics", {}).get("results/metrics.json", {}).get("data", {})
-            points = params.get("freeze", {}).get("points") if isinstance(params, dict) else None
-            if points and "acc" in metrics:
-                found[len(points)] = metrics["acc"]
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(shown)
-    return found
+    return {
+        len(params["freeze"]["points"]): metrics["acc"]
+        for params, metrics in experiment_runs(shown)
+        if params.get("freeze", {}).get("points")
+    }
