@@ -9,6 +9,7 @@ training set. Savings use the same FLOPs and memory accounting as the training s
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from freezecache.models import split
 from freezecache.planning.plan_time import Overheads, overheads, predict, schedule_time
 from freezecache.reporting.labels import label
 from freezecache.training import augment
+from freezecache.training.decide import decided
 
 SAMPLE = 256  # samples measured per candidate block
 MARGIN = 1.10  # the caches must fit in the free disk space with 10% to spare
@@ -113,8 +115,14 @@ def candidates(ctx, model: nn.Module, over: Overheads | None = None) -> list[dic
 
 
 def time_overheads(ctx, model: nn.Module) -> Overheads:
-    """What every stage process pays on this machine (plan_time.py)."""
-    return overheads(ctx, model, lambda name: method_costs(ctx, model, name, []))
+    """What every stage process pays on this machine (plan_time.py). With an ``auto`` first
+    point the accounting is timed on a stand-in schedule (block 1 from epoch 1): what it costs
+    hardly depends on the block, which only the shared run decides."""
+    timed = ctx
+    if ctx.cfg.auto:
+        timed = copy.copy(ctx)
+        timed.cfg = decided(ctx.cfg, {"block": 1, "epoch": 1})
+    return overheads(ctx, model, lambda name: method_costs(timed, model, name, []))
 
 
 def _need(cfg: Config, row: dict) -> int:
