@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import experiment_runs, needs_fashion, project_copy, run
+from conftest import experiment_runs, needs_fashion, run, smoke_copy
 from freezecache.core.yamlio import dump_yaml, load_yaml
 from test_readme import SMOKE, readme_commands
 
@@ -27,14 +27,10 @@ UPSTREAM = {"prepare", "pretrain", "train_prefix@0"}
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    repo = project_copy(tmp_path_factory.mktemp("day") / "repo")
-    run("git init -q && git config user.email ci@example.com && git config user.name ci", repo)
-    run(["freezecache", "profile", "smoke"], repo)
-    run("git add -A && git commit -qm smoke", repo)
-    run(["dvc", "repro"], repo)
-    run("git add -A && git commit -qm ran", repo)
-    return repo
+def smoke(smoke_run, tmp_path_factory) -> Path:
+    """A copy of the session's finished smoke run (conftest.smoke_run), shared by this module's
+    tests: each leaves it as committed."""
+    return smoke_copy(smoke_run, tmp_path_factory.mktemp("day") / "repo")
 
 
 def _edit(repo: Path, key: str, value) -> None:
