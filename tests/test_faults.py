@@ -32,6 +32,7 @@ TIMING = {
     "wall_time_s", "build_s", "decode_s", "decode_mb_s", "encode_s", "encode_mb_s",
     "assemble_s", "resumed_samples", "timestamp", "compress_mb_s", "decompress_mb_s",
     "free_bytes", "step_time_s", "step_times_s", "time_ratio", "stage_seconds", "timings", "time",
+    "schedule_time",  # the plan's predicted seconds for the configured schedule
 }  # fmt: skip
 # One stage of each kind (matrix stages: one item), killed at a seeded random point.
 KINDS = [
