@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup repro scratch plan sweep bench bench-scale results results-status plots readme \
-	doctor gpu-check test test-fast lint clean
+	doctor gpu-check test test-all test-fast lint clean
 
 # The exact versions of constraints.txt (pyproject.toml declares only compatible ranges).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -75,8 +75,12 @@ PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out results/gpu
 
-## test: the whole test suite (the smoke pipeline included)
+## test: what CI runs: the fast tests and the slow tier on one shared smoke run (~45 min)
 test: setup
+	$(PY) -m pytest -q --durations=15 -m "not extended"
+
+## test-all: every test, those with a pipeline of their own too (~30 min more)
+test-all: setup
 	$(PY) -m pytest -q --durations=15
 
 test-fast: setup

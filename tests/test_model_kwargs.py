@@ -118,6 +118,7 @@ def test_the_readme_vit_passes_check_and_lists_its_blocks(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a ViT's whole pipeline of its own
 @needs_fashion
 def test_the_readme_vit_example_runs_on_the_smoke_profile(tmp_path):
     """The README's `dvc exp run -S` for a timm ViT, as printed, on the default data (smoke)."""

@@ -41,6 +41,7 @@ def _params(root) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the image folder's whole pipeline of its own
 def test_a_messy_folder_end_to_end_and_what_reruns_when_an_image_changes(tmp_path):
     root = make_messy_folder(tmp_path / "shapes")
     repo = project_copy(tmp_path / "repo")

@@ -39,7 +39,7 @@ EXP, RUN, SMOKE, NOT_RUN = "exp", "run", "smoke", "not run"
 # (pattern on one command, how, why); the first match decides.
 HOW: tuple[tuple[str, str, str], ...] = (
     (r"^dvc exp run .*(-S|--set-param)", EXP, "DVC's override code on the profile, then check "
-     "(test_model_kwargs.py runs the ViT line for real on the smoke profile, slow)"),
+     "(test_model_kwargs.py runs the ViT line for real on the smoke profile: make test-all)"),
     (r"^freezecache profile ", RUN, "in a project copy"),
     (r"^python -c .*make_messy_folder", RUN, "in a project copy: the folder appears"),
     (r"^freezecache blocks ", RUN, "builds the model (a comment's block count is compared)"),
@@ -51,7 +51,7 @@ HOW: tuple[tuple[str, str, str], ...] = (
      "included); test_pipeline.py runs the smoke profile's the same way (`dvc repro`)"),
     (r"^cat results/report\.md$", NOT_RUN, "prints the report a run wrote; "
      "test_own_images_pipeline.py asserts the class names and per-class accuracy in it"),
-    (r"^make test$", NOT_RUN, "slow: the whole suite, which is what CI runs"),
+    (r"^make test$", NOT_RUN, "slow: the suite CI runs (all but the extended tests)"),
     (r"^pip install ", NOT_RUN, "changes the environment it runs in (and needs the network)"),
     (r"^pip check$", NOT_RUN, "what it lists (and its exit status) is the environment's: it "
      "says what an environment lacks after the install without dependencies"),
