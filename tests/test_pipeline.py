@@ -31,7 +31,9 @@ def test_committed_dvc_yaml_is_rendered_from_the_declarations():
 
 def test_dvc_yaml_is_short_and_templated():
     text = (ROOT / "dvc.yaml").read_text()
-    assert len(text.splitlines()) <= 240  # code deps per module where a folder is not whole
+    # code deps per module where a folder is not whole (220 lines before the integrity and
+    # provenance modules; 260 after)
+    assert len(text.splitlines()) <= 280
     stages = yaml.safe_load(text)["stages"]
     assert stages["train_suffix"]["matrix"] == {
         "seed": "${seeds}",
