@@ -255,13 +255,14 @@ def test_pipeline_has_the_tradeoffs_stage_before_the_report():
     stage = stages["tradeoffs"]
     assert stage["cmd"] == "python stages/tradeoffs.py"
     assert "${paths.runs}/s${seeds[0]}/prefix/state.pt" in stage["deps"]
-    # every train key but the suffix's own (bn_recalibrate): tradeoffs times image training
+    # every train key but the suffix's own (bn_recalibrate): tradeoffs times image training;
+    # of the freeze section only the last point, through the view check writes for it
     assert stage["params"] == [
         "model",
         *(f"train.{k}" for k in Train.model_fields if k != "bn_recalibrate"),
         "runtime",
-        "freeze",
-    ]  # noqa: E501
+    ]
+    assert "${paths.runs}/schedule_views/tradeoffs.json" in stage["deps"]
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     assert outs == ["${paths.results}/tradeoffs.json", "${paths.results}/tradeoffs.md"]
     assert "${paths.results}/tradeoffs.json" in stages["report"]["deps"]
