@@ -53,6 +53,7 @@ def _points(*blocks):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a chain of its own per model (the smoke run covers resnet20's)
 @needs_fashion
 @pytest.mark.parametrize(
     "model,kwargs,blocks",
