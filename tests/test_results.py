@@ -246,9 +246,10 @@ def test_the_default_job_refuses_an_edited_params_yaml(tmp_path, edited):
 
 @pytest.mark.slow
 def test_a_job_runs_in_a_clone_and_brings_its_result_back(smoke_run, tmp_path, monkeypatch):
-    """`make results` for a profile other than this checkout's: the smoke plan in its clone,
-    restored from the DVC run cache the clone shares; the result and its provenance come back,
-    current, and nothing here changes but them."""
+    """`make results` for a profile other than this checkout's: the smoke plan in its clone
+    (which shares this checkout's DVC cache); the result and its provenance come back,
+    current, and nothing here changes but them (the plan's own files: the sidecar removed
+    below is one of the stage's outputs, so DVC runs it again and its timings are new)."""
     repo = smoke_copy(smoke_run, tmp_path / "repo")
     job = res.Job("smoke", ("dvc repro plan",), workspace="smoke")
     result = res.Result("smoke-plan", "smoke", "smoke", stage="plan")
@@ -263,4 +264,5 @@ def test_a_job_runs_in_a_clone_and_brings_its_result_back(smoke_run, tmp_path, m
     assert prov.read(side)["profile"] == "smoke"
     assert (repo / "params.yaml").read_bytes() == params
     changed = run(["git", "status", "--short"], repo).stdout.split("\n")
-    assert [line for line in changed if line] == [], changed  # the same bytes came back
+    plan = {"results/plan.json", "results/plan.md", "results/plan.provenance.json"}
+    assert {line[3:] for line in changed if line} <= plan, changed
