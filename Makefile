@@ -75,7 +75,7 @@ PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out results/gpu
 
-## test: what CI runs: the fast tests and the slow tier on one shared smoke run (~45 min)
+## test: what CI runs: the fast tests and the slow tier on one shared smoke run (~1 h on 2 cores)
 test: setup
 	$(PY) -m pytest -q --durations=15 -m "not extended"
 
