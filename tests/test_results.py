@@ -140,6 +140,8 @@ def _status(repo: Path) -> tuple[int, dict[str, str]]:
 def test_status_in_a_copy_follows_the_code_and_the_profiles(tmp_path):
     repo = project_copy(tmp_path / "repo")
     shutil.copytree(ROOT / "results", repo / "results", dirs_exist_ok=True)
+    for made in (repo / "results").rglob(f"*{prov.SUFFIX}"):  # start from none recorded
+        made.unlink()
     assert _states(repo)["report"] == "unknown"  # no provenance: counted as stale
     stamped = _stamp_everything(repo)
     assert {"report", "plan", "scratch", "timm", "bench", "sweep", "flips"} <= set(stamped)
