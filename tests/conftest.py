@@ -198,3 +198,16 @@ def experiment_runs(shown) -> list[tuple[dict, dict]]:
 
     walk(shown)
     return found
+
+
+def edit_params(repo: Path, key: str, value) -> None:
+    """Sets dotted ``key`` of ``repo``'s params.yaml to ``value`` (written as DVC writes it)."""
+    from freezecache.core.yamlio import dump_yaml, load_yaml
+
+    raw = load_yaml(repo / "params.yaml")
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    (repo / "params.yaml").write_text(dump_yaml(raw))

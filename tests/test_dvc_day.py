@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import experiment_runs, needs_fashion, run, smoke_copy
-from freezecache.core.yamlio import dump_yaml, load_yaml
+from conftest import edit_params, experiment_runs, needs_fashion, run, smoke_copy
 from test_readme import SMOKE, readme_commands
 
 pytestmark = [pytest.mark.slow, needs_fashion]
@@ -31,16 +30,6 @@ def smoke(smoke_run, tmp_path_factory) -> Path:
     """A copy of the session's finished smoke run (conftest.smoke_run), shared by this module's
     tests: each leaves it as committed."""
     return smoke_copy(smoke_run, tmp_path_factory.mktemp("day") / "repo")
-
-
-def _edit(repo: Path, key: str, value) -> None:
-    raw = load_yaml(repo / "params.yaml")
-    node = raw
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    (repo / "params.yaml").write_text(dump_yaml(raw))
 
 
 def _status(repo: Path) -> dict:
@@ -66,7 +55,7 @@ def _stale_after_check(repo: Path) -> set[str]:
 
 
 def test_moving_a_block_reruns_what_reads_blocks_not_the_shared_run_or_normal(smoke):
-    _edit(smoke, "freeze.points", [{"block": 3, "epoch": 1}, {"block": 5, "epoch": 2}])
+    edit_params(smoke, "freeze.points", [{"block": 3, "epoch": 1}, {"block": 5, "epoch": 2}])
     stale = _stale_after_check(smoke)
     # FreezeOut, every cache and suffix (the discard method's schedule), the plan (its savings)
     # and the report rerun; the last point did not move, so the trade-offs measure the same
@@ -76,7 +65,7 @@ def test_moving_a_block_reruns_what_reads_blocks_not_the_shared_run_or_normal(sm
 
 
 def test_a_tolerance_edit_reruns_only_what_reads_the_cache_params(smoke):
-    _edit(smoke, "cache.tolerance", 0.05)
+    edit_params(smoke, "cache.tolerance", 0.05)
     stale = _stale_after_check(smoke)
     caches = {s for s in DISCARD if s.startswith("cache@")}
     # the plan sizes caches at the tolerance; the suffix stages follow their caches' new files
@@ -94,7 +83,7 @@ def test_a_tolerance_edit_reruns_only_what_reads_the_cache_params(smoke):
 )
 def test_bad_params_stop_at_check_and_delete_nothing(smoke, key, value, said):
     before = _outputs(smoke)
-    _edit(smoke, key, value)
+    edit_params(smoke, key, value)
     done = run(["dvc", "repro"], smoke, check=False)
     told = done.stdout + done.stderr
     assert done.returncode != 0 and said in told and "Traceback" not in told, told

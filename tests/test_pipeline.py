@@ -12,8 +12,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, experiment_runs, load_profile, needs_fashion, run, smoke_copy
-from freezecache.core.yamlio import dump_yaml, load_yaml
+from conftest import (
+    ROOT,
+    edit_params,
+    experiment_runs,
+    load_profile,
+    needs_fashion,
+    run,
+    smoke_copy,
+)
+from freezecache.core.yamlio import load_yaml
 from freezecache.pipeline import STAGES
 from freezecache.reporting import plots
 from freezecache.reporting import provenance as prov
@@ -129,16 +137,6 @@ def _status_stages(repo) -> set[str]:
     return set(json.loads(out or "{}"))
 
 
-def _edit(repo, key: str, value) -> None:
-    raw = load_yaml(repo / "params.yaml")
-    node = raw
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    (repo / "params.yaml").write_text(dump_yaml(raw))
-
-
 def _points(*pairs) -> list[dict]:
     return [{"block": b, "epoch": e} for b, e in pairs]
 
@@ -207,11 +205,11 @@ def test_smoke_pipeline_in_a_fresh_git_repo(smoke_run, tmp_path):
     run("git checkout -q src", repo)
 
     # one param reruns only what reads it
-    _edit(repo, "cache.tolerance", 0.05)
+    edit_params(repo, "cache.tolerance", 0.05)
     stale = _status_stages(repo)
     assert stale and all(re.match(r"(check|plan|cache@|report)", s) for s in stale), stale
     run("git checkout -q params.yaml", repo)
-    _edit(repo, "augment.noise_std", 0.1)
+    edit_params(repo, "augment.noise_std", 0.1)
     stale = _status_stages(repo)
     # the plan times an augmented batch (its break-even prediction); what it allows is unchanged,
     # so nothing between it and the suffix stages reruns
@@ -222,7 +220,7 @@ def test_smoke_pipeline_in_a_fresh_git_repo(smoke_run, tmp_path):
 
     # bad params stop the run before any output is deleted
     before = sorted(p.relative_to(repo) for p in (repo / "runs").rglob("*") if p.is_file())
-    _edit(repo, "train.epochs", -1)
+    edit_params(repo, "train.epochs", -1)
     done = run(["dvc", "repro"], repo, check=False)
     assert done.returncode != 0 and "train.epochs" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr + done.stdout
@@ -236,9 +234,9 @@ def test_smoke_pipeline_in_a_fresh_git_repo(smoke_run, tmp_path):
     run("git checkout -q params.yaml", repo)
 
     # three freeze points: one line of ours says to render first; then plain `dvc repro`
-    _edit(repo, "train.epochs", 4)
-    _edit(repo, "freeze.points", _points((2, 1), (4, 2), (6, 3)))
-    _edit(repo, "cache.tolerance", 0.1)
+    edit_params(repo, "train.epochs", 4)
+    edit_params(repo, "freeze.points", _points((2, 1), (4, 2), (6, 3)))
+    edit_params(repo, "cache.tolerance", 0.1)
     done = run(["dvc", "repro"], repo, check=False)
     said = done.stdout + done.stderr
     assert done.returncode != 0 and "run `freezecache pipeline`" in said, said
