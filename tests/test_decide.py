@@ -245,6 +245,7 @@ def test_an_auto_run_decides_the_deepest_allowed_block_and_the_chain_follows(tmp
 
 @pytest.mark.slow
 @needs_fashion
+@pytest.mark.extended  # the resume of a training stage: test_faults.py (CI)
 def test_a_killed_decision_resumes_and_decides_the_same(tmp_path, monkeypatch):
     """Nothing ready (a threshold no change is below): the decision comes at epoch_max = 3; the
     run killed during epoch 2 resumes from its checkpoint and measures and decides the same."""
@@ -278,6 +279,7 @@ def test_a_killed_decision_resumes_and_decides_the_same(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @needs_fashion
+@pytest.mark.extended  # a pipeline of its own; CI runs the auto chain once, above
 def test_dvc_exp_run_with_auto_points_runs_the_same_stages(smoke_run, tmp_path):
     repo = smoke_copy(smoke_run, tmp_path / "repo")  # prepare and pretrain are reused
     params = load_yaml(repo / "params.yaml")

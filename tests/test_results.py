@@ -247,6 +247,7 @@ def test_the_default_job_refuses_an_edited_params_yaml(tmp_path, edited):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a pipeline of its own in a clone
 def test_a_job_runs_in_a_clone_and_brings_its_result_back(smoke_run, tmp_path, monkeypatch):
     """`make results` for a profile other than this checkout's: the smoke plan in its clone
     (which shares this checkout's DVC cache); the result and its provenance come back,

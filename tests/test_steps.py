@@ -339,8 +339,11 @@ def test_pretrain_stage_feeds_the_main_run_with_a_new_head(tmp_path):
 @pytest.mark.slow
 @needs_fashion
 @pytest.mark.parametrize(
-    "cache", [{}, {"relative": True, "tolerance": 0.25, "coding": "rans"}], ids=["abs", "rel-rans"]
-)
+    "cache",
+    [{}, pytest.param({"relative": True, "tolerance": 0.25, "coding": "rans"},
+                      marks=pytest.mark.extended)],  # the same estimator, other inputs
+    ids=["abs", "rel-rans"],
+)  # fmt: skip
 def test_the_plan_predicts_the_cache_sizes_within_ten_percent(tmp_path, cache):
     """The plan measures with the starting weights, so this fine-tunes them barely (a tiny
     learning rate) and checks the estimator itself: layout, extras, HDF5 overhead. How far

@@ -90,6 +90,7 @@ def _tsv(path) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 @needs_fashion
+@pytest.mark.extended  # the stages' resume: test_faults.py (CI)
 def test_resume_after_kill_gives_identical_metrics(tmp_path):
     cmd = ["python", str(ROOT / "stages/train_prefix.py"), "--seed", "0"]
     whole = _resume_project(tmp_path, "whole")
