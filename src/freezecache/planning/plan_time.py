@@ -42,19 +42,29 @@ from freezecache.training import rank
 from freezecache.training.train import RunState, Trainer, set_frozen
 
 REPEATS = 3  # timed repeats per measurement (the median), after one untimed
+ROUNDS = 7  # rounds of the per-epoch steps, taken in turn (the median of each)
 
 
 def _seconds(fn, device: torch.device) -> float:
     """Median seconds of ``fn()`` over :data:`REPEATS` runs after a warm-up."""
-    times = []
-    for i in range(REPEATS + 1):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _interleaved({"fn": fn}, device, REPEATS)["fn"]
+
+
+def _interleaved(fns: dict, device: torch.device, rounds: int = ROUNDS) -> dict[str, float]:
+    """Median seconds of each ``fns[k]()`` over ``rounds`` rounds after a warm-up round, every
+    round running each once in turn: a slow spell of the machine (other load, a shared core)
+    then falls on all of them alike, not on one, so their differences -- what a break-even
+    divides by -- keep their sign."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(rounds + 1):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @dataclass(frozen=True)
@@ -232,19 +242,34 @@ def predict(ctx, model: nn.Module, pos: int, spec_of, x, y, over: Overheads) -> 
     m.train()
     prefix.eval()
     xb, yb = x[:batch], y[:batch]
+    v = min(t.eval_batch_size, len(x))  # an evaluation batch, or every sample measured
     with torch.no_grad(), runtime.autocast(t.precision, device):
         many = prefix(x).float()  # the features of every sample measured: two cache sizes
-        feats = many[:batch]
-        fwd = _seconds(lambda: prefix(xb), device)
-        val_full = _seconds(lambda: m(x[: t.eval_batch_size]), device)
-        val_rest = _seconds(lambda: suffix(prefix(x[: t.eval_batch_size])), device) - fwd
+    feats = many[:batch]
     frozen = _frozen_forward(prefix, suffix)
-    fo_step = _seconds(lambda: trainer.step(opt, frozen, xb, yb, t.lr), device)
-    rest_step = _seconds(lambda: trainer.step(opt, suffix, feats, yb, t.lr), device)
+
+    def evaluating(fn):
+        def run():
+            with torch.no_grad(), runtime.autocast(t.precision, device):
+                fn()
+
+        return run
+
+    s = _interleaved(
+        {
+            "fwd": evaluating(lambda: prefix(xb)),
+            "val_full": evaluating(lambda: m(x[:v])),  # FreezeOut validates the whole model
+            "val_rest": evaluating(lambda: suffix(many[:v])),  # a discard method, the rest
+            "fo_step": lambda: trainer.step(opt, frozen, xb, yb, t.lr),
+            "rest_step": lambda: trainer.step(opt, suffix, feats, yb, t.lr),
+        },
+        device,
+    )
+    fwd, fo_step, rest_step = s["fwd"], s["fo_step"], s["rest_step"]
     val_n = len(ctx.val) if ctx.val is not None else 0
-    val_batches = math.ceil(val_n / t.eval_batch_size)
-    test_s = math.ceil(len(ctx.test) / t.eval_batch_size) * val_full
-    fo_epoch = steps * fo_step + val_batches * val_full
+    val_full, val_rest = val_n * s["val_full"] / v, val_n * s["val_rest"] / v  # per epoch
+    test_s = len(ctx.test) * s["val_full"] / v
+    fo_epoch = steps * fo_step + val_full
     # each stage process once: start-up, setup, its state saved at the end, its accounting
     fo_stage = over.startup_s["baseline"] + over.setup_s + over.save_s
     out = {
@@ -259,7 +284,7 @@ def predict(ctx, model: nn.Module, pos: int, spec_of, x, y, over: Overheads) -> 
         spec = spec_of(cfg.stores_flips(name))
         small = _cache_costs(ctx, spec, feats, yb, name, model.layout)
         big = _cache_costs(ctx, spec, many, y, name, model.layout) if len(x) > batch else small
-        out["epoch_s"][name] = steps * (rest_step + small.batch_s) + val_batches * max(val_rest, 0)
+        out["epoch_s"][name] = steps * (rest_step + small.batch_s) + val_rest
         write_once, write_each = _per_sample(small, big, "write_s")
         feed_once, feed_each = _per_sample(small, big, "setup_s")
         # the cache stage: its process, the prefix's forward over the training set (and the
@@ -271,7 +296,7 @@ def predict(ctx, model: nn.Module, pos: int, spec_of, x, y, over: Overheads) -> 
         cache_stage = over.startup_s["cache"] + over.setup_s + build
         # the train_suffix stage: its process, the loader over the whole cache, the features
         # of the validation set, the decode path's first use in the process, the accounting
-        val_feats = val_batches * fwd * t.eval_batch_size / batch
+        val_feats = fwd * val_n / batch
         suffix_stage = (
             over.startup_s["train_suffix"] + over.setup_s + over.save_s + feed_once
             + feed_each * n + val_feats + over.warmup_s + over.accounting_s[name]
