@@ -349,6 +349,7 @@ def test_two_simulated_nodes_train_the_suffix(two_ranks, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a pipeline of its own on two processes; the torchrun tests above: CI
 @needs_fashion
 def test_dvc_exp_run_on_two_processes_produces_the_report(smoke_run, tmp_path):
     """On the finished smoke run (what does not train is restored), every launched stage kind

@@ -393,8 +393,8 @@ def test_the_plan_times_a_vit_with_its_stored_tokens(tmp_path):
     cfg = _config(
         tmp_path,
         data={"img_size": 32, "channels": 3},
-        model={"name": "deit_tiny", "kwargs": {"patch_size": 8}},
-        freeze={"points": _points(4, 8)},
+        model={"name": "deit_tiny", "kwargs": {"patch_size": 8, "depth": 4}},  # 3 candidates
+        freeze={"points": _points(2, 3)},
         train={"batch_size": 32},
     )
     prepare(cfg)
