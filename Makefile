@@ -75,11 +75,11 @@ PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out results/gpu
 
-## test: what CI runs: the fast tests and the slow tier on one shared smoke run (~1 h on 2 cores)
+## test: what CI runs: the fast tests and the slow tier on one shared smoke run (~30 min, 2 cores)
 test: setup
 	$(PY) -m pytest -q --durations=15 -m "not extended"
 
-## test-all: every test, those with a pipeline of their own too (~30 min more)
+## test-all: every test, those with a pipeline of their own too (40 min or more on top)
 test-all: setup
 	$(PY) -m pytest -q --durations=15
 
